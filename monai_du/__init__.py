@@ -1,0 +1,31 @@
+"""monai_du: decoupled uniformity and kernel priors for contrastive pretraining, as a MONAI plugin.
+
+Importing this package makes its components resolvable by short name in MONAI bundle configs: MONAI's
+``ComponentLocator`` scans every loaded module whose name starts with ``monai``, ``monai_du.*`` included.
+"""
+
+from __future__ import annotations
+
+from monai_du.distributed import gather_no_grad, gather_with_grad, is_distributed
+from monai_du.kernels import (
+    CategoricalKernel,
+    CosineKernel,
+    PriorKernel,
+    ProductKernel,
+    RBFKernel,
+    ScaledKernel,
+    SumKernel,
+    kernel_from_dict,
+    kernel_summary,
+)
+from monai_du.losses import (
+    DecoupledUniformityLoss,
+    InfoNCELoss,
+    YAwareInfoNCELoss,
+    alignment,
+    conditional_mean_centroids,
+    uniformity,
+    view_centroids,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""Manifests, builders, patient-level splits, attribute-conditioned samplers and demo cohorts."""
+
+from __future__ import annotations

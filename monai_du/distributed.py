@@ -1,0 +1,72 @@
+"""Gathering across ranks for global-batch contrastive losses.
+
+Every rank gathers the embeddings (keeping their gradient) and the priors of every rank, so that every rank computes
+the same loss on the global batch. The backward of :func:`gather_with_grad` sums the gradient that all ranks send to
+each rank's slice. With DDP averaging the parameter gradients over ``W`` ranks, the result equals the gradient of one
+process on the concatenated batch. Outside an initialised process group (or with one rank) both functions return
+their input unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["is_distributed", "gather_with_grad", "gather_no_grad"]
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _local_sizes(x: torch.Tensor) -> list[int]:
+    size = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s) for s in sizes]
+
+
+def _padded_all_gather(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """All-gather tensors whose first dimension differs across ranks; returns one unpadded tensor per rank."""
+    largest = max(sizes)
+    if x.shape[0] < largest:
+        x = torch.cat([x, x.new_zeros(largest - x.shape[0], *x.shape[1:])])
+    parts = [torch.empty_like(x) for _ in sizes]
+    dist.all_gather(parts, x.contiguous())
+    return [p[:n] for p, n in zip(parts, sizes)]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Forward: concatenate every rank's tensor. Backward: sum the incoming gradients over ranks, keep our slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        sizes = _local_sizes(x)
+        ctx.sizes, ctx.rank = sizes, dist.get_rank()
+        return torch.cat(_padded_all_gather(x, sizes))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (B_r, ...) from every rank in rank order into (sum_r B_r, ...), keeping the gradient.
+
+    Ranks may hold different batch sizes. Outside a process group this returns ``x``.
+    """
+    if not is_distributed():
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (B_r, ...) from every rank in rank order, without gradient (priors, labels)."""
+    if not is_distributed():
+        return x
+    with torch.no_grad():
+        return torch.cat(_padded_all_gather(x.detach(), _local_sizes(x)))
