@@ -1,0 +1,608 @@
+"""Attribute-conditioned batch samplers.
+
+Kernel DU only learns something from the prior when a batch holds samples whose priors are related, and a nuisance
+attribute (site, scanner, view) only stops being a shortcut when the negatives of a batch share it. This module forms
+batches of dataset indices with both goals in mind. :class:`AttributeBatchSampler` is a
+``torch.utils.data.Sampler`` that yields lists of indices; pass it as ``batch_sampler=`` to
+``torch.utils.data.DataLoader`` or ``monai.data.DataLoader``.
+
+Indices are positions ``0 .. N-1`` in the table the groups and features came from. Build the ``Dataset`` from the same
+rows in the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+__all__ = ["AttributeBatchSampler", "SAMPLER_MODES", "SMALL_GROUP_POLICIES"]
+
+logger = logging.getLogger(__name__)
+
+SAMPLER_MODES = ("within", "balanced", "neighbourhood", "random")
+SMALL_GROUP_POLICIES = ("merge", "drop", "keep")
+_MODE_ALIASES = {"neighborhood": "neighbourhood"}
+# Neighbourhood partitions work in at most this many dimensions (leading principal components beyond it).
+_MAX_PARTITION_DIMS = 8
+# Default neighbourhood size: each sample gets this many prior-space neighbours in its batch.
+_DEFAULT_NEIGHBOURS = 7
+# Tags that keep the random streams of different purposes apart.
+_TAG_EPOCH, _TAG_GROUP_CYCLE, _TAG_GROUP_INTERIOR, _TAG_ROTATION = 0, 1, 2, 3
+
+
+class AttributeBatchSampler(Sampler[list[int]]):
+    """Batch sampler whose batches are conditioned on a group attribute or on prior features.
+
+    Modes:
+
+    - ``"within"``: every batch draws from one group only (for example one site), so the negatives of a batch share
+      the nuisance attribute and it cannot be used to tell samples apart. Each epoch shuffles the members of every
+      group, cuts each group into batches of ``batch_size`` and shuffles the order of all batches. The last, shorter
+      batch of a group is kept (still pure) unless ``drop_last``. Every kept index appears exactly once per epoch.
+    - ``"balanced"``: every batch holds ``batch_size // G`` members of each of the ``G`` groups; the
+      ``batch_size % G`` remaining slots go to the groups in a fixed round-robin order that carries on from batch to
+      batch and from epoch to epoch, so counts within a batch differ by at most one. An epoch has as many batches as
+      one pass over the kept samples would (``ceil(N / batch_size)``, or ``N // batch_size`` with ``drop_last``), and
+      every batch is full. Each group is read from its own endless stream of fresh permutations, and epoch ``e``
+      continues the stream where epoch ``e - 1`` stopped: large groups are traversed without replacement across
+      consecutive epochs, small groups are over-sampled (cycled) with no repeat inside one pass over the group.
+    - ``"neighbourhood"``: every batch is made of ``batch_size // (n_neighbours + 1)`` neighbourhoods of
+      ``n_neighbours + 1`` samples that are close in (standardised) prior space, stored one after another in the
+      batch, so that each sample meets ``n_neighbours`` close neighbours in its batch and the batch kernel matrix is
+      not nearly the identity. Neighbourhoods are the leaves of a balanced k-d partition of the prior space, rebuilt
+      each epoch with a random rotation, random tie-breaking and random odd splits: every index appears exactly once
+      per epoch, and one epoch costs a few vectorised sorts (O(N log N)), with no neighbour graph to store. The
+      ``N % (n_neighbours + 1)`` samples left over are chosen at random and go last. When ``n_neighbours + 1`` does
+      not divide ``batch_size``, neighbourhoods straddle two batches.
+    - ``"random"``: plain shuffled batches, the baseline. ``groups`` and ``features`` only give ``N``.
+
+    Prior features (``neighbourhood`` mode) are standardised column-wise with the mean and standard deviation of the
+    observed values (a constant column is only centred); a missing value (NaN) is then imputed at the column mean (0
+    after standardisation), so a row missing a column is placed mid-way along it, not at either end. When there are
+    more than 8 columns, the partition runs on the 8 leading principal components of the standardised features.
+
+    Groups smaller than a batch (``small_groups``):
+
+    - ``"within"`` mode calls a group small when it has fewer than ``batch_size`` members.
+      ``"merge"`` (default) pools all small groups and cuts the pool into batches of ``batch_size``; the pool is laid
+      out group after group (random group order) so each merged batch spans as few groups as it can. Merged batches
+      are the only impure ones; ``merged_groups`` lists their labels. ``"drop"`` leaves small groups out of every
+      epoch (with a warning; ``dropped_groups`` lists them). ``"keep"`` gives each small group one short batch of its
+      own; it contradicts ``drop_last=True`` and is refused with it.
+    - ``"balanced"`` mode calls a group small when it has fewer members than its share of a batch,
+      ``ceil(batch_size / G)``, which would force a repeat inside a batch. ``"merge"`` pools the small groups into one
+      group that takes one share; ``"drop"`` leaves them out; ``"keep"`` keeps them, cycling their members (repeats
+      inside a batch). A pool still smaller than its share is cycled in the same way; a very small pool then fills its
+      share with many repeats, so prefer ``"drop"`` when the small groups are few and tiny.
+    - ``"neighbourhood"`` and ``"random"`` have no groups; the policy does nothing.
+
+    Distributed training: every rank computes the same global list of batches for ``(seed, epoch)`` and takes every
+    ``num_replicas``-th batch starting at ``rank``, so ranks get disjoint batches. When the number of batches is not a
+    multiple of ``num_replicas``, ``drop_last=True`` drops the last few batches of the (shuffled) list and
+    ``drop_last=False`` pads it by repeating whole batches from its start, so every rank gets the same number of
+    batches. With ``drop_last=True`` every batch also has exactly ``batch_size`` indices, which a cross-rank
+    ``all_gather`` of embeddings needs.
+
+    Call ``set_epoch(epoch)`` at the start of every epoch (MONAI's workflows only do this for a
+    ``DistributedSampler``, not for a batch sampler): without it every epoch repeats the same batches.
+
+    Args:
+        batch_size: number of indices per batch; at least 2, since a contrastive batch needs pairs.
+        mode: ``"within"``, ``"balanced"``, ``"neighbourhood"`` (``"neighborhood"`` also accepted) or ``"random"``.
+        groups: length-N sequence of group labels (site, view, ...); required by ``"within"`` and ``"balanced"``.
+            Missing labels (None/NaN) form a group of their own.
+        features: (N, P) array of prior features, NaN for missing; required by ``"neighbourhood"``.
+        num_samples: N, needed only when neither ``groups`` nor ``features`` is given; must agree with them otherwise.
+        n_neighbours: neighbours per sample in ``"neighbourhood"`` mode, in ``[1, batch_size - 1]``.
+            Default ``min(7, batch_size - 1)``. ``batch_size - 1`` makes every batch one neighbourhood.
+        drop_last: drop batches shorter than ``batch_size`` (see the modes) and, across ranks, the batches that do not
+            fill a round of ``num_replicas``.
+        small_groups: ``"merge"``, ``"drop"`` or ``"keep"``: policy for groups smaller than a batch (see above).
+        seed: base seed; batches are a deterministic function of ``(seed, epoch)`` and the inputs.
+        num_replicas: number of ranks; default the world size of an initialised ``torch.distributed`` group, else 1.
+        rank: this rank; default the rank of an initialised ``torch.distributed`` group, else 0.
+
+    Raises:
+        ValueError: on an unknown mode or policy, ``batch_size < 2``, inputs of inconsistent length, ``features`` not
+            of shape (N, P) or holding infinities, a missing required input, or settings that leave a rank with no
+            batch.
+
+    Example::
+
+        sampler = AttributeBatchSampler(64, mode="within", groups=manifest["site"], drop_last=True)
+        loader = monai.data.DataLoader(dataset, batch_sampler=sampler, num_workers=4)
+        for epoch in range(max_epochs):
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                ...
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        mode: str = "random",
+        groups: Sequence[Any] | np.ndarray | pd.Series | None = None,
+        features: Any = None,
+        num_samples: int | None = None,
+        n_neighbours: int | None = None,
+        drop_last: bool = False,
+        small_groups: str = "merge",
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 2:
+            raise ValueError(
+                f"batch_size must be an integer >= 2 (a contrastive batch needs pairs); got {batch_size!r}."
+            )
+        mode = _MODE_ALIASES.get(mode, mode) if isinstance(mode, str) else mode
+        if mode not in SAMPLER_MODES:
+            raise ValueError(f"mode must be one of {SAMPLER_MODES}; got {mode!r}.")
+        if small_groups not in SMALL_GROUP_POLICIES:
+            raise ValueError(f"small_groups must be one of {SMALL_GROUP_POLICIES}; got {small_groups!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer; got {seed!r}.")
+        self.batch_size = int(batch_size)
+        self.mode: str = mode
+        self.drop_last = bool(drop_last)
+        self.small_groups = small_groups
+        self.seed = int(seed)
+        self.epoch = 0
+        self.merged_groups: list[Any] = []
+        self.dropped_groups: list[Any] = []
+
+        group_codes, self.group_labels = _encode_groups(groups)
+        # Only neighbourhood mode uses the features themselves; the other modes only read N from them.
+        prior = _standardise_features(features, reduce=mode == "neighbourhood") if features is not None else None
+        self.num_samples = _resolve_num_samples(num_samples, group_codes, prior)
+
+        if mode in ("within", "balanced") and group_codes is None:
+            raise ValueError(f"mode={mode!r} needs groups: a length-N sequence of group labels (e.g. the site column).")
+        if mode == "neighbourhood":
+            if prior is None:
+                raise ValueError("mode='neighbourhood' needs features: an (N, P) array of prior features.")
+            if group_codes is not None:
+                raise ValueError("mode='neighbourhood' does not use groups; pass groups=None (or use mode='within').")
+        self.n_neighbours = self._check_n_neighbours(n_neighbours) if mode == "neighbourhood" else None
+        self._group_codes = group_codes
+        self._prior = prior if mode == "neighbourhood" else None
+
+        if mode == "within":
+            self._num_batches_total = self._prepare_within(group_codes)
+        elif mode == "balanced":
+            self._num_batches_total = self._prepare_balanced(group_codes)
+        else:
+            n = self.num_samples
+            self._num_batches_total = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+        self.num_replicas, self.rank = _resolve_replicas(num_replicas, rank)
+        total, replicas = self._num_batches_total, self.num_replicas
+        self._num_batches_rank = total // replicas if self.drop_last else math.ceil(total / replicas)
+        if self._num_batches_rank == 0:
+            raise ValueError(
+                f"mode={mode!r} with batch_size={self.batch_size}, drop_last={self.drop_last} and "
+                f"num_replicas={replicas} leaves rank {self.rank} with no batch ({total} batches over "
+                f"{self.num_samples} samples); lower batch_size or set drop_last=False."
+            )
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @classmethod
+    def from_manifest(
+        cls,
+        manifest: pd.DataFrame,
+        batch_size: int,
+        mode: str = "random",
+        attribute: str | None = None,
+        feature_columns: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> AttributeBatchSampler:
+        """Build a sampler from the columns of a manifest.
+
+        Args:
+            manifest: the manifest DataFrame; batch indices are its row positions ``0 .. len - 1``.
+            batch_size: see the class.
+            mode: see the class.
+            attribute: column whose values are the groups (e.g. ``"site"``); missing values form their own group.
+            feature_columns: columns that make the (N, P) prior features. Numeric and boolean columns are used as
+                floats; other columns (e.g. ``sex`` "M"/"F") become integer codes of their sorted values, stored as
+                floats, with NaN for missing, as in the shared prior-vector convention.
+            kwargs: the other arguments of the class (``drop_last``, ``seed``, ``small_groups``, ...).
+
+        Raises:
+            ValueError: when ``manifest`` is not a DataFrame or a named column is absent.
+        """
+        if not isinstance(manifest, pd.DataFrame):
+            raise ValueError(f"manifest must be a pandas DataFrame; got {type(manifest).__name__}.")
+        if isinstance(feature_columns, str):
+            feature_columns = [feature_columns]
+        named = ([attribute] if attribute is not None else []) + list(feature_columns or [])
+        missing = [c for c in named if c not in manifest.columns]
+        if missing:
+            raise ValueError(f"manifest has no column {missing}; its columns are {list(manifest.columns)}.")
+        groups = manifest[attribute].to_numpy(dtype=object) if attribute is not None else None
+        features = _encode_feature_columns(manifest, feature_columns) if feature_columns else None
+        kwargs.setdefault("num_samples", len(manifest))
+        return cls(batch_size, mode=mode, groups=groups, features=features, **kwargs)
+
+    def _check_n_neighbours(self, n_neighbours: int | None) -> int:
+        if n_neighbours is None:
+            return min(_DEFAULT_NEIGHBOURS, self.batch_size - 1)
+        if isinstance(n_neighbours, bool) or not isinstance(n_neighbours, numbers.Integral):
+            raise ValueError(f"n_neighbours must be an integer; got {n_neighbours!r}.")
+        if not 1 <= n_neighbours <= self.batch_size - 1:
+            raise ValueError(
+                f"n_neighbours must be in [1, batch_size - 1] = [1, {self.batch_size - 1}] so that a neighbourhood "
+                f"fits in a batch; got {n_neighbours}."
+            )
+        return int(n_neighbours)
+
+    def _prepare_within(self, codes: np.ndarray) -> int:
+        """Split the groups into batch-able segments and a pool of small groups; return the number of batches."""
+        bs = self.batch_size
+        sizes = np.bincount(codes, minlength=len(self.group_labels))
+        small = sizes < bs
+        if self.small_groups == "keep" and self.drop_last and small.any():
+            raise ValueError(
+                f"small_groups='keep' gives groups {self._labels(small)} (fewer than batch_size={bs} members) a short "
+                "batch each, which drop_last=True forbids; use small_groups='merge' or 'drop'."
+            )
+        segment_groups = np.flatnonzero(~small | (self.small_groups == "keep"))
+        pool_groups = np.flatnonzero(small) if self.small_groups == "merge" else np.empty(0, dtype=np.int64)
+        if self.small_groups == "drop" and small.any():
+            self.dropped_groups = self._labels(small)
+            warnings.warn(
+                f"AttributeBatchSampler(mode='within') drops groups {self.dropped_groups} "
+                f"({int(sizes[small].sum())} samples): each has fewer than batch_size={bs} members.",
+                stacklevel=3,
+            )
+        if self.small_groups == "merge" and small.any():
+            self.merged_groups = self._labels(small)
+            logger.info("AttributeBatchSampler(mode='within') merges small groups %s.", self.merged_groups)
+
+        order = np.argsort(codes, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        self._segment_members = [order[starts[g] : starts[g + 1]] for g in segment_groups]
+        self._pool_members = [order[starts[g] : starts[g + 1]] for g in pool_groups]
+        seg_sizes = sizes[segment_groups]
+        if self.drop_last:
+            n_batches = int((seg_sizes // bs).sum())
+        else:
+            n_batches = int(np.ceil(seg_sizes / bs).sum())
+        pool = int(sizes[pool_groups].sum())
+        n_batches += pool // bs if self.drop_last else math.ceil(pool / bs)
+        return n_batches
+
+    def _prepare_balanced(self, codes: np.ndarray) -> int:
+        """Form the groups that share each batch (after the small-group policy); return the number of batches."""
+        bs = self.batch_size
+        sizes = np.bincount(codes, minlength=len(self.group_labels))
+        share = math.ceil(bs / len(sizes))
+        small = sizes < share
+        order = np.argsort(codes, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        members = [order[starts[g] : starts[g + 1]] for g in range(len(sizes))]
+        kept = [members[g] for g in range(len(sizes)) if not small[g] or self.small_groups == "keep"]
+        if small.any() and self.small_groups == "merge":
+            self.merged_groups = self._labels(small)
+            kept.append(np.sort(np.concatenate([members[g] for g in np.flatnonzero(small)])))
+            logger.info("AttributeBatchSampler(mode='balanced') pools small groups %s.", self.merged_groups)
+        if small.any() and self.small_groups == "drop":
+            self.dropped_groups = self._labels(small)
+            warnings.warn(
+                f"AttributeBatchSampler(mode='balanced') drops groups {self.dropped_groups} "
+                f"({int(sizes[small].sum())} samples): each has fewer than its share ceil({bs}/{len(sizes)}) = "
+                f"{share} of a batch.",
+                stacklevel=3,
+            )
+        if not kept:
+            raise ValueError(f"small_groups='drop' leaves no group for mode='balanced' (group sizes {sizes.tolist()}).")
+        self._balanced_members = kept
+        # Round-robin order of the leftover slots: fixed for the seed so that it carries on across epochs.
+        self._slot_order = np.random.default_rng([self.seed, _TAG_ROTATION]).permutation(len(kept))
+        n_kept = int(sum(len(m) for m in kept))
+        return n_kept // bs if self.drop_last else math.ceil(n_kept / bs)
+
+    def _labels(self, mask: np.ndarray) -> list[Any]:
+        return [self.group_labels[g] for g in np.flatnonzero(mask)]
+
+    def __repr__(self) -> str:
+        extra = f", groups={len(self.group_labels)}" if self._group_codes is not None else ""
+        if self.n_neighbours is not None:
+            extra += f", n_neighbours={self.n_neighbours}"
+        return (
+            f"{type(self).__name__}(batch_size={self.batch_size}, mode={self.mode!r}, num_samples={self.num_samples}"
+            f"{extra}, drop_last={self.drop_last}, small_groups={self.small_groups!r}, seed={self.seed}, "
+            f"num_replicas={self.num_replicas}, rank={self.rank})"
+        )
+
+    # ------------------------------------------------------------------ sampler protocol
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that the next iteration forms batches for (call it at the start of every epoch)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer; got {epoch!r}.")
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        """Number of batches this rank yields per epoch (the same every epoch and on every rank)."""
+        return self._num_batches_rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order, starts, ends = self._global_batches(self.epoch)
+        for b in self._rank_batch_ids(len(starts)):
+            yield order[starts[b] : ends[b]].tolist()
+
+    def _rank_batch_ids(self, total: int) -> np.ndarray:
+        """Batch ids for this rank: equal counts on every rank, by dropping or by padding with whole batches."""
+        replicas = self.num_replicas
+        ids = np.arange(total)
+        remainder = total % replicas
+        if remainder:
+            if self.drop_last:
+                ids = ids[: total - remainder]
+            else:
+                ids = np.concatenate([ids, np.arange(replicas - remainder) % total])
+        return ids[self.rank :: replicas]
+
+    # ------------------------------------------------------------------ one epoch, all ranks
+
+    def _global_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All batches of an epoch as ``order[starts[b]:ends[b]]``, in the order they are dealt to ranks."""
+        rng = np.random.default_rng([self.seed, _TAG_EPOCH, epoch])
+        if self.mode == "random":
+            return self._chunk(rng.permutation(self.num_samples))
+        if self.mode == "neighbourhood":
+            return self._chunk(self._neighbourhood_order(rng))
+        if self.mode == "balanced":
+            return self._chunk(self._balanced_order(epoch))
+        return self._within_batches(rng)
+
+    def _chunk(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n, bs = len(order), self.batch_size
+        n_batches = n // bs if self.drop_last else math.ceil(n / bs)
+        starts = np.arange(n_batches) * bs
+        return order, starts, np.minimum(starts + bs, n)
+
+    def _within_batches(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        bs = self.batch_size
+        parts, starts, ends = [], [], []
+        offset = 0
+        for members in self._segment_members:  # one pure segment per group
+            shuffled = rng.permutation(members)
+            n = len(shuffled)
+            n_batches = n // bs if self.drop_last else math.ceil(n / bs)
+            s = offset + np.arange(n_batches) * bs
+            parts.append(shuffled)
+            starts.append(s)
+            ends.append(np.minimum(s + bs, offset + n))
+            offset += n
+        if self._pool_members:  # small groups, one after another in random group order
+            pool_order = rng.permutation(len(self._pool_members))
+            pool = np.concatenate([rng.permutation(self._pool_members[g]) for g in pool_order])
+            n = len(pool)
+            n_batches = n // bs if self.drop_last else math.ceil(n / bs)
+            s = offset + np.arange(n_batches) * bs
+            parts.append(pool)
+            starts.append(s)
+            ends.append(np.minimum(s + bs, offset + n))
+        order = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        starts_all = np.concatenate(starts) if starts else np.empty(0, dtype=np.int64)
+        ends_all = np.concatenate(ends) if ends else np.empty(0, dtype=np.int64)
+        perm = rng.permutation(len(starts_all))  # interleave the groups over the epoch
+        return order, starts_all[perm], ends_all[perm]
+
+    def _balanced_order(self, epoch: int) -> np.ndarray:
+        """Indices of all batches of the epoch, batch after batch, each batch ``batch_size`` long."""
+        members = self._balanced_members
+        n_groups, bs, n_batches = len(members), self.batch_size, self._num_batches_total
+        base, extra = divmod(bs, n_groups)
+        slot_rank = np.empty(n_groups, dtype=np.int64)
+        slot_rank[self._slot_order] = np.arange(n_groups)
+        first_slot = epoch * n_batches * extra  # round-robin slots used by all earlier epochs
+        slots = np.arange(first_slot, first_slot + n_batches * extra)
+        slot_group = self._slot_order[slots % n_groups]
+        slot_batch = slots // extra - epoch * n_batches if extra else slots
+        draws, batch_ids = [], []
+        for g in range(n_groups):
+            earlier = first_slot // n_groups + int(slot_rank[g] < first_slot % n_groups)
+            start = epoch * n_batches * base + earlier
+            extra_batches = slot_batch[slot_group == g]
+            ids = np.sort(np.concatenate([np.repeat(np.arange(n_batches), base), extra_batches]))
+            draws.append(self._group_stream(g, members[g], start, len(ids), epoch))
+            batch_ids.append(ids)
+        draws_all, ids_all = np.concatenate(draws), np.concatenate(batch_ids)
+        return draws_all[np.argsort(ids_all, kind="stable")]
+
+    def _group_stream(self, g: int, members: np.ndarray, start: int, count: int, epoch: int) -> np.ndarray:
+        """Positions ``[start, start + count)`` of group ``g``'s endless stream of permutations of its members.
+
+        Cycle ``k`` of the stream is a permutation seeded by ``(seed, g, k)``, so epochs that share a cycle agree on it.
+        Cycles lying wholly inside this epoch are drawn in one vectorised call from an epoch seed instead.
+        """
+        if count == 0:
+            return np.empty(0, dtype=np.int64)
+        n = len(members)
+        k0, k1 = start // n, (start + count - 1) // n
+        pieces = [members[np.random.default_rng([self.seed, _TAG_GROUP_CYCLE, g, k0]).permutation(n)]]
+        if k1 - k0 > 1:
+            rng = np.random.default_rng([self.seed, _TAG_GROUP_INTERIOR, epoch, g])
+            pieces.append(rng.permuted(np.tile(members, (k1 - k0 - 1, 1)), axis=1).ravel())
+        if k1 > k0:
+            pieces.append(members[np.random.default_rng([self.seed, _TAG_GROUP_CYCLE, g, k1]).permutation(n)])
+        stream = np.concatenate(pieces)
+        offset = start - k0 * n
+        return stream[offset : offset + count]
+
+    def _neighbourhood_order(self, rng: np.random.Generator) -> np.ndarray:
+        """All indices, neighbourhood after neighbourhood (random neighbourhood order), leftovers last."""
+        prior = self._prior
+        n, size = self.num_samples, self.n_neighbours + 1  # type: ignore[operator]
+        n_cliques = n // size
+        perm = rng.permutation(n)  # random tie-breaking, and random leftovers
+        leftover, active = perm[: n - n_cliques * size], perm[n - n_cliques * size :]
+        if n_cliques == 0:
+            return leftover
+        points = prior[active]  # type: ignore[index]
+        if points.shape[1] > 1:
+            points = points @ _random_rotation(points.shape[1], rng)
+        leaf_order = _balanced_kd_order(points, size, n_cliques, rng)
+        cliques = active[leaf_order].reshape(n_cliques, size)[rng.permutation(n_cliques)]
+        return np.concatenate([cliques.ravel(), leftover])
+
+
+# ---------------------------------------------------------------------- module helpers
+
+
+def _encode_groups(groups: Any) -> tuple[np.ndarray | None, list[Any]]:
+    """Integer codes (N,) and the label of each code; missing labels form a group of their own."""
+    if groups is None:
+        return None, []
+    if isinstance(groups, (str, bytes)):
+        raise ValueError("groups must be a length-N sequence of labels, not a single string.")
+    if hasattr(groups, "detach"):  # a torch tensor of codes: compare values, not tensor objects
+        groups = groups.detach().cpu().numpy()
+    values = np.asarray(groups.to_numpy(dtype=object) if isinstance(groups, pd.Series) else groups, dtype=object)
+    if values.ndim != 1:
+        raise ValueError(f"groups must be one-dimensional (N,); got shape {values.shape}.")
+    try:
+        codes, labels = pd.factorize(values, sort=True, use_na_sentinel=False)
+    except TypeError:  # labels of mixed, unorderable types
+        codes, labels = pd.factorize(values, sort=False, use_na_sentinel=False)
+    return codes.astype(np.int64), list(labels)
+
+
+def _standardise_features(features: Any, reduce: bool = True) -> np.ndarray:
+    """Column-wise standardised features with NaN set to 0 (the column mean), at most 8 principal components.
+
+    With ``reduce=False`` only the checks run and the (N, P) float array comes back as it is.
+    """
+    try:
+        raw = np.asarray(features.detach().cpu() if hasattr(features, "detach") else features, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"features must be a numeric (N, P) array; could not convert it to float: {e}") from e
+    if raw.ndim != 2 or raw.shape[1] == 0:
+        raise ValueError(f"features must have shape (N, P) with P >= 1; got shape {raw.shape}.")
+    infinite = np.flatnonzero(np.isinf(raw).any(axis=0))
+    if infinite.size:
+        raise ValueError(f"features hold infinite values in column(s) {infinite.tolist()}; use NaN for missing values.")
+    if not reduce:
+        return raw
+    observed = ~np.isnan(raw)
+    count = observed.sum(axis=0)
+    filled = np.where(observed, raw, 0.0)
+    mean = filled.sum(axis=0) / np.maximum(count, 1)
+    centred = np.where(observed, raw - mean, 0.0)
+    std = np.sqrt((centred**2).sum(axis=0) / np.maximum(count, 1))
+    prior = centred / np.where(std > 0, std, 1.0)
+    if prior.shape[1] > _MAX_PARTITION_DIMS:
+        _, eigvecs = np.linalg.eigh(prior.T @ prior)
+        prior = prior @ eigvecs[:, ::-1][:, :_MAX_PARTITION_DIMS]
+    return np.ascontiguousarray(prior, dtype=np.float32)
+
+
+def _encode_feature_columns(manifest: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """(N, P) float array: numeric columns as they are, other columns as codes of their sorted values (NaN missing)."""
+    out = np.empty((len(manifest), len(columns)), dtype=np.float64)
+    for j, name in enumerate(columns):
+        col = manifest[name]
+        if pd.api.types.is_bool_dtype(col) or pd.api.types.is_numeric_dtype(col):
+            out[:, j] = col.to_numpy(dtype=np.float64, na_value=np.nan)
+            continue
+        try:
+            codes, _ = pd.factorize(col, sort=True)
+        except TypeError:
+            codes, _ = pd.factorize(col, sort=False)
+        out[:, j] = np.where(codes < 0, np.nan, codes)
+    return out
+
+
+def _resolve_num_samples(num_samples: int | None, codes: np.ndarray | None, prior: np.ndarray | None) -> int:
+    lengths = {}
+    if num_samples is not None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer; got {num_samples!r}.")
+        lengths["num_samples"] = int(num_samples)
+    if codes is not None:
+        lengths["groups"] = len(codes)
+    if prior is not None:
+        lengths["features"] = prior.shape[0]
+    if not lengths:
+        raise ValueError("give num_samples, groups or features, so that the sampler knows the dataset size N.")
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"inputs disagree on the number of samples N: {lengths}.")
+    n = next(iter(lengths.values()))
+    if n < 1:
+        raise ValueError(f"the sampler needs at least one sample; got N = 0 from {list(lengths)}.")
+    return n
+
+
+def _resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    initialised = dist.is_available() and dist.is_initialized()
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if initialised else 1
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    for name, value in (("num_replicas", num_replicas), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an integer; got {value!r}.")
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ValueError(
+            f"need num_replicas >= 1 and 0 <= rank < num_replicas; got num_replicas={num_replicas}, rank={rank}."
+        )
+    return int(num_replicas), int(rank)
+
+
+def _random_rotation(dim: int, rng: np.random.Generator) -> np.ndarray:
+    """A (dim, dim) orthogonal matrix drawn uniformly (Haar) from ``rng``."""
+    q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
+    return q * np.sign(np.diag(r))
+
+
+def _balanced_kd_order(points: np.ndarray, size: int, n_cliques: int, rng: np.random.Generator) -> np.ndarray:
+    """Order of ``points`` (n_cliques * size, q) such that consecutive blocks of ``size`` are k-d tree leaves.
+
+    Every node is split at a multiple of ``size`` along the longest side of its bounding box, into halves of
+    ``floor`` / ``ceil`` of its leaf count (which side gets the extra leaf is random), until every node is one leaf.
+    Boxes are tracked per node (the parent's box, cut at the values on either side of the split), so a level costs
+    one stable sort of (node id + position along the node's axis scaled to [0, 0.5]) and no pass over all columns.
+    The initial order of ``points`` breaks ties.
+    """
+    n, q = points.shape
+    lower, upper = points.min(axis=0), points.max(axis=0)
+    extent = (upper - lower).astype(np.float64)
+    scaled = (points - lower) * np.where(extent > 0, 0.5 / np.where(extent > 0, extent, 1.0), 0.0)  # in [0, 0.5]
+    order = np.arange(n)
+    node_start = np.zeros(1, dtype=np.int64)
+    node_leaves = np.array([n_cliques], dtype=np.int64)
+    box_low, box_high = lower[None, :].astype(np.float64), upper[None, :].astype(np.float64)
+    while node_leaves.max() > 1:
+        n_nodes = len(node_start)
+        split = node_leaves > 1
+        axis = (box_high - box_low).argmax(axis=1)
+        node_of_row = np.repeat(np.arange(n_nodes), node_leaves * size)
+        key = node_of_row + scaled[order, axis[node_of_row]]
+        order = order[np.argsort(key, kind="stable")]
+        left = node_leaves // 2 + ((node_leaves % 2 == 1) & (rng.random(n_nodes) < 0.5))
+        cut = node_start + left * size  # first row of the right child
+        rows = np.flatnonzero(split)
+        left_high, right_low = box_high.copy(), box_low.copy()
+        left_high[rows, axis[rows]] = points[order[cut[rows] - 1], axis[rows]]
+        right_low[rows, axis[rows]] = points[order[cut[rows]], axis[rows]]
+        # Children replace each split node in place: (left, right); unsplit nodes stay as they are.
+        keep = np.stack([np.ones(n_nodes, dtype=bool), split], axis=1)
+        node_start = np.stack([node_start, cut], axis=1)[keep]
+        node_leaves = np.stack([np.where(split, left, node_leaves), node_leaves - left], axis=1)[keep]
+        box_low = np.stack([box_low, right_low], axis=1)[keep]
+        box_high = np.stack([np.where(split[:, None], left_high, box_high), box_high], axis=1)[keep]
+    return order

@@ -1,0 +1,818 @@
+"""Evaluation of frozen representations: linear and kNN probes, ROC AUC with bootstrap CIs, age MAE, site leakage.
+
+Every probe takes frozen features ``(N, F)`` (a numpy array) plus per-row metadata (arrays, Series or a DataFrame),
+so it can score any encoder. :func:`extract_features` turns an encoder and a MONAI ``Dataset``/``DataLoader`` of
+dicts into such features and a metadata DataFrame whose rows are aligned with them::
+
+    features, meta = extract_features(model.encoder, loader)
+    result = linear_probe(features, meta["label_effusion"], groups=meta["patient_id"])
+    auc, low, high = result.roc_auc()                         # patient-level (cluster) bootstrap CI
+    leak = site_leakage(features, meta["site"], groups=meta["patient_id"])
+    print(format_table([ProbeReport("plain DU", auc, low, high, leak.balanced_accuracy, leak.chance, 61.2)]))
+
+Splits. Every probe evaluates either one train/test split (``train_mask``, optionally ``test_mask``), explicit
+``folds`` (an integer test-fold id per row), or ``n_splits``-fold cross-validation. Cross-validation is grouped by
+patient when ``groups`` (patient ids) is given: scikit-learn's ``StratifiedGroupKFold`` with ``shuffle=True`` and
+``random_state=seed``, stratified by the label (by site for :func:`site_leakage`, by age quintile for
+:func:`age_regression`). A patient therefore never appears in a training and a test fold together; a ``train_mask``
+or ``folds`` argument that splits a patient raises a ``ValueError``. Scores are *out-of-fold*: each row is scored by
+the model that did not see it, and metrics are computed once on the pooled out-of-fold scores.
+
+Label policy (binary labels, as in CheXpert: 1 positive, 0 negative, -1 uncertain, blank unknown):
+
+- NaN: the row is dropped *for that label only* (it is neither trained on nor scored; its score stays NaN).
+- -1 (uncertain): ``uncertain="drop"`` (default) drops the row like NaN; ``"zero"`` maps it to 0 and ``"one"`` to 1
+  (the U-Zeros and U-Ones policies).
+- Any other value than 0/1 after the policy raises a ``ValueError`` naming the label.
+
+Cross-validation folds are built per label on that label's kept rows. Pass ``folds`` to share folds across labels
+and methods.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+__all__ = [
+    "extract_features",
+    "patient_grouped_splits",
+    "ProbeScores",
+    "linear_probe",
+    "knn_probe",
+    "roc_auc_with_ci",
+    "age_regression",
+    "SiteLeakage",
+    "site_leakage",
+    "ProbeReport",
+    "probe_report",
+    "format_table",
+    "UNCERTAIN_POLICIES",
+]
+
+UNCERTAIN_POLICIES = ("drop", "zero", "one")
+_AGE_BINS = 5  # age quantile bins used to stratify age-regression folds
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# feature extraction
+# ---------------------------------------------------------------------------------------------------------------------
+def _per_sample_column(value: Any, batch_size: int) -> list | None:
+    """Return ``value`` as a list of ``batch_size`` scalars, or None when it is not one scalar per sample."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.ndim == 0 or value.shape[0] != batch_size or value[0].numel() != 1:
+            return None
+        return value.reshape(batch_size).tolist()
+    if isinstance(value, np.ndarray):
+        if value.ndim == 0 or value.shape[0] != batch_size or value[0].size != 1:
+            return None
+        return value.reshape(batch_size).tolist()
+    if isinstance(value, (list, tuple)) and len(value) == batch_size:
+        out = []
+        for item in value:
+            if isinstance(item, (torch.Tensor, np.ndarray)):
+                if (item.size if isinstance(item, np.ndarray) else item.numel()) != 1:
+                    return None
+                item = item.item()
+            if not (item is None or isinstance(item, (str, bytes, int, float, bool, np.generic))):
+                return None
+            out.append(item)
+        return out
+    return None
+
+
+def extract_features(
+    encoder: torch.nn.Module,
+    loader: Iterable[Mapping[str, Any]] | torch.utils.data.Dataset,
+    device: str | torch.device = "cpu",
+    image_key: str = "image",
+    metadata_keys: Sequence[str] | None = None,
+    batch_size: int = 32,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Encode every batch of ``loader`` with a frozen ``encoder`` and keep the batches' metadata aligned with the rows.
+
+    The encoder runs in eval mode under ``torch.no_grad()``; its previous train/eval mode is restored afterwards.
+
+    Args:
+        encoder: module mapping images (B, C, *spatial) to features (B, F) (outputs (B, F, 1, ...) are flattened).
+        loader: an iterable of dict batches (e.g. ``monai.data.DataLoader``), or a ``Dataset`` of dicts, which is
+            wrapped in a non-shuffling ``monai.data.DataLoader`` with ``batch_size``.
+        device: device the encoder and the images are moved to.
+        image_key: key of the image tensor (B, C, *spatial) in each batch.
+        metadata_keys: keys to keep as metadata columns; each must hold one scalar per sample (error otherwise).
+            ``None`` keeps every key that holds one scalar per sample (numbers, strings) and skips the others
+            (e.g. (B, P) prior vectors, meta dicts). When the image is a ``MetaTensor`` whose meta holds
+            ``filename_or_obj``, that path is kept as column ``f"{image_key}_path"``.
+        batch_size: batch size used only when ``loader`` is a ``Dataset``.
+
+    Returns:
+        ``(features, metadata)``: a float32 array (N, F) and a DataFrame with N rows in the same order (index 0..N-1).
+    """
+    if isinstance(loader, torch.utils.data.Dataset):
+        from monai.data import DataLoader
+
+        loader = DataLoader(loader, batch_size=batch_size, shuffle=False, num_workers=0)
+    was_training = encoder.training
+    encoder.eval()
+    encoder.to(device)
+    feats: list[np.ndarray] = []
+    frames: list[pd.DataFrame] = []
+    try:
+        with torch.no_grad():
+            for b, batch in enumerate(loader):
+                if not isinstance(batch, Mapping) or image_key not in batch:
+                    raise ValueError(f"batch {b} is not a dict holding key {image_key!r} (got {type(batch).__name__}).")
+                images = batch[image_key]
+                if not isinstance(images, torch.Tensor) or images.ndim < 3:
+                    shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+                    raise ValueError(f"batch {b}: {image_key!r} must be a tensor (B, C, *spatial), got {shape}.")
+                n = images.shape[0]
+                plain = images.as_tensor() if hasattr(images, "as_tensor") else images  # drop MetaTensor meta
+                out = encoder(plain.to(device))
+                if not isinstance(out, torch.Tensor):
+                    raise ValueError(f"encoder must return a tensor (B, F), got {type(out).__name__} for batch {b}.")
+                if out.ndim < 2 or out.shape[0] != n:
+                    raise ValueError(f"encoder output for batch {b} has shape {tuple(out.shape)}; expected ({n}, F).")
+                feats.append(out.reshape(n, -1).float().cpu().numpy())
+                columns: dict[str, list] = {}
+                keys = metadata_keys if metadata_keys is not None else [k for k in batch if k != image_key]
+                for key in keys:
+                    if key not in batch:
+                        raise ValueError(f"batch {b} has no metadata key {key!r}; keys are {sorted(batch)}.")
+                    col = _per_sample_column(batch[key], n)
+                    if col is None:
+                        if metadata_keys is not None:
+                            raise ValueError(f"batch {b}: metadata key {key!r} does not hold one scalar per sample.")
+                        continue
+                    columns[key] = col
+                meta = getattr(images, "meta", None)
+                path_key = f"{image_key}_path"
+                if isinstance(meta, Mapping) and path_key not in columns and "filename_or_obj" in meta:
+                    col = _per_sample_column(meta["filename_or_obj"], n)
+                    if col is not None:
+                        columns[path_key] = col
+                frames.append(pd.DataFrame(columns, index=range(n)))
+    finally:
+        encoder.train(was_training)
+    if not feats:
+        raise ValueError("loader yielded no batches.")
+    widths = {f.shape[1] for f in feats}
+    if len(widths) != 1:
+        raise ValueError(f"encoder returned different feature sizes across batches: {sorted(widths)}.")
+    metadata = pd.concat(frames, ignore_index=True)
+    return np.concatenate(feats, axis=0), metadata
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# input checks and splits
+# ---------------------------------------------------------------------------------------------------------------------
+def _check_features(features: Any) -> np.ndarray:
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"features must have shape (N, F), got {x.shape}.")
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if bad.size:
+        raise ValueError(f"features hold NaN/inf in {bad.size} rows (first: row {bad[0]}).")
+    return x
+
+
+def _check_rows(values: Any, n: int, name: str) -> np.ndarray:
+    arr = values.to_numpy() if isinstance(values, (pd.Series, pd.Index)) else np.asarray(values)
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) to match features, got {arr.shape}.")
+    return arr
+
+
+def _check_groups(groups: Any, n: int) -> np.ndarray | None:
+    if groups is None:
+        return None
+    g = _check_rows(groups, n, "groups")
+    missing = np.flatnonzero(pd.isna(g))
+    if missing.size:
+        raise ValueError(f"groups (patient ids) are missing in {missing.size} rows (first: row {missing[0]}).")
+    return g
+
+
+def _label_columns(labels: Any, n: int) -> list[tuple[str, np.ndarray]]:
+    """Split labels (N,), (N, L), Series or DataFrame into (name, float64 values) pairs."""
+    if isinstance(labels, pd.DataFrame):
+        pairs = [(str(c), labels[c]) for c in labels.columns]
+    elif isinstance(labels, pd.Series):
+        pairs = [(str(labels.name) if labels.name is not None else "label", labels)]
+    else:
+        arr = np.asarray(labels)
+        if arr.ndim == 1:
+            pairs = [("label", arr)]
+        elif arr.ndim == 2:
+            pairs = [(f"label_{j}", arr[:, j]) for j in range(arr.shape[1])]
+        else:
+            raise ValueError(f"labels must have shape (N,) or (N, L), got {arr.shape}.")
+    out = []
+    for name, col in pairs:
+        col = _check_rows(col, n, f"label {name!r}")
+        try:
+            out.append((name, pd.to_numeric(pd.Series(col), errors="raise").to_numpy(dtype=np.float64)))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"label {name!r} must be numeric (1/0/-1/NaN): {e}") from e
+    return out
+
+
+def _apply_uncertain_policy(y: np.ndarray, uncertain: str, name: str) -> np.ndarray:
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise ValueError(f"uncertain must be one of {UNCERTAIN_POLICIES}, got {uncertain!r}.")
+    y = y.copy()
+    y[y == -1] = {"drop": np.nan, "zero": 0.0, "one": 1.0}[uncertain]
+    kept = y[~np.isnan(y)]
+    bad = sorted(set(np.unique(kept).tolist()) - {0.0, 1.0})
+    if bad:
+        raise ValueError(f"label {name!r} holds values {bad[:5]}; expected 1, 0, -1 (uncertain) or NaN.")
+    return y
+
+
+def patient_grouped_splits(
+    y: Any = None, groups: Any = None, n_splits: int = 5, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified, patient-grouped K-fold splits (scikit-learn ``StratifiedGroupKFold``, shuffled with ``seed``).
+
+    Args:
+        y: discrete values (N,) to stratify by (labels, site codes, age bins), or None for no stratification.
+        groups: patient ids (N,); every patient's rows land in the same test fold. None: each row is its own group.
+        n_splits: number of folds (>= 2).
+        seed: ``random_state`` of the splitter.
+
+    Returns:
+        ``n_splits`` pairs ``(train_idx, test_idx)`` of row indices.
+    """
+    if y is None and groups is None:
+        raise ValueError("patient_grouped_splits needs y or groups to know the number of rows.")
+    n = len(y) if y is not None else len(groups)
+    y = np.zeros(n, dtype=np.int64) if y is None else _check_rows(y, n, "y")
+    g = np.arange(n) if groups is None else _check_groups(groups, n)
+    if int(n_splits) < 2:
+        raise ValueError(f"n_splits must be >= 2, got {n_splits}.")
+    n_groups = len(pd.unique(g))
+    if n_groups < n_splits:
+        raise ValueError(f"only {n_groups} patients (groups) for n_splits={n_splits}; lower n_splits.")
+    _, codes = np.unique(y, return_inverse=True)
+    splitter = StratifiedGroupKFold(n_splits=int(n_splits), shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # "The least populated class in y has only k members": folds still never split a patient; a fold whose
+        # training rows lack a class is reported by the probe itself.
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        return [(tr, te) for tr, te in splitter.split(np.zeros((n, 1)), codes, groups=g)]
+
+
+def _resolve_splits(
+    rows: np.ndarray,
+    strata: np.ndarray | None,
+    groups: np.ndarray | None,
+    train_mask: Any,
+    test_mask: Any,
+    folds: Any,
+    n_splits: int,
+    seed: int,
+    n: int,
+    what: str,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Train/test row indices (into all N rows), restricted to ``rows`` (the rows usable for this target)."""
+    if train_mask is not None and folds is not None:
+        raise ValueError("pass either train_mask (one split) or folds (cross-validation), not both.")
+    usable = np.zeros(n, dtype=bool)
+    usable[rows] = True
+    if train_mask is not None:
+        tr = _check_rows(train_mask, n, "train_mask").astype(bool)
+        te = ~tr if test_mask is None else _check_rows(test_mask, n, "test_mask").astype(bool)
+        if (tr & te).any():
+            raise ValueError(f"train_mask and test_mask overlap in {(tr & te).sum()} rows.")
+        pairs = [(np.flatnonzero(tr & usable), np.flatnonzero(te & usable))]
+    elif folds is not None:
+        f = _check_rows(folds, n, "folds").astype(np.int64)
+        ids = np.unique(f[usable & (f >= 0)])
+        pairs = [(np.flatnonzero(usable & (f >= 0) & (f != k)), np.flatnonzero(usable & (f == k))) for k in ids]
+    else:
+        local = patient_grouped_splits(strata, None if groups is None else groups[rows], n_splits, seed)
+        pairs = [(rows[tr], rows[te]) for tr, te in local]
+    if groups is not None:
+        for k, (tr, te) in enumerate(pairs):
+            shared = np.intersect1d(groups[tr], groups[te])
+            if shared.size:
+                pid = shared[0].item() if isinstance(shared[0], np.generic) else shared[0]
+                raise ValueError(f"{what}: patient {pid!r} is in both the training and test rows of split {k}.")
+    for k, (tr, te) in enumerate(pairs):
+        if tr.size == 0 or te.size == 0:
+            raise ValueError(f"{what}: split {k} has {tr.size} training and {te.size} test rows.")
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# classification probes
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ProbeScores:
+    """Out-of-fold (or test-split) scores of one binary label.
+
+    Attributes:
+        label: the label's name.
+        y_true: (N,) float labels after the uncertainty policy; NaN for rows dropped for this label.
+        scores: (N,) predicted probability of the positive class for evaluated rows; NaN elsewhere.
+        folds: (N,) int id of the split that scored the row; -1 for rows never scored.
+        groups: (N,) patient ids, or None; used by :meth:`roc_auc` for a patient-level bootstrap.
+    """
+
+    label: str
+    y_true: np.ndarray
+    scores: np.ndarray
+    folds: np.ndarray
+    groups: np.ndarray | None = None
+
+    @property
+    def evaluated(self) -> np.ndarray:
+        """(N,) bool mask of the rows that have a score."""
+        return self.folds >= 0
+
+    def roc_auc(self, n_bootstrap: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
+        """ROC AUC of the evaluated rows with a bootstrap CI (by patient when ``groups`` is set)."""
+        m = self.evaluated
+        g = None if self.groups is None else self.groups[m]
+        return roc_auc_with_ci(
+            self.y_true[m], self.scores[m], n_bootstrap=n_bootstrap, alpha=alpha, seed=seed, groups=g
+        )
+
+
+def _run_binary_probe(
+    make_model: Callable[[], Any],
+    features: Any,
+    labels: Any,
+    groups: Any,
+    train_mask: Any,
+    test_mask: Any,
+    folds: Any,
+    n_splits: int,
+    seed: int,
+    uncertain: str,
+    probe: str,
+) -> ProbeScores | dict[str, ProbeScores]:
+    x = _check_features(features)
+    n = x.shape[0]
+    g = _check_groups(groups, n)
+    results: dict[str, ProbeScores] = {}
+    for name, raw in _label_columns(labels, n):
+        y = _apply_uncertain_policy(raw, uncertain, name)
+        rows = np.flatnonzero(~np.isnan(y))
+        if rows.size == 0:
+            raise ValueError(f"label {name!r} has no rows left after dropping NaN/uncertain values.")
+        pairs = _resolve_splits(rows, y[rows], g, train_mask, test_mask, folds, n_splits, seed, n, f"label {name!r}")
+        scores = np.full(n, np.nan)
+        fold_of_row = np.full(n, -1, dtype=np.int64)
+        for k, (tr, te) in enumerate(pairs):
+            if np.unique(y[tr]).size < 2:
+                raise ValueError(
+                    f"{probe}: the training rows of split {k} hold only class {y[tr][0]:g} for label {name!r}; "
+                    "use fewer folds or more labelled patients."
+                )
+            model = make_model().fit(x[tr], y[tr].astype(np.int64))
+            positive = list(model.classes_).index(1)
+            scores[te] = model.predict_proba(x[te])[:, positive]
+            fold_of_row[te] = k
+        results[name] = ProbeScores(name, y, scores, fold_of_row, g)
+    single = not isinstance(labels, pd.DataFrame) and np.asarray(labels).ndim == 1
+    return next(iter(results.values())) if single else results
+
+
+def linear_probe(
+    features: Any,
+    labels: Any,
+    groups: Any = None,
+    train_mask: Any = None,
+    test_mask: Any = None,
+    folds: Any = None,
+    n_splits: int = 5,
+    C: float = 1.0,
+    standardize: bool = True,
+    max_iter: int = 5000,
+    uncertain: str = "drop",
+    seed: int = 0,
+) -> ProbeScores | dict[str, ProbeScores]:
+    """L2 logistic-regression probe on frozen features, one binary model per label.
+
+    Each split fits ``StandardScaler`` (if ``standardize``) and ``LogisticRegression(C=C, max_iter=max_iter)`` on the
+    training rows and scores the test rows with ``predict_proba``. See the module docstring for splits and labels.
+
+    Args:
+        features: (N, F) frozen features.
+        labels: (N,) array/Series for one label, or (N, L) array/DataFrame for several; values 1/0/-1/NaN.
+        groups: (N,) patient ids for patient-grouped cross-validation (and a leak check of the other split modes).
+        train_mask: (N,) bool rows to train on (one split); ``test_mask`` defaults to its complement.
+        test_mask: (N,) bool rows to score, with ``train_mask``.
+        folds: (N,) int test-fold id per row (rows with id < 0 are never used); overrides ``n_splits``.
+        n_splits: folds of the patient-grouped cross-validation used when neither ``train_mask`` nor ``folds`` is set.
+        C: inverse L2 regularisation strength.
+        standardize: standardise features with statistics of the training rows of each split.
+        max_iter: lbfgs iterations.
+        uncertain: what -1 means: ``"drop"`` (default), ``"zero"`` or ``"one"``.
+        seed: seed of the cross-validation splitter.
+
+    Returns:
+        :class:`ProbeScores` for a 1-D ``labels``, else a dict label name -> :class:`ProbeScores`.
+    """
+    if C <= 0:
+        raise ValueError(f"C must be > 0, got {C}.")
+
+    def make_model():
+        clf = LogisticRegression(C=C, max_iter=max_iter)
+        return make_pipeline(StandardScaler(), clf) if standardize else clf
+
+    return _run_binary_probe(
+        make_model, features, labels, groups, train_mask, test_mask, folds, n_splits, seed, uncertain, "linear_probe"
+    )
+
+
+def knn_probe(
+    features: Any,
+    labels: Any,
+    groups: Any = None,
+    train_mask: Any = None,
+    test_mask: Any = None,
+    folds: Any = None,
+    n_splits: int = 5,
+    k: int = 20,
+    metric: str = "cosine",
+    standardize: bool = False,
+    uncertain: str = "drop",
+    seed: int = 0,
+) -> ProbeScores | dict[str, ProbeScores]:
+    """k-nearest-neighbour probe: the score of a test row is the fraction of positives among its ``k`` nearest
+    training rows (``KNeighborsClassifier(k, metric=metric, algorithm="brute")``, uniform weights).
+
+    Arguments and return value as in :func:`linear_probe`; ``standardize`` is off by default (cosine distances are
+    taken on the raw features).
+    """
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
+
+    def make_model():
+        knn = KNeighborsClassifier(n_neighbors=int(k), metric=metric, algorithm="brute")
+        return make_pipeline(StandardScaler(), knn) if standardize else knn
+
+    x = _check_features(features)
+    if x.shape[0] <= k:
+        raise ValueError(f"knn_probe: k={k} needs more than {k} rows, features have {x.shape[0]}.")
+    return _run_binary_probe(
+        make_model, x, labels, groups, train_mask, test_mask, folds, n_splits, seed, uncertain, "knn_probe"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ROC AUC with bootstrap CI
+# ---------------------------------------------------------------------------------------------------------------------
+def roc_auc_with_ci(
+    y_true: Any,
+    y_score: Any,
+    n_bootstrap: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    groups: Any = None,
+) -> tuple[float, float, float]:
+    """ROC AUC (``sklearn.metrics.roc_auc_score``) with a percentile bootstrap confidence interval.
+
+    Resampling, with ``rng = np.random.default_rng(seed)`` and one draw per resample:
+
+    - without ``groups``: ``rng.integers(0, N, size=N)`` row indices;
+    - with ``groups`` (cluster bootstrap): ``rng.integers(0, G, size=G)`` indices into the G unique patients (in
+      ``np.unique`` order); the resample holds all rows of each drawn patient, repeated as often as drawn.
+
+    Resamples holding a single class are skipped (not redrawn). The interval is the ``alpha / 2`` and
+    ``1 - alpha / 2`` quantiles (``np.quantile``, linear) of the valid resamples' AUCs.
+
+    Args:
+        y_true: (N,) binary labels 0/1.
+        y_score: (N,) scores, higher meaning positive.
+        n_bootstrap: number of resamples; 0 returns NaN bounds.
+        alpha: 1 - confidence level.
+        seed: seed of the resampling.
+        groups: (N,) patient ids, for resampling patients instead of rows.
+
+    Returns:
+        ``(auc, low, high)``; bounds are NaN when no resample holds both classes.
+    """
+    y = np.asarray(y_true, dtype=np.float64)
+    s = np.asarray(y_score, dtype=np.float64)
+    if y.ndim != 1 or s.shape != y.shape:
+        raise ValueError(f"y_true and y_score must both have shape (N,), got {y.shape} and {s.shape}.")
+    if not np.isfinite(s).all() or not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError("y_true must hold only 0/1 and y_score only finite values (drop NaN rows first).")
+    if np.unique(y).size < 2:
+        raise ValueError(f"ROC AUC needs both classes in y_true; got only class {y[0]:g} in {y.size} rows.")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}.")
+    auc = float(roc_auc_score(y, s))
+    rng = np.random.default_rng(seed)
+    n = y.size
+    members: list[np.ndarray] | None = None
+    if groups is not None:
+        g = _check_groups(groups, n)
+        _, inverse = np.unique(g, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
+    aucs = []
+    for _ in range(int(n_bootstrap)):
+        if members is None:
+            idx = rng.integers(0, n, size=n)
+        else:
+            picked = rng.integers(0, len(members), size=len(members))
+            idx = np.concatenate([members[p] for p in picked])
+        yb = y[idx]
+        if yb.min() == yb.max():
+            continue
+        aucs.append(roc_auc_score(yb, s[idx]))
+    if not aucs:
+        return auc, math.nan, math.nan
+    if len(aucs) < 0.9 * n_bootstrap:
+        warnings.warn(
+            f"roc_auc_with_ci: {n_bootstrap - len(aucs)} of {n_bootstrap} resamples held a single class and were "
+            "skipped; the interval may be too narrow.",
+            stacklevel=2,
+        )
+    low, high = np.quantile(np.asarray(aucs), [alpha / 2, 1 - alpha / 2])
+    return auc, float(low), float(high)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# age regression and site leakage
+# ---------------------------------------------------------------------------------------------------------------------
+def _quantile_bins(values: np.ndarray, n_bins: int) -> np.ndarray:
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1]))
+    return np.searchsorted(edges, values, side="right")
+
+
+def age_regression(
+    features: Any,
+    age: Any,
+    groups: Any = None,
+    train_mask: Any = None,
+    test_mask: Any = None,
+    folds: Any = None,
+    n_splits: int = 5,
+    alpha: float = 1.0,
+    standardize: bool = True,
+    seed: int = 0,
+) -> float:
+    """Mean absolute error of a ridge regression of age on frozen features (brain MRI's standard probe).
+
+    Rows with a missing age are dropped. Cross-validation folds are patient-grouped and stratified by age quintile
+    (``StratifiedGroupKFold``); each split fits ``StandardScaler`` (if ``standardize``) and ``Ridge(alpha)`` on the
+    training rows. The MAE is taken once over all out-of-fold (or test) predictions.
+
+    Args:
+        features: (N, F) frozen features.
+        age: (N,) ages in years, NaN for missing.
+        groups: (N,) patient ids.
+        train_mask, test_mask, folds, n_splits, seed: splits as in :func:`linear_probe`.
+        alpha: ridge regularisation strength (> 0).
+        standardize: standardise features with training-row statistics.
+
+    Returns:
+        The MAE in the unit of ``age``.
+    """
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}.")
+    x = _check_features(features)
+    n = x.shape[0]
+    try:
+        y = pd.to_numeric(pd.Series(_check_rows(age, n, "age"))).to_numpy(dtype=np.float64)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"age must be numeric (years, NaN for missing): {e}") from e
+    g = _check_groups(groups, n)
+    rows = np.flatnonzero(np.isfinite(y))
+    if rows.size == 0:
+        raise ValueError("age is missing in every row.")
+    strata = _quantile_bins(y[rows], _AGE_BINS)
+    pairs = _resolve_splits(rows, strata, g, train_mask, test_mask, folds, n_splits, seed, n, "age_regression")
+    errors = []
+    for tr, te in pairs:
+        model = make_pipeline(StandardScaler(), Ridge(alpha=alpha)) if standardize else Ridge(alpha=alpha)
+        model.fit(x[tr], y[tr])
+        errors.append(np.abs(model.predict(x[te]) - y[te]))
+    return float(np.concatenate(errors).mean())
+
+
+@dataclass
+class SiteLeakage:
+    """Result of :func:`site_leakage`.
+
+    Attributes:
+        balanced_accuracy: balanced accuracy of predicting site from the features (out-of-fold).
+        chance: chance level of balanced accuracy, ``1 / n_sites``.
+        n_sites: number of distinct sites among the evaluated rows.
+        n_samples: number of evaluated rows.
+    """
+
+    balanced_accuracy: float
+    chance: float
+    n_sites: int
+    n_samples: int
+
+
+def site_leakage(
+    features: Any,
+    site: Any,
+    groups: Any = None,
+    train_mask: Any = None,
+    test_mask: Any = None,
+    folds: Any = None,
+    n_splits: int = 5,
+    C: float = 1.0,
+    standardize: bool = True,
+    max_iter: int = 5000,
+    seed: int = 0,
+) -> SiteLeakage:
+    """How well site can be predicted from frozen features: balanced accuracy of a (multinomial) logistic regression.
+
+    Lower means the representation is less site-specific; ``chance`` (``1 / n_sites``) is the floor. Rows with a
+    missing site are dropped. Folds are patient-grouped and stratified by site. A site absent from a split's
+    training rows cannot be predicted for that split, which lowers the score: give each site at least ``n_splits``
+    patients.
+
+    Args:
+        features: (N, F) frozen features.
+        site: (N,) site labels (any hashable: str or int), NaN/None for missing.
+        groups: (N,) patient ids.
+        train_mask, test_mask, folds, n_splits, seed: splits as in :func:`linear_probe`.
+        C: inverse L2 regularisation strength.
+        standardize: standardise features with training-row statistics.
+        max_iter: lbfgs iterations.
+
+    Returns:
+        :class:`SiteLeakage`.
+    """
+    if C <= 0:
+        raise ValueError(f"C must be > 0, got {C}.")
+    x = _check_features(features)
+    n = x.shape[0]
+    s = _check_rows(site, n, "site")
+    g = _check_groups(groups, n)
+    rows = np.flatnonzero(~pd.isna(s))
+    n_sites = len(pd.unique(s[rows]))
+    if n_sites < 2:
+        raise ValueError(f"site_leakage needs at least 2 sites, got {n_sites}.")
+    _, codes_kept = np.unique(s[rows].astype(str), return_inverse=True)
+    codes = np.full(n, -1, dtype=np.int64)
+    codes[rows] = codes_kept
+    pairs = _resolve_splits(rows, codes[rows], g, train_mask, test_mask, folds, n_splits, seed, n, "site_leakage")
+    true, pred = [], []
+    for tr, te in pairs:
+        clf = LogisticRegression(C=C, max_iter=max_iter)
+        model = make_pipeline(StandardScaler(), clf) if standardize else clf
+        if np.unique(codes[tr]).size < 2:
+            raise ValueError("site_leakage: a split's training rows hold a single site.")
+        model.fit(x[tr], codes[tr])
+        true.append(codes[te])
+        pred.append(model.predict(x[te]))
+    true_all, pred_all = np.concatenate(true), np.concatenate(pred)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true", category=UserWarning)
+        bacc = float(balanced_accuracy_score(true_all, pred_all))
+    n_eval_sites = np.unique(true_all).size
+    return SiteLeakage(bacc, 1.0 / n_eval_sites, int(n_eval_sites), int(true_all.size))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# report rows and the printed table
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ProbeReport:
+    """One row of the comparison table.
+
+    Attributes:
+        method: name of the pretraining method.
+        auc, auc_low, auc_high: ROC AUC and its CI bounds (NaN if not measured).
+        site_leakage: site balanced accuracy; ``site_chance`` its chance level.
+        wall_time_s: wall time of the method (pretraining plus probing, as the caller measures it).
+        ci_level: confidence level of the AUC interval.
+        extra: further columns (name -> value), printed after the fixed ones in insertion order.
+    """
+
+    method: str
+    auc: float = math.nan
+    auc_low: float = math.nan
+    auc_high: float = math.nan
+    site_leakage: float = math.nan
+    site_chance: float = math.nan
+    wall_time_s: float = math.nan
+    ci_level: float = 0.95
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Flat dict (the fixed fields, then ``extra``), e.g. for a CSV or JSON report."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
+        out.update(self.extra)
+        return out
+
+
+def probe_report(
+    features: Any,
+    metadata: pd.DataFrame,
+    method: str,
+    label: str,
+    patient_column: str = "patient_id",
+    site_column: str | None = "site",
+    age_column: str | None = None,
+    wall_time_s: float = math.nan,
+    n_splits: int = 5,
+    n_bootstrap: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    train_mask: Any = None,
+) -> ProbeReport:
+    """Linear probe of ``label`` with a patient-level bootstrap CI, site leakage and (optionally) age MAE in one row.
+
+    Args:
+        features: (N, F) frozen features.
+        metadata: DataFrame with N rows aligned with ``features`` (e.g. from :func:`extract_features`).
+        method: name printed in the table.
+        label: label column to probe (1/0/-1/NaN; -1 dropped).
+        patient_column: column of patient ids (grouped CV, cluster bootstrap).
+        site_column: column of sites, or None to skip site leakage.
+        age_column: column of ages, or None to skip age regression (extra column ``"age MAE"``).
+        wall_time_s: the method's wall time, passed through to the row.
+        n_splits, seed, train_mask: splits as in :func:`linear_probe`.
+        n_bootstrap, alpha: bootstrap of the AUC CI.
+
+    Returns:
+        A :class:`ProbeReport`.
+    """
+    for col in [label, patient_column, site_column, age_column]:
+        if col is not None and col not in metadata.columns:
+            raise ValueError(f"metadata has no column {col!r}; columns are {list(metadata.columns)}.")
+    groups = metadata[patient_column]
+    split = {"train_mask": train_mask, "n_splits": n_splits, "seed": seed}
+    scores = linear_probe(features, metadata[label], groups=groups, **split)
+    auc, low, high = scores.roc_auc(n_bootstrap=n_bootstrap, alpha=alpha, seed=seed)
+    report = ProbeReport(method, auc, low, high, wall_time_s=wall_time_s, ci_level=1 - alpha)
+    if site_column is not None:
+        leak = site_leakage(features, metadata[site_column], groups=groups, **split)
+        report.site_leakage, report.site_chance = leak.balanced_accuracy, leak.chance
+    if age_column is not None:
+        report.extra["age MAE"] = age_regression(features, metadata[age_column], groups=groups, **split)
+    return report
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[ProbeReport | Mapping[str, Any]]) -> str:
+    """Fixed-width text table of report rows: method, AUC [CI], site leakage (chance), wall time, then extras.
+
+    Args:
+        rows: :class:`ProbeReport` objects or mappings with the same keys (``method``, ``auc``, ``auc_low``,
+            ``auc_high``, ``site_leakage``, ``site_chance``, ``wall_time_s``, ``ci_level``); any other key of a
+            mapping, or of a report's ``extra``, becomes an extra column. Missing values print as ``-``.
+
+    Returns:
+        The table as a string (header, a rule, one line per row), ready to ``print``.
+    """
+    fixed = ("method", "auc", "auc_low", "auc_high", "site_leakage", "site_chance", "wall_time_s", "ci_level")
+    dicts = [r.as_dict() if isinstance(r, ProbeReport) else dict(r) for r in rows]
+    extras: list[str] = []
+    for d in dicts:
+        extras += [k for k in d if k not in fixed and k not in extras]
+    levels = {round(float(d.get("ci_level", 0.95)), 6) for d in dicts}
+    ci_name = f"AUC [{100 * levels.pop():g}% CI]" if len(levels) == 1 else "AUC [CI]"
+    header = ["method", ci_name, "site leakage (chance)", "wall time"] + extras
+    body = []
+    for d in dicts:
+        auc = _fmt(d.get("auc"))
+        if auc != "-" and _fmt(d.get("auc_low")) != "-":
+            auc += f" [{_fmt(d.get('auc_low'))}, {_fmt(d.get('auc_high'))}]"
+        leak = _fmt(d.get("site_leakage"))
+        if leak != "-" and _fmt(d.get("site_chance")) != "-":
+            leak += f" ({_fmt(d.get('site_chance'))})"
+        wall = _fmt(d.get("wall_time_s"), 1)
+        wall = wall if wall == "-" else f"{wall} s"
+        body.append([str(d.get("method", "-")), auc, leak, wall] + [_fmt(d.get(k)) for k in extras])
+    widths = [max(len(line[j]) for line in [header] + body) for j in range(len(header))]
+
+    def render(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    lines = [render(header), "  ".join("-" * w for w in widths)] + [render(b) for b in body]
+    return "\n".join(lines)

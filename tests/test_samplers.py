@@ -1,0 +1,415 @@
+"""Tests for monai_du.data.samplers: coverage, purity, balance, neighbourhoods, ranks, determinism, errors."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.neighbors import NearestNeighbors
+
+from monai_du.data.samplers import AttributeBatchSampler
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ABIDE_CSV = SHARED_DATA / "abide1_phenotypic.csv"
+
+
+def _epoch(sampler: AttributeBatchSampler, epoch: int = 0) -> list[list[int]]:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def _uneven_groups(seed: int = 0) -> np.ndarray:
+    """Labels of 4 groups of 50, 23, 9 and 3 members, in shuffled row order."""
+    labels = np.array(["A"] * 50 + ["B"] * 23 + ["C"] * 9 + ["D"] * 3, dtype=object)
+    return np.random.default_rng(seed).permutation(labels)
+
+
+def _pairwise_mean_distance(points: np.ndarray) -> float:
+    """Mean Euclidean distance over ordered pairs i != j, by a plain double loop (float64)."""
+    n = len(points)
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                total += math.sqrt(float(((points[i] - points[j]) ** 2).sum()))
+    return total / (n * (n - 1))
+
+
+# ---------------------------------------------------------------------- coverage and lengths
+
+
+@pytest.mark.parametrize(
+    "mode, kwargs",
+    [
+        ("random", {"num_samples": 85}),
+        ("within", {"groups": _uneven_groups()}),
+        ("within", {"groups": _uneven_groups(), "small_groups": "keep"}),
+        ("neighbourhood", {"features": np.random.default_rng(0).normal(size=(85, 3))}),
+        ("neighbourhood", {"features": np.random.default_rng(0).normal(size=(85, 3)), "n_neighbours": 9}),
+    ],
+)
+def test_every_index_exactly_once_per_epoch(mode, kwargs):
+    sampler = AttributeBatchSampler(10, mode=mode, **kwargs)
+    for epoch in range(3):
+        batches = _epoch(sampler, epoch)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(85))
+        assert len(batches) == len(sampler)
+        assert all(1 <= len(b) <= 10 for b in batches)
+
+
+@pytest.mark.parametrize("mode", ["random", "within", "balanced", "neighbourhood"])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_len_matches_yield_and_drop_last_gives_full_batches(mode, drop_last):
+    rng = np.random.default_rng(3)
+    groups = _uneven_groups()
+    sampler = AttributeBatchSampler(
+        8, mode=mode, groups=None if mode == "neighbourhood" else groups,
+        features=rng.normal(size=(85, 2)) if mode == "neighbourhood" else None, drop_last=drop_last,
+    )
+    for epoch in range(3):
+        batches = _epoch(sampler, epoch)
+        assert len(batches) == len(sampler)
+        if drop_last:
+            assert all(len(b) == 8 for b in batches)
+        assert all(len(set(b)) == len(b) or mode == "balanced" for b in batches)
+
+
+# ---------------------------------------------------------------------- within
+
+
+def test_within_batches_are_pure_and_merged_batches_hold_only_small_groups():
+    groups = _uneven_groups()
+    sampler = AttributeBatchSampler(10, mode="within", groups=groups, small_groups="merge")
+    assert sorted(sampler.merged_groups) == ["C", "D"]
+    batches = _epoch(sampler)
+    for batch in batches:
+        labels = {groups[i] for i in batch}
+        assert len(labels) == 1 or labels <= {"C", "D"}
+    # A (50) -> 5 batches, B (23) -> 3 batches, pool C+D (12) -> 2 batches.
+    assert len(batches) == 5 + 3 + 2
+    # The pool is laid out group after group: at most one merged batch mixes C and D.
+    assert sum(len({groups[i] for i in b}) > 1 for b in batches) <= 1
+
+
+def test_within_keep_gives_small_groups_their_own_short_batch():
+    groups = _uneven_groups()
+    batches = _epoch(AttributeBatchSampler(10, mode="within", groups=groups, small_groups="keep"))
+    assert all(len({groups[i] for i in b}) == 1 for b in batches)
+    by_group = Counter(groups[b[0]] for b in batches)
+    assert by_group == {"A": 5, "B": 3, "C": 1, "D": 1}
+
+
+def test_within_drop_warns_and_leaves_small_groups_out():
+    groups = _uneven_groups()
+    with pytest.warns(UserWarning, match="drops groups"):
+        sampler = AttributeBatchSampler(10, mode="within", groups=groups, small_groups="drop")
+    assert sorted(sampler.dropped_groups) == ["C", "D"]
+    flat = sorted(i for b in _epoch(sampler) for i in b)
+    assert flat == [i for i in range(len(groups)) if groups[i] in ("A", "B")]
+
+
+def test_within_keep_with_drop_last_is_refused():
+    with pytest.raises(ValueError, match="drop_last"):
+        AttributeBatchSampler(10, mode="within", groups=_uneven_groups(), small_groups="keep", drop_last=True)
+
+
+def test_missing_group_labels_form_their_own_group():
+    groups = ["s1"] * 6 + [None] * 4 + [float("nan")] * 2 + ["s2"] * 6
+    batches = _epoch(AttributeBatchSampler(3, mode="within", groups=groups, small_groups="keep"))
+    missing = set(range(6, 12))
+    for batch in batches:
+        assert set(batch) <= missing or not set(batch) & missing
+    assert sorted(i for b in batches for i in b) == list(range(18))
+
+
+@pytest.mark.parametrize("as_type", [list, np.asarray, pd.Series, torch.tensor])
+def test_group_labels_are_compared_by_value_whatever_the_container(as_type):
+    codes = [0, 1] * 6 + [2] * 4
+    sampler = AttributeBatchSampler(4, mode="within", groups=as_type(codes))
+    assert len(sampler.group_labels) == 3
+    for batch in _epoch(sampler):
+        assert len({codes[i] for i in batch}) == 1
+
+
+# ---------------------------------------------------------------------- balanced
+
+
+def test_balanced_counts_equal_when_batch_divides():
+    groups = np.array(["a"] * 100 + ["b"] * 40 + ["c"] * 20 + ["d"] * 12, dtype=object)
+    sampler = AttributeBatchSampler(16, mode="balanced", groups=groups)
+    batches = _epoch(sampler)
+    assert len(batches) == math.ceil(172 / 16)
+    for batch in batches:
+        assert Counter(groups[i] for i in batch) == {"a": 4, "b": 4, "c": 4, "d": 4}
+
+
+def test_balanced_counts_differ_by_at_most_one_and_carry_on_across_epochs():
+    groups = np.array(["a"] * 100 + ["b"] * 40 + ["c"] * 20, dtype=object)
+    sampler = AttributeBatchSampler(10, mode="balanced", groups=groups)  # 10 = 3 * 3 + 1 leftover slot
+    totals = Counter()
+    for epoch in range(6):
+        for batch in _epoch(sampler, epoch):
+            counts = Counter(groups[i] for i in batch)
+            assert sorted(counts) == ["a", "b", "c"]
+            assert max(counts.values()) - min(counts.values()) <= 1
+            totals.update(counts)
+    # 6 epochs * 16 batches = 96 leftover slots, dealt round-robin: 32 each.
+    assert set(totals.values()) == {96 * 3 + 32}
+
+
+def test_balanced_traverses_each_group_without_replacement_across_epochs():
+    groups = np.array(["a"] * 97 + ["b"] * 13, dtype=object)
+    sampler = AttributeBatchSampler(8, mode="balanced", groups=groups)
+    seen = Counter()
+    draws_a = 0
+    for epoch in range(7):
+        for batch in _epoch(sampler, epoch):
+            seen.update(batch)
+            draws_a += sum(groups[i] == "a" for i in batch)
+    counts_a = [seen[i] for i in range(97)]
+    counts_b = [seen[i] for i in range(97, 110)]
+    # Reference: a stream of back-to-back permutations visits every member floor or ceil of (draws / size) times.
+    assert min(counts_a) >= draws_a // 97 and max(counts_a) <= -(-draws_a // 97)
+    draws_b = sum(counts_b)
+    assert min(counts_b) >= draws_b // 13 and max(counts_b) <= -(-draws_b // 13)
+
+
+def test_balanced_small_group_policies():
+    # 4 groups, share = ceil(16 / 4) = 4: "c" (2) and "d" (3) are small.
+    groups = np.array(["a"] * 60 + ["b"] * 60 + ["c"] * 2 + ["d"] * 3, dtype=object)
+    pooled = {"c", "d"}
+    merged = AttributeBatchSampler(16, mode="balanced", groups=groups, small_groups="merge")
+    assert sorted(merged.merged_groups) == ["c", "d"]
+    for batch in _epoch(merged):  # three groups (a, b, pool) share 16 slots: 5, 5, 6 in some order
+        counts = Counter("pool" if groups[i] in pooled else groups[i] for i in batch)
+        assert sorted(counts.values()) == [5, 5, 6]
+    with pytest.warns(UserWarning, match="drops groups"):
+        dropped = AttributeBatchSampler(16, mode="balanced", groups=groups, small_groups="drop")
+    assert sorted(dropped.dropped_groups) == ["c", "d"]
+    for batch in _epoch(dropped):
+        assert Counter(groups[i] for i in batch) == {"a": 8, "b": 8}
+    kept = AttributeBatchSampler(16, mode="balanced", groups=groups, small_groups="keep")
+    for batch in _epoch(kept):
+        assert Counter(groups[i] for i in batch) == {"a": 4, "b": 4, "c": 4, "d": 4}
+        assert {i for i in batch if groups[i] == "c"} == {120, 121}  # 2 members cycled over 4 slots
+
+
+# ---------------------------------------------------------------------- neighbourhood
+
+
+def test_neighbourhood_batches_are_tighter_than_random_batches():
+    rng = np.random.default_rng(7)
+    raw = np.column_stack([rng.uniform(20, 90, 400), rng.integers(0, 2, 400), rng.normal(0, 5, 400)])
+    reference = (raw - raw.mean(0)) / raw.std(0)  # the documented standardisation, computed here independently
+    near = AttributeBatchSampler(20, mode="neighbourhood", features=raw, n_neighbours=19)
+    rand = AttributeBatchSampler(20, mode="random", num_samples=400)
+    near_mean = np.mean([_pairwise_mean_distance(reference[b]) for b in _epoch(near)])
+    rand_mean = np.mean([_pairwise_mean_distance(reference[b]) for b in _epoch(rand)])
+    assert near_mean < 0.5 * rand_mean
+
+
+def test_neighbourhoods_are_close_to_true_nearest_neighbours():
+    rng = np.random.default_rng(11)
+    raw = rng.normal(size=(960, 3)) * np.array([1.0, 10.0, 0.1])
+    reference = (raw - raw.mean(0)) / raw.std(0)
+    k = 7
+    sampler = AttributeBatchSampler(32, mode="neighbourhood", features=raw, n_neighbours=k)
+    batches = _epoch(sampler)
+    # Each batch holds 32 / 8 neighbourhoods, one after another.
+    mates = []
+    for batch in batches:
+        for start in range(0, len(batch), k + 1):
+            block = reference[batch[start : start + k + 1]]
+            for i in range(len(block)):
+                mates.append(np.sqrt(((block - block[i]) ** 2).sum(1)).sum() / k)
+    knn_dist, _ = NearestNeighbors(n_neighbors=k + 1).fit(reference).kneighbors(reference)
+    knn_mean = knn_dist[:, 1:].mean()
+    rand_mean = _pairwise_mean_distance(reference[rng.choice(960, 200, replace=False)])
+    assert np.mean(mates) < 2.5 * knn_mean
+    assert np.mean(mates) < 0.4 * rand_mean
+
+
+def test_neighbourhood_handles_missing_values_and_many_columns():
+    rng = np.random.default_rng(5)
+    raw = rng.normal(size=(150, 12))
+    raw[rng.random(raw.shape) < 0.2] = np.nan
+    raw[:, 4] = np.nan  # a column with no observed value
+    sampler = AttributeBatchSampler(16, mode="neighbourhood", features=raw)
+    flat = sorted(i for b in _epoch(sampler) for i in b)
+    assert flat == list(range(150))
+
+
+def test_neighbourhood_treats_missing_value_as_column_mean():
+    # Two clusters in column 0; column 1 is noise. Rows with column 0 missing sit at the mean, between the clusters.
+    raw = np.array([[0.0, 0.0]] * 8 + [[10.0, 0.0]] * 8 + [[np.nan, 0.0]] * 8)
+    batches = _epoch(AttributeBatchSampler(8, mode="neighbourhood", features=raw, n_neighbours=7))
+    assert sorted(sorted(b) for b in batches) == [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
+
+
+# ---------------------------------------------------------------------- distributed
+
+
+@pytest.mark.parametrize("mode", ["random", "within", "balanced", "neighbourhood"])
+def test_ranks_get_disjoint_batches_of_equal_count(mode):
+    groups = _uneven_groups()
+    features = np.random.default_rng(2).normal(size=(85, 2))
+    kwargs = {"groups": groups} if mode in ("within", "balanced") else {"features": features}
+    full = _epoch(AttributeBatchSampler(8, mode=mode, drop_last=True, **kwargs), 4)
+    ranks = [
+        _epoch(AttributeBatchSampler(8, mode=mode, drop_last=True, num_replicas=2, rank=r, **kwargs), 4) for r in (0, 1)
+    ]
+    assert len(ranks[0]) == len(ranks[1]) == len(full) // 2
+    # Disjoint: no batch, and (outside balanced over-sampling) no index, on both ranks.
+    assert not {tuple(b) for b in ranks[0]} & {tuple(b) for b in ranks[1]}
+    if mode != "balanced":
+        assert not {i for b in ranks[0] for i in b} & {i for b in ranks[1] for i in b}
+    # Together they are the single-process epoch, minus at most one batch.
+    assert {tuple(b) for b in ranks[0] + ranks[1]} <= {tuple(b) for b in full}
+
+
+def test_padding_repeats_whole_batches_so_ranks_have_equal_counts():
+    sampler_full = AttributeBatchSampler(10, mode="random", num_samples=75)  # 8 batches
+    ranks = [AttributeBatchSampler(10, mode="random", num_samples=75, num_replicas=3, rank=r) for r in range(3)]
+    full = _epoch(sampler_full)
+    got = [_epoch(s) for s in ranks]
+    assert [len(g) for g in got] == [3, 3, 3] == [len(s) for s in ranks]
+    dealt = [tuple(b) for g in got for b in g]
+    assert set(dealt) == {tuple(b) for b in full}  # every batch is dealt, the extra one repeats a whole batch
+    assert len(dealt) - len(set(dealt)) == 1
+
+
+def test_default_replicas_without_process_group():
+    assert not torch.distributed.is_initialized()
+    sampler = AttributeBatchSampler(4, num_samples=10)
+    assert (sampler.num_replicas, sampler.rank) == (1, 0)
+
+
+# ---------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("mode", ["random", "within", "balanced", "neighbourhood"])
+def test_deterministic_for_seed_and_epoch_and_changes_across_epochs(mode):
+    groups = _uneven_groups()
+    features = np.random.default_rng(1).normal(size=(85, 3))
+    kwargs = {"groups": groups} if mode in ("within", "balanced") else {"features": features}
+    a = AttributeBatchSampler(8, mode=mode, seed=3, **kwargs)
+    b = AttributeBatchSampler(8, mode=mode, seed=3, **kwargs)
+    assert _epoch(a, 5) == _epoch(b, 5)
+    assert _epoch(a, 5) == _epoch(a, 5)
+    assert _epoch(a, 5) != _epoch(a, 6)
+    assert _epoch(a, 5) != _epoch(AttributeBatchSampler(8, mode=mode, seed=4, **kwargs), 5)
+
+
+# ---------------------------------------------------------------------- manifests, configs, loaders
+
+
+def test_from_manifest_encodes_columns():
+    manifest = pd.DataFrame(
+        {
+            "site": ["x", "y", None, "x", "y", None, "x", "y"],
+            "sex": ["M", "F", "F", None, "M", "F", "M", "F"],
+            "age": [30.0, 40.0, np.nan, 50.0, 60.0, 70.0, 80.0, 90.0],
+        }
+    )
+    within = AttributeBatchSampler.from_manifest(manifest, 2, mode="within", attribute="site", small_groups="keep")
+    site = manifest["site"].fillna("<missing>").to_numpy()
+    for batch in _epoch(within):
+        assert len({site[i] for i in batch}) == 1
+    near = AttributeBatchSampler.from_manifest(manifest, 4, mode="neighbourhood", feature_columns=["sex", "age"])
+    assert sorted(i for b in _epoch(near) for i in b) == list(range(8))
+    with pytest.raises(ValueError, match="scanner"):
+        AttributeBatchSampler.from_manifest(manifest, 2, mode="within", attribute="scanner")
+
+
+def test_bundle_config_builds_sampler_for_monai_and_torch_loaders():
+    from monai.bundle import ConfigParser
+    from monai.data import DataLoader as MonaiDataLoader
+    from monai.data import Dataset
+
+    sites = ["a"] * 12 + ["b"] * 8
+    config = {
+        "sites": sites,
+        "dataset": {
+            "_target_": "monai.data.Dataset",
+            "data": "$[{'index': i, 'site': s} for i, s in enumerate(@sites)]",
+        },
+        "sampler": {
+            "_target_": "monai_du.data.samplers.AttributeBatchSampler",
+            "batch_size": 4,
+            "mode": "within",
+            "groups": "@sites",
+            "seed": 1,
+        },
+        "loader": {"_target_": "monai.data.DataLoader", "dataset": "@dataset", "batch_sampler": "@sampler"},
+    }
+    parser = ConfigParser(config)
+    sampler = parser.get_parsed_content("sampler")
+    loader = parser.get_parsed_content("loader")
+    assert isinstance(sampler, AttributeBatchSampler) and isinstance(loader, MonaiDataLoader)
+    seen = []
+    for batch in loader:
+        assert len(set(batch["site"])) == 1
+        seen.extend(batch["index"].tolist())
+    assert sorted(seen) == list(range(20))
+    torch_loader = torch.utils.data.DataLoader(Dataset([{"i": i} for i in range(20)]), batch_sampler=sampler)
+    assert len(torch_loader) == 5 and sum(len(b["i"]) for b in torch_loader) == 20
+
+
+# ---------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": 8, "mode": "by_site", "num_samples": 10}, "mode"),
+        ({"batch_size": 1, "num_samples": 10}, "batch_size"),
+        ({"batch_size": True, "num_samples": 10}, "batch_size"),
+        ({"batch_size": 4, "mode": "within", "num_samples": 10}, "needs groups"),
+        ({"batch_size": 4, "mode": "within", "groups": ["a"] * 9, "num_samples": 10}, "disagree"),
+        ({"batch_size": 4, "mode": "neighbourhood", "num_samples": 10}, "needs features"),
+        ({"batch_size": 4, "mode": "neighbourhood", "features": np.zeros(10)}, r"shape \(10,\)"),
+        ({"batch_size": 4, "mode": "neighbourhood", "features": np.zeros((10, 2, 2))}, r"\(10, 2, 2\)"),
+        ({"batch_size": 4, "mode": "neighbourhood", "features": np.full((10, 2), np.inf)}, "infinite"),
+        ({"batch_size": 4, "mode": "neighbourhood", "features": np.zeros((10, 2)), "n_neighbours": 4}, "n_neighbours"),
+        ({"batch_size": 4, "mode": "neighbourhood", "features": np.zeros((10, 2)), "groups": ["a"] * 10}, "groups"),
+        ({"batch_size": 4, "mode": "within", "groups": ["a"] * 10, "small_groups": "pad"}, "small_groups"),
+        ({"batch_size": 4, "num_samples": 10, "num_replicas": 2, "rank": 2}, "rank"),
+        ({"batch_size": 16, "num_samples": 10, "drop_last": True}, "no batch"),
+        ({"batch_size": 4}, "num_samples"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AttributeBatchSampler(**kwargs)
+
+
+def test_set_epoch_rejects_negative():
+    with pytest.raises(ValueError, match="epoch"):
+        AttributeBatchSampler(4, num_samples=10).set_epoch(-1)
+
+
+# ---------------------------------------------------------------------- real table
+
+
+def test_abide_within_site_batches_are_pure():
+    if not ABIDE_CSV.is_file():
+        pytest.skip(f"real ABIDE table not found at {ABIDE_CSV} (../shared/data is absent outside the project machine)")
+    table = pd.read_csv(ABIDE_CSV, usecols=["SITE_ID", "AGE_AT_SCAN", "SEX"])
+    sites = table["SITE_ID"].to_numpy(dtype=object)
+    assert len(set(sites)) == 20
+    sampler = AttributeBatchSampler.from_manifest(table, 32, mode="within", attribute="SITE_ID", small_groups="keep")
+    batches = _epoch(sampler, 2)
+    assert all(len({sites[i] for i in b}) == 1 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(len(table)))
+    expected = sum(math.ceil(n / 32) for n in Counter(sites).values())
+    assert len(batches) == expected
+    # Balanced over the 20 sites at 40 per batch: two subjects of every site in every batch.
+    balanced = AttributeBatchSampler.from_manifest(table, 40, mode="balanced", attribute="SITE_ID")
+    for batch in _epoch(balanced):
+        assert set(Counter(sites[i] for i in batch).values()) == {2}
