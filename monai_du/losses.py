@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
 from monai_du.distributed import gather_no_grad, gather_with_grad
-from monai_du.kernels import PriorKernel, kernel_summary
+from monai_du.kernels import PriorKernel, _drop_zero_columns, kernel_summary
 
 __all__ = [
     "DecoupledUniformityLoss",
@@ -106,8 +106,8 @@ def conditional_mean_centroids(
     """Conditional-mean-embedding centroids ``c = (K + lam I)^-1 K mu`` with ``K = kernel(prior) + instance_weight I``.
 
     ``alpha = (K + lam I)^-1 K`` depends only on the priors: no gradient flows through it. The solve uses, in order:
-    Woodbury on a feature map ``F`` (``K = F F^T``) when ``low_rank`` allows it; otherwise exact Cholesky solves, one per
-    block when the kernel is block-diagonal (a product with a categorical kernel), else one dense solve.
+    Each block of a block-diagonal kernel (a product with a categorical kernel) is solved on its own, by Woodbury on
+    its feature map ``F`` (``K = F F^T``) when ``low_rank`` allows it, else by a Cholesky solve.
 
     Args:
         mu: (B, D) view centroids.
@@ -133,52 +133,70 @@ def conditional_mean_centroids(
     b = mu.shape[0]
     prior = prior.detach()
     rhs = mu.to(solve_dtype)
-    feats = None
-    if low_rank is not False:
-        feats = kernel.feature_map(prior, approximate=low_rank is True)
-        if feats is not None and low_rank == "auto" and feats.shape[1] > b // 2:
-            feats = None
-    if feats is not None:
-        f = feats.detach().to(solve_dtype)
-        r = f.shape[1]
-        with torch.no_grad():
-            gram_small = f.T @ f
-            ftf = gram_small + (lam + instance_weight) * torch.eye(r, dtype=solve_dtype, device=f.device)
-            chol = torch.linalg.cholesky(ftf)
-        # (F F^T + c I)^-1 F F^T mu = F (F^T F + c I)^-1 F^T mu  with c = lam + eta
-        proj = f @ torch.cholesky_solve(f.T @ rhs, chol)
-        if instance_weight > 0:
-            # alpha = (K + eta I + lam I)^-1 (K + eta I) = I - lam (F F^T + c I)^-1,  (.)^-1 = (I - F (.)^-1 F^T) / c
-            c0 = lam + instance_weight
-            centroids = rhs - (lam / c0) * (rhs - proj)
-        else:
-            centroids = proj
-        with torch.no_grad():
-            sq_row = (f * f).sum(1)
-            total = f.sum(0)
-            trace = float(sq_row.sum()) + b * instance_weight
-            off = (float(total @ total) - float(sq_row.sum())) / (b * (b - 1))
-            frob = float((gram_small**2).sum()) + 2 * instance_weight * float(sq_row.sum()) + b * instance_weight**2
-        stats = {"kernel_mean_offdiag": off, "kernel_effective_rank": trace**2 / frob if frob > 0 else 0.0}
-        stats["kernel_path"] = f"woodbury(rank={r})"
-        return centroids.to(mu.dtype), stats
-
     with torch.no_grad():
-        gram = kernel(prior).to(solve_dtype)
-        if instance_weight > 0:
-            gram = gram + instance_weight * torch.eye(b, dtype=solve_dtype, device=gram.device)
-        stats: dict = kernel_summary(gram)
+        feats = None
+        if low_rank is not False:
+            feats = kernel.feature_map(prior, approximate=low_rank is True)
+            feats = None if feats is None else feats.to(solve_dtype)
         blocks = kernel.block_ids(prior)
-    if blocks is not None and int(blocks.max()) > 0:
-        centroids = torch.empty_like(rhs)
-        for g in torch.unique(blocks):
-            idx = (blocks == g).nonzero(as_tuple=True)[0]
-            centroids = centroids.index_put((idx,), _ridge_smooth(gram[idx][:, idx], rhs[idx], lam))
-        stats["kernel_path"] = f"cholesky(blocks={int(blocks.max()) + 1})"
+        members = [None] if blocks is None else [(blocks == g).nonzero(as_tuple=True)[0] for g in torch.unique(blocks)]
+        plans, gram = [], None
+        for idx in members:
+            f = None
+            if feats is not None:
+                f = feats if idx is None else _drop_zero_columns(feats[idx])
+                size = b if idx is None else len(idx)
+                if low_rank == "auto" and f.shape[1] > size // 2:
+                    f = None
+            if f is None and gram is None:
+                gram = kernel(prior).to(solve_dtype)
+                if instance_weight > 0:
+                    gram = gram + instance_weight * torch.eye(b, dtype=solve_dtype, device=gram.device)
+            plans.append((idx, f))
+        stats: dict = kernel_summary(gram) if gram is not None else _feature_summary(feats, instance_weight)
+    parts = []
+    for idx, f in plans:
+        sub = rhs if idx is None else rhs[idx]
+        if f is not None:
+            parts.append(_woodbury_smooth(f, sub, lam, instance_weight))
+        else:
+            parts.append(_ridge_smooth(gram if idx is None else gram[idx][:, idx], sub, lam))
+    if blocks is None:
+        centroids = parts[0]
     else:
-        centroids = _ridge_smooth(gram, rhs, lam)
-        stats["kernel_path"] = "cholesky"
+        order = torch.cat(members)
+        centroids = torch.cat(parts)[torch.argsort(order)]
+    ranks = [f.shape[1] for _, f in plans if f is not None]
+    path = f"woodbury(rank<={max(ranks)})" if len(ranks) == len(plans) else "cholesky" if not ranks else "mixed"
+    stats["kernel_path"] = path if blocks is None else f"{path}, blocks={len(plans)}"
     return centroids.to(mu.dtype), stats
+
+
+def _feature_summary(f: torch.Tensor, instance_weight: float) -> dict[str, float]:
+    """:func:`kernel_summary` of ``F F^T + eta I`` computed from ``F`` (B, r) in O(B r^2)."""
+    b = f.shape[0]
+    sq_row = (f * f).sum(1)
+    total = f.sum(0)
+    trace = float(sq_row.sum()) + b * instance_weight
+    off = (float(total @ total) - float(sq_row.sum())) / (b * (b - 1))
+    small = f.T @ f
+    frob = float((small**2).sum()) + 2 * instance_weight * float(sq_row.sum()) + b * instance_weight**2
+    return {"kernel_mean_offdiag": off, "kernel_effective_rank": trace**2 / frob if frob > 0 else 0.0}
+
+
+def _woodbury_smooth(f: torch.Tensor, rhs: torch.Tensor, lam: float, instance_weight: float) -> torch.Tensor:
+    """``(K + lam I)^-1 K rhs`` for ``K = F F^T + eta I`` with F (n, r), in O(n r^2); gradient through ``rhs`` only.
+
+    ``(F F^T + c I)^-1 F F^T = F (F^T F + c I)^-1 F^T`` with ``c = lam + eta``; with ``eta > 0``,
+    ``alpha = I - lam (F F^T + c I)^-1`` and ``(F F^T + c I)^-1 = (I - F (F^T F + c I)^-1 F^T) / c``.
+    """
+    c0 = lam + instance_weight
+    with torch.no_grad():
+        chol = torch.linalg.cholesky(f.T @ f + c0 * torch.eye(f.shape[1], dtype=f.dtype, device=f.device))
+    proj = f @ torch.cholesky_solve(f.T @ rhs, chol)
+    if instance_weight > 0:
+        return rhs - (lam / c0) * (rhs - proj)
+    return proj
 
 
 def _ridge_smooth(gram: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:

@@ -203,12 +203,23 @@ def test_random_fourier_features_approximate_rbf():
     x = torch.tensor(_prior(n=50, missing=True))
     errors = []
     for rank in (64, 4096):
-        k = RBFKernel(bandwidth=10.0, columns=[0], n_features=rank).fit(_prior(n=500, seed=7))
+        k = RBFKernel(bandwidth=10.0, columns=[0], n_features=rank, fourier="rff").fit(_prior(n=500, seed=7))
         assert k.feature_map(x) is None  # approximate maps only on request
         f = k.feature_map(x, approximate=True)
         errors.append(np.abs((f @ f.T).numpy() - k(x).numpy()).max())
     assert errors[1] < 0.08
     assert errors[1] < errors[0]
+
+
+@pytest.mark.parametrize("bandwidth", [0.5, 3.0, 40.0])
+def test_quadrature_features_reproduce_one_column_rbf(bandwidth):
+    x = torch.tensor(_prior(n=80, missing=True))
+    k = RBFKernel(bandwidth=bandwidth, columns=[0]).fit(_prior(n=300, seed=8))
+    f = k.feature_map(x, approximate=True)
+    assert f.shape[1] < 80 * 40 / bandwidth + 60  # rank grows with range / bandwidth, not with B
+    np.testing.assert_allclose((f @ f.T).numpy(), k(x).numpy(), atol=1e-10)
+    with pytest.raises(ValueError, match="single prior column"):
+        RBFKernel(1.0, columns=[0, 2], fourier="quadrature").feature_map(x, approximate=True)
 
 
 def test_block_ids_separate_zero_blocks():

@@ -90,7 +90,7 @@ def test_product_kernel_block_path_matches_reference():
     loss = DecoupledUniformityLoss(kernel=kernel, lam=0.05)
     got, g_got = _grad(lambda x: loss(x, prior), z)
     want, g_want = _grad(lambda x: _reference_du(x, gram, lam=0.05), z)
-    assert loss.last_kernel_stats["kernel_path"].startswith("cholesky(blocks=")
+    assert loss.last_kernel_stats["kernel_path"] == "cholesky, blocks=6"
     assert float(got) == pytest.approx(float(want), rel=1e-9)
     torch.testing.assert_close(g_got, g_want, rtol=1e-7, atol=1e-10)
 
@@ -124,12 +124,17 @@ def test_auto_path_uses_exact_feature_map_when_cheaper():
     assert rbf.last_kernel_stats["kernel_path"] == "cholesky"
 
 
-def test_random_fourier_path_is_close_to_exact():
-    z, prior = _data(b=64, d=16)
-    kernel = RBFKernel(bandwidth=15.0, columns=[0], n_features=2048)
-    approx = DecoupledUniformityLoss(kernel=kernel, low_rank=True)(z, prior)
-    exact = DecoupledUniformityLoss(kernel=kernel, low_rank=False)(z, prior)
-    assert abs(float(approx) - float(exact)) / abs(float(exact)) < 0.05
+def test_low_rank_rbf_paths_are_close_to_exact():
+    z, prior = _data(b=96, d=16)
+    prior[::9, 0] = float("nan")
+    for fourier, tol in (("rff", 0.05), ("quadrature", 1e-8)):
+        kernel = RBFKernel(bandwidth=15.0, columns=[0], n_features=2048, fourier=fourier) * CategoricalKernel([2])
+        low = DecoupledUniformityLoss(kernel=kernel, low_rank=True)
+        approx = low(z, prior)
+        exact = DecoupledUniformityLoss(kernel=kernel, low_rank=False)(z, prior)
+        assert low.last_kernel_stats["kernel_path"].startswith("woodbury")
+        assert "blocks=3" in low.last_kernel_stats["kernel_path"]
+        assert abs(float(approx) - float(exact)) / abs(float(exact)) < tol
 
 
 def test_instance_weight_interpolates_between_kernel_and_plain_du():
