@@ -1,0 +1,179 @@
+"""Tests for monai_du.data.manifest: schema validation, PHI refusal, reading and writing."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from monai_du.data.manifest import (
+    RESOLVED_IMAGE_COLUMN,
+    ManifestBuildResult,
+    find_phi_columns,
+    label_column_name,
+    normalize_sex,
+    read_manifest,
+    validate_manifest,
+    write_manifest,
+)
+
+
+def _manifest() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "image": ["img/a.png", "img/b.png", "/abs/c.png", "img/d.png"],
+            "patient_id": ["00042", "NA", "7", "00042"],
+            "age": [34.5, np.nan, 0.0, 130.0],
+            "sex": ["F", "M", None, "F"],
+            "site": ["A", "B", "A", None],
+            "split": ["train", "val", "test", None],
+            "label_effusion": [1.0, 0.0, -1.0, np.nan],
+        }
+    )
+
+
+def _write_csv(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_round_trip_keeps_identifiers_and_missing_values(tmp_path):
+    df = _manifest()
+    path = write_manifest(df, tmp_path / "sub" / "m.csv")
+    back = read_manifest(path)
+    # identifiers stay text: leading zeros and the literal "NA" survive
+    assert back["patient_id"].tolist() == ["00042", "NA", "7", "00042"]
+    np.testing.assert_array_equal(back["age"].to_numpy(), df["age"].to_numpy())
+    assert back["sex"].isna().tolist() == [False, False, True, False]
+    assert back["split"].tolist()[:3] == ["train", "val", "test"] and pd.isna(back["split"].iloc[3])
+    np.testing.assert_array_equal(back["label_effusion"].to_numpy(), df["label_effusion"].to_numpy())
+    assert back["image"].tolist() == df["image"].tolist()  # the original is kept
+
+
+def test_relative_images_resolve_against_manifest_folder_or_root(tmp_path):
+    path = write_manifest(_manifest(), tmp_path / "m.csv")
+    back = read_manifest(path)
+    base = str(tmp_path.resolve())
+    expected = [os.path.join(base, "img", "a.png"), os.path.join(base, "img", "b.png")]
+    assert back[RESOLVED_IMAGE_COLUMN].tolist()[:2] == expected
+    assert back[RESOLVED_IMAGE_COLUMN].iloc[2] == "/abs/c.png"  # absolute paths unchanged
+    other = tmp_path / "elsewhere"
+    back = read_manifest(path, root=other)
+    assert Path(back[RESOLVED_IMAGE_COLUMN].iloc[0]) == other.resolve() / "img" / "a.png"
+    assert all(Path(p).is_absolute() for p in back[RESOLVED_IMAGE_COLUMN])
+
+
+def test_write_drops_resolved_column_so_it_is_re_resolved(tmp_path):
+    back = read_manifest(write_manifest(_manifest(), tmp_path / "a" / "m.csv"))
+    moved = write_manifest(back, tmp_path / "b" / "m.csv")
+    header = moved.read_text().splitlines()[0].split(",")
+    assert RESOLVED_IMAGE_COLUMN not in header
+    again = read_manifest(moved)
+    assert Path(again[RESOLVED_IMAGE_COLUMN].iloc[0]) == (tmp_path / "b").resolve() / "img" / "a.png"
+
+
+def test_tsv_is_read(tmp_path):
+    path = _write_csv(tmp_path / "m.tsv", "image\tpatient_id\tage\nx.nii\t001\t12.5\n")
+    back = read_manifest(path)
+    assert back["patient_id"].tolist() == ["001"] and back["age"].tolist() == [12.5]
+
+
+@pytest.mark.parametrize(
+    "text, column, row_ref",
+    [
+        ("image,patient_id\na.png,p1\nb.png,\n", "patient_id", "row 1 (line 3)"),
+        ("image,patient_id\n,p1\n", "image", "row 0 (line 2)"),
+        ("image,patient_id,age\na.png,p1,30\nb.png,p2,-1\n", "age", "row 1 (line 3)"),
+        ("image,patient_id,age\na.png,p1,131\n", "age", "row 0 (line 2)"),
+        ("image,patient_id,age\na.png,p1,thirty\n", "age", "row 0 (line 2)"),
+        ("image,patient_id,sex\na.png,p1,F\nb.png,p2,male\n", "sex", "row 1 (line 3)"),
+        ("image,patient_id,label_edema\na.png,p1,1\nb.png,p2,0\nc.png,p3,2\n", "label_edema", "row 2 (line 4)"),
+        ("image,patient_id,label_edema\na.png,p1,yes\n", "label_edema", "row 0 (line 2)"),
+        ("image,patient_id,split\na.png,p1,training\n", "split", "row 0 (line 2)"),
+    ],
+)
+def test_invalid_values_name_row_and_column(tmp_path, text, column, row_ref):
+    path = _write_csv(tmp_path / "bad.csv", text)
+    with pytest.raises(ValueError) as info:
+        read_manifest(path)
+    message = str(info.value)
+    assert f"'{column}'" in message and row_ref in message and str(path) in message
+
+
+def test_missing_required_column_is_named(tmp_path):
+    path = _write_csv(tmp_path / "m.csv", "image,age\na.png,3\n")
+    with pytest.raises(ValueError, match="patient_id"):
+        read_manifest(path)
+
+
+def test_valid_edge_values_pass():
+    df = pd.DataFrame({"image": ["a"], "patient_id": ["p"], "age": [130.0], "label_x": [-1]})
+    out = validate_manifest(df)
+    assert out["label_x"].dtype == np.float64 and out["label_x"].iloc[0] == -1.0
+
+
+@pytest.mark.parametrize(
+    "column",
+    ["PatientName", "patient_name", "birth_date", "BirthDate", "PatientBirthDate", "DOB", "report", "notes",
+     "Report", "clinical_notes", "ReferringPhysicianName", "PatientBirth", "patient_address", "dod"],
+)
+def test_phi_columns_are_refused_on_read_and_write(tmp_path, column):
+    df = _manifest().assign(**{column: "x"})
+    with pytest.raises(ValueError, match=column):
+        write_manifest(df, tmp_path / "m.csv")
+    df.to_csv(tmp_path / "raw.csv", index=False)
+    with pytest.raises(ValueError, match=column):
+        read_manifest(tmp_path / "raw.csv")
+    assert not (tmp_path / "m.csv").exists()
+
+
+def test_non_phi_columns_are_allowed():
+    allowed = ["InstitutionName", "StationName", "ManufacturerModelName", "site", "view", "filename", "label_history",
+               "report_id", "study_id", "age", "sex"]
+    assert find_phi_columns(allowed) == {}
+    found = find_phi_columns(["image", "PatientName", "notes", "age"])
+    assert set(found) == {"PatientName", "notes"}
+
+
+def test_normalize_sex_against_a_hand_written_table():
+    raw = pd.Series(["M", "male", " Female ", "f", 1, 2.0, "2", "O", "", None, "unknown", "X9"])
+    expected = ["M", "M", "F", "F", "M", "F", "F", None, None, None, None, None]
+    sex, unrecognised = normalize_sex(raw)
+    assert [None if pd.isna(v) else v for v in sex] == expected
+    assert unrecognised == {"x9": 1}
+
+
+def test_label_column_name():
+    assert label_column_name("Pleural Effusion") == "label_pleural_effusion"
+    assert label_column_name("Pleural_Thickening") == "label_pleural_thickening"
+    with pytest.raises(ValueError):
+        label_column_name("  ")
+
+
+def test_build_result_unpacks_as_a_pair():
+    result = ManifestBuildResult(manifest=_manifest())
+    manifest, report = result
+    assert manifest is result.manifest and list(report.columns) == ["item", "reason", "status"]
+
+
+def test_parquet_round_trip_or_clear_error(tmp_path):
+    if importlib.util.find_spec("pyarrow") is None:
+        with pytest.raises(ImportError, match="pyarrow"):
+            write_manifest(_manifest(), tmp_path / "m.parquet")
+        (tmp_path / "x.parquet").write_bytes(b"PAR1")
+        with pytest.raises(ImportError, match="pyarrow"):
+            read_manifest(tmp_path / "x.parquet")
+    else:
+        back = read_manifest(write_manifest(_manifest(), tmp_path / "m.parquet"))
+        assert back["patient_id"].tolist() == ["00042", "NA", "7", "00042"]
+
+
+def test_unknown_extension_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="format"):
+        write_manifest(_manifest(), tmp_path / "m.xlsx")
+    with pytest.raises(FileNotFoundError):
+        read_manifest(tmp_path / "nope.csv")
