@@ -475,8 +475,10 @@ def _drop_zero_columns(f: torch.Tensor) -> torch.Tensor:
     return f[:, keep] if not bool(keep.all()) else f
 
 
-class ProductKernel(PriorKernel):
-    """``k(x, y) = k1(x, y) * k2(x, y)``; each factor reads its own columns."""
+class _PairKernel(PriorKernel):
+    """A binary composition of two kernels; each reads its own columns."""
+
+    symbol = "?"
 
     def __init__(self, k1: PriorKernel, k2: PriorKernel) -> None:
         super().__init__(None)
@@ -484,9 +486,9 @@ class ProductKernel(PriorKernel):
         self.exact_features = k1.exact_features and k2.exact_features
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.k1(x, y) * self.k2(x, y)
+        return self._combine(self.k1(x, y), self.k2(x, y))
 
-    def fit(self, prior: Any) -> ProductKernel:
+    def fit(self, prior: Any) -> _PairKernel:
         self.k1.fit(prior)
         self.k2.fit(prior)
         return self
@@ -495,6 +497,30 @@ class ProductKernel(PriorKernel):
         f1, f2 = self.k1.feature_map(x, approximate), self.k2.feature_map(x, approximate)
         if f1 is None or f2 is None:
             return None
+        return self._combine_features(f1, f2)
+
+    def to_dict(self) -> dict:
+        return {"type": type(self).__name__, "k1": self.k1.to_dict(), "k2": self.k2.to_dict()}
+
+    def __repr__(self) -> str:
+        return f"({self.k1!r} {self.symbol} {self.k2!r})"
+
+    def _combine(self, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _combine_features(self, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ProductKernel(_PairKernel):
+    """``k(x, y) = k1(x, y) * k2(x, y)``. Features: row-wise Kronecker product. Zero blocks of either factor stay."""
+
+    symbol = "*"
+
+    def _combine(self, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+        return g1 * g2
+
+    def _combine_features(self, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
         return _drop_zero_columns(_row_kron(f1, f2))
 
     def block_ids(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -503,40 +529,17 @@ class ProductKernel(PriorKernel):
             return b1 if b2 is None else b2
         return torch.unique(torch.stack([b1, b2], 1), dim=0, return_inverse=True)[1]
 
-    def to_dict(self) -> dict:
-        return {"type": "ProductKernel", "k1": self.k1.to_dict(), "k2": self.k2.to_dict()}
 
-    def __repr__(self) -> str:
-        return f"{self.k1!r} * {self.k2!r}"
+class SumKernel(_PairKernel):
+    """``k(x, y) = k1(x, y) + k2(x, y)``. Features: concatenation."""
 
+    symbol = "+"
 
-class SumKernel(PriorKernel):
-    """``k(x, y) = k1(x, y) + k2(x, y)``; each term reads its own columns."""
+    def _combine(self, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+        return g1 + g2
 
-    def __init__(self, k1: PriorKernel, k2: PriorKernel) -> None:
-        super().__init__(None)
-        self.k1, self.k2 = k1, k2
-        self.exact_features = k1.exact_features and k2.exact_features
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.k1(x, y) + self.k2(x, y)
-
-    def fit(self, prior: Any) -> SumKernel:
-        self.k1.fit(prior)
-        self.k2.fit(prior)
-        return self
-
-    def feature_map(self, x: torch.Tensor, approximate: bool = False) -> torch.Tensor | None:
-        f1, f2 = self.k1.feature_map(x, approximate), self.k2.feature_map(x, approximate)
-        if f1 is None or f2 is None:
-            return None
+    def _combine_features(self, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
         return torch.cat([f1, f2], 1)
-
-    def to_dict(self) -> dict:
-        return {"type": "SumKernel", "k1": self.k1.to_dict(), "k2": self.k2.to_dict()}
-
-    def __repr__(self) -> str:
-        return f"({self.k1!r} + {self.k2!r})"
 
 
 class ScaledKernel(PriorKernel):
