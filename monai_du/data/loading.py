@@ -1,0 +1,578 @@
+"""From a manifest to a MONAI ``Dataset`` of dicts, and the transforms that load and normalise its images.
+
+- :func:`manifest_to_dataset` turns each manifest row into ``{"image": absolute path, <metadata columns>...}``,
+  after :func:`check_images` has opened every image's header, so that a missing or truncated file is found before
+  training, named by its manifest row, and either raised or skipped with a report.
+- :func:`load_image_transforms` builds the loading pipeline: ``LoadImaged`` with MONAI's readers chosen by file
+  type (``PydicomReader`` for DICOM, ``PILReader`` for PNG/JPEG/BMP, ``NibabelReader`` for NIfTI),
+  ``EnsureChannelFirstd``, MONOCHROME1 inversion, colour collapse, orientation, intensity scaling to [0, 1] and
+  resizing or padding.
+
+MONAI's ``PydicomReader`` returns the stored pixel values (after RescaleSlope/Intercept) and does not look at
+``PhotometricInterpretation``: a MONOCHROME1 radiograph (low values bright, as CR systems often store them) comes
+out inverted. :class:`InvertMonochrome1d` fixes that from the DICOM header kept in the image's metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.config import KeysCollection
+from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    Resized,
+    ResizeWithPadOrCropd,
+    ScaleIntensityd,
+    ScaleIntensityRangePercentilesd,
+)
+
+from monai_du.data.manifest import RESOLVED_IMAGE_COLUMN, read_manifest, validate_manifest
+
+__all__ = [
+    "manifest_to_dataset",
+    "check_images",
+    "load_image_transforms",
+    "InvertMonochrome1d",
+    "CollapseColorChannelsd",
+    "CHECK_REPORT_COLUMNS",
+]
+
+CHECK_REPORT_COLUMNS: tuple[str, ...] = ("row", "image", "path", "reason")
+"""Columns of :func:`check_images`' report: manifest row (index label), ``image`` as written, resolved path, why."""
+
+_DIMS = {"2d": 2, "cxr": 2, "xray": 2, "dx": 2, "cr": 2, "3d": 3, "mri": 3, "mr": 3, "brain": 3, "ct": 3}
+_PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_NIFTI_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr")
+_DICOM_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+# uncompressed transfer syntaxes, whose pixel data size is known from the header
+_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transforms
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _meta_of(d: Mapping, key: Hashable) -> dict:
+    img = d[key]
+    if isinstance(img, MetaTensor):
+        return img.meta
+    return d.get(f"{key}_meta_dict", {})
+
+
+def _dicom_value(meta: Mapping, tag: str, keyword: str):
+    """First value of a DICOM attribute in MONAI metadata: PydicomReader's JSON form ``{"00280004": {"Value":
+    [...]}}``, or a plain ``keyword`` entry (other readers)."""
+    item = meta.get(tag)
+    if isinstance(item, Mapping):
+        values = item.get("Value")
+        if values:
+            return values[0]
+        return None
+    if item is not None:
+        return item
+    return meta.get(keyword)
+
+
+class InvertMonochrome1d(MapTransform):
+    """Invert MONOCHROME1 images so that, as for MONOCHROME2, larger values are brighter.
+
+    Reads ``PhotometricInterpretation`` (0028,0004) from the image's metadata (load DICOM with
+    ``PydicomReader(prune_metadata=False)``, as :func:`load_image_transforms` does). The inversion maps the stored
+    value range onto itself: ``x' = lo + hi - x`` with ``[lo, hi]`` the range allowed by BitsStored (0028,0101) and
+    PixelRepresentation (0028,0103), after RescaleSlope and RescaleIntercept; when BitsStored is absent, the image's
+    own minimum and maximum. Images of other photometric interpretations, and non-DICOM images, pass unchanged.
+    Afterwards the metadata say MONOCHROME2, so applying the transform twice inverts once.
+
+    Args:
+        keys: keys of the images, channel-first or not, any spatial shape.
+        drop_dicom_tags: remove the raw DICOM attributes (keys of 8 hex digits) from the metadata after use, so
+            that DICOM files with different tag sets still collate into one batch. The affine and spacing that
+            MONAI derived from them stay.
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    def __init__(self, keys: KeysCollection, drop_dicom_tags: bool = True, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.drop_dicom_tags = drop_dicom_tags
+
+    @staticmethod
+    def value_range(meta: Mapping) -> tuple[float, float] | None:
+        """Range of (rescaled) values allowed by the DICOM header, or None when BitsStored is absent."""
+        bits = _dicom_value(meta, "00280101", "BitsStored")
+        if bits is None:
+            return None
+        bits = int(bits)
+        signed = int(_dicom_value(meta, "00280103", "PixelRepresentation") or 0) == 1
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        slope = float(_dicom_value(meta, "00281053", "RescaleSlope") or 1.0)
+        intercept = float(_dicom_value(meta, "00281052", "RescaleIntercept") or 0.0)
+        a, b = slope * lo + intercept, slope * hi + intercept
+        return (min(a, b), max(a, b))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            meta = _meta_of(d, key)
+            photometric = _dicom_value(meta, "00280004", "PhotometricInterpretation")
+            if isinstance(photometric, str) and photometric.strip().upper() == "MONOCHROME1":
+                img = d[key]
+                vrange = self.value_range(meta)
+                if vrange is None:
+                    lo, hi = float(img.min()), float(img.max())
+                else:
+                    lo, hi = vrange
+                if isinstance(img, torch.Tensor) and not torch.is_floating_point(img):
+                    img = img.float()
+                elif isinstance(img, np.ndarray) and not np.issubdtype(img.dtype, np.floating):
+                    img = img.astype(np.float32)
+                d[key] = (lo + hi) - img
+                meta = _meta_of(d, key)
+                meta["00280004"] = {"vr": "CS", "Value": ["MONOCHROME2"]}
+                meta["monochrome1_inverted"] = True
+            if self.drop_dicom_tags:
+                for tag in [k for k in meta if isinstance(k, str) and _DICOM_TAG.match(k)]:
+                    del meta[tag]
+        return d
+
+
+class CollapseColorChannelsd(MapTransform):
+    """Collapse a channel-first colour image to one grey channel; grey images pass unchanged.
+
+    RGB and RGBA (C = 3 or 4, alpha dropped) become the luma ``0.299 R + 0.587 G + 0.114 B``; grey + alpha (C = 2)
+    keeps the grey channel. Chest X-rays saved as colour PNG or JPEG hold the same value in every channel, so this
+    loses nothing for them.
+
+    Args:
+        keys: keys of channel-first images, (C, *spatial).
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    _LUMA = (0.299, 0.587, 0.114)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            channels = img.shape[0]
+            if channels == 2:
+                d[key] = img[:1]
+            elif channels in (3, 4):
+                weights = torch.as_tensor(self._LUMA, dtype=torch.float32).reshape(3, *([1] * (img.ndim - 1)))
+                rgb = torch.as_tensor(img[:3]).float()
+                grey = (rgb * weights).sum(0, keepdim=True)
+                d[key] = MetaTensor(grey, meta=img.meta) if isinstance(img, MetaTensor) else grey
+        return d
+
+
+def _register_readers(loader: LoadImaged) -> LoadImaged:
+    """Register PydicomReader (header kept), PILReader and NibabelReader so that they are tried first, by suffix."""
+    from monai.data import NibabelReader, PILReader, PydicomReader
+
+    loader.register(PydicomReader(prune_metadata=False))
+    loader.register(PILReader())
+    loader.register(NibabelReader())
+    return loader
+
+
+def _image_loader(keys: KeysCollection, dtype=np.float32, allow_missing_keys: bool = False) -> LoadImaged:
+    with warnings.catch_warnings():  # MONAI registers its optional GPU DICOM reader and warns that it is absent
+        warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
+        warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+        loader = LoadImaged(keys, reader=None, image_only=True, dtype=dtype, allow_missing_keys=allow_missing_keys)
+    return _register_readers(loader)
+
+
+def load_image_transforms(
+    keys: KeysCollection = "image",
+    modality: str = "2d",
+    spatial_size: int | Sequence[int] | None = None,
+    size_mode: str = "resize",
+    intensity: str | None = "minmax",
+    orientation: str | None = "auto",
+    invert_monochrome1: bool = True,
+    grayscale: bool = True,
+    interp_mode: str = "area",
+    dtype=np.float32,
+    allow_missing_keys: bool = False,
+) -> Compose:
+    """The MONAI pipeline that loads manifest images and brings them to a common form.
+
+    Steps, in order:
+
+    1. ``LoadImaged`` with readers chosen by file type: ``PydicomReader`` (``.dcm``, or any DICOM file, or a DICOM
+       series folder), ``PILReader`` (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``), ``NibabelReader`` (``.nii``,
+       ``.nii.gz``). 2D arrays come out as (W, H), i.e. x then y, as MONAI's readers do.
+    2. ``EnsureChannelFirstd``: (C, *spatial).
+    3. :class:`InvertMonochrome1d` (when ``invert_monochrome1``).
+    4. 2D only, when ``grayscale``: :class:`CollapseColorChannelsd` (RGB/RGBA -> 1 channel).
+    5. 3D only: ``Orientationd`` to ``orientation`` ("auto" means RAS for 3D, nothing for 2D; None skips it).
+    6. Intensity: ``"minmax"`` (``ScaleIntensityd`` to [0, 1] per image), ``"percentile"`` (0.5-99.5 percentiles to
+       [0, 1], clipped; robust to burned-in text and hot pixels) or None.
+    7. Size, when ``spatial_size`` is given: ``"resize"`` (``Resized`` to exactly that size), ``"longest"`` (resize
+       the longest side to the largest requested size, keeping the aspect ratio, then centre-pad or crop with
+       zeros to ``spatial_size``) or ``"pad_crop"`` (``ResizeWithPadOrCropd``, no interpolation).
+
+    Args:
+        keys: image keys.
+        modality: "2d" (aliases "cxr", "xray", "dx", "cr") or "3d" (aliases "mri", "mr", "brain", "ct"); sets the
+            number of spatial dimensions.
+        spatial_size: output spatial size, an int (same for every axis) or one value per axis; None keeps the size.
+        size_mode: "resize", "longest" or "pad_crop".
+        intensity: "minmax", "percentile" or None.
+        orientation: axis codes for 3D images, "auto" (RAS) or None.
+        invert_monochrome1: invert MONOCHROME1 DICOM images.
+        grayscale: collapse colour 2D images to one channel.
+        interp_mode: interpolation of ``Resized`` ("area", "bilinear", "trilinear", "nearest", ...).
+        dtype: dtype of the loaded arrays.
+        allow_missing_keys: don't raise for missing keys.
+
+    Returns:
+        a ``Compose`` mapping ``{"image": path, ...}`` to ``{"image": MetaTensor (C, *spatial), ...}``.
+    """
+    if modality.lower() not in _DIMS:
+        raise ValueError(f"modality must be one of {sorted(_DIMS)}, got {modality!r}.")
+    dims = _DIMS[modality.lower()]
+    if size_mode not in ("resize", "longest", "pad_crop"):
+        raise ValueError(f"size_mode must be 'resize', 'longest' or 'pad_crop', got {size_mode!r}.")
+    if intensity not in ("minmax", "percentile", None):
+        raise ValueError(f"intensity must be 'minmax', 'percentile' or None, got {intensity!r}.")
+    size: tuple[int, ...] | None = None
+    if spatial_size is not None:
+        if isinstance(spatial_size, (int, np.integer)):
+            size = (int(spatial_size),) * dims
+        else:
+            size = tuple(int(s) for s in spatial_size)
+        if len(size) != dims or min(size) < 1:
+            raise ValueError(
+                f"spatial_size {spatial_size} must be a positive int or {dims} positive ints for {modality!r}."
+            )
+    kw = {"allow_missing_keys": allow_missing_keys}
+    steps: list = [_image_loader(keys, dtype=dtype, **kw), EnsureChannelFirstd(keys, **kw)]
+    if invert_monochrome1:
+        steps.append(InvertMonochrome1d(keys, **kw))
+    if dims == 2 and grayscale:
+        steps.append(CollapseColorChannelsd(keys, **kw))
+    axcodes = ("RAS" if dims == 3 else None) if orientation == "auto" else orientation
+    if axcodes:
+        steps.append(Orientationd(keys, axcodes=axcodes, labels=None, **kw))
+    if intensity == "minmax":
+        steps.append(ScaleIntensityd(keys, minv=0.0, maxv=1.0, **kw))
+    elif intensity == "percentile":
+        steps.append(
+            ScaleIntensityRangePercentilesd(keys, lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True, **kw)
+        )
+    if size is not None:
+        if size_mode == "resize":
+            steps.append(Resized(keys, spatial_size=size, mode=interp_mode, **kw))
+        elif size_mode == "longest":
+            steps.append(Resized(keys, spatial_size=max(size), size_mode="longest", mode=interp_mode, **kw))
+            steps.append(ResizeWithPadOrCropd(keys, spatial_size=size, **kw))
+        else:
+            steps.append(ResizeWithPadOrCropd(keys, spatial_size=size, **kw))
+    return Compose(steps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# image checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _suffix(path: str) -> str:
+    name = path.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+
+
+def _check_dicom(path: str) -> str | None:
+    import pydicom
+
+    size = os.path.getsize(path)
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a reason to report
+        return f"unreadable DICOM ({type(e).__name__}: {e})"
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        return "DICOM without pixel data (truncated, or not an image)"
+    for keyword in ("Rows", "Columns"):
+        if keyword not in ds:
+            return f"DICOM without {keyword}"
+    elem = ds.get_item(0x7FE00010, keep_deferred=True)
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "1.2.840.10008.1.2.1"))
+    if elem is None or syntax not in _NATIVE_SYNTAXES:
+        return None  # encapsulated (compressed) pixel data: sizes are not known from the header
+    bits = int(ds.get("BitsAllocated", 16))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n_values = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames
+    expected = (n_values + 7) // 8 if bits == 1 else n_values * bits // 8
+    if getattr(elem, "value", None) is not None:
+        available = len(elem.value)
+    else:
+        available = max(size - int(elem.value_tell), 0)
+        if elem.length not in (None, 0xFFFFFFFF):
+            available = min(available, int(elem.length))
+    if available < expected:
+        return f"truncated DICOM: pixel data needs {expected} bytes, file holds {available}"
+    return None
+
+
+def _check_pil(path: str) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()  # walks the chunks and their checksums without decoding the pixels
+    except Exception as e:  # noqa: BLE001
+        return f"unreadable image ({type(e).__name__}: {e})"
+    return None
+
+
+def _check_nifti(path: str) -> str | None:
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+        header = img.header
+        offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
+        expected = offset + int(np.prod(header.get_data_shape())) * np.dtype(header.get_data_dtype()).itemsize
+    except Exception as e:  # noqa: BLE001
+        return f"unreadable NIfTI ({type(e).__name__}: {e})"
+    data_file = path
+    if path.lower().endswith(".hdr"):
+        data_file = path[:-4] + ".img"
+    if path.lower().endswith(".nii.gz"):
+        # the gzip trailer holds the uncompressed size mod 2**32: a header-cost check of a complete file
+        with open(path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(fh.read(4), "little")
+        if isize != expected % 2**32:
+            return (
+                f"truncated NIfTI: gzip trailer gives {isize} bytes, header implies {expected} "
+                "(truncated, or not a single-member gzip file)"
+            )
+        return None
+    if not os.path.isfile(data_file):
+        return f"NIfTI data file missing: {data_file}"
+    have = os.path.getsize(data_file)
+    if have < expected:
+        return f"truncated NIfTI: data needs {expected} bytes, file holds {have}"
+    return None
+
+
+def _check_one(path: str, level: str, loader) -> str | None:
+    if not os.path.exists(path):
+        return "file not found"
+    if os.path.isdir(path):
+        if not any(os.scandir(path)):
+            return "empty folder"
+        reason = None
+    elif os.path.getsize(path) == 0:
+        return "empty file"
+    else:
+        suffix = _suffix(path)
+        if suffix == ".dcm":
+            reason = _check_dicom(path)
+        elif suffix in _PIL_SUFFIXES:
+            reason = _check_pil(path)
+        elif suffix in _NIFTI_SUFFIXES:
+            reason = _check_nifti(path)
+        else:
+            import pydicom
+
+            reason = _check_dicom(path) if pydicom.misc.is_dicom(path) else None
+    if reason is None and level == "full":
+        try:
+            loader({"image": path})
+        except Exception as e:  # noqa: BLE001
+            cause = e.__cause__ or e
+            reason = f"cannot be decoded ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"
+    return reason
+
+
+def _resolved_paths(df: pd.DataFrame, root: str | os.PathLike | None, image_column: str) -> list[str]:
+    if image_column not in df.columns:
+        raise ValueError(f"manifest has no '{image_column}' column; columns present: {list(df.columns)}")
+    if image_column == "image" and RESOLVED_IMAGE_COLUMN in df.columns and root is None:
+        return [str(p) for p in df[RESOLVED_IMAGE_COLUMN]]
+    base = Path(root).expanduser() if root is not None else None
+    out = []
+    for p in df[image_column]:
+        p = os.path.expanduser(str(p))
+        out.append(p if base is None or os.path.isabs(p) else str(base / p))
+    return out
+
+
+def check_images(
+    df: pd.DataFrame,
+    root: str | os.PathLike | None = None,
+    image_column: str = "image",
+    level: str = "header",
+    progress: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Open the header of every manifest image and report the rows whose image is missing or unreadable.
+
+    Header checks (``level="header"``) cost a few reads per file and load no pixels:
+
+    - missing path, empty file, empty folder;
+    - DICOM (``.dcm`` or a DICOM preamble): parsed with pydicom, pixel data deferred; reports files that do not
+      parse, have no pixel data or Rows/Columns, or whose uncompressed pixel data is shorter than
+      Rows x Columns x SamplesPerPixel x NumberOfFrames x BitsAllocated / 8 (a truncated file);
+    - PNG/JPEG/BMP/TIFF: ``PIL.Image.open`` + ``verify`` (chunk checksums; catches truncated PNG);
+    - NIfTI: the nibabel header; ``.nii`` must hold offset + data bytes; ``.nii.gz`` must have a gzip trailer size
+      equal to that (a truncated gzip stream does not end with it);
+    - other suffixes only need to exist and be non-empty.
+
+    ``level="full"`` also decodes every image with the loader of :func:`load_image_transforms` (slow).
+
+    Args:
+        df: manifest (rows are reported by their index label).
+        root: folder that relative paths are relative to; default: the ``image_path`` column that
+            :func:`~monai_du.data.manifest.read_manifest` adds, or else the current directory.
+        image_column: column with the paths.
+        level: "header" or "full".
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``(ok_df, report_df)``: the rows whose image passed, and one row per failed image with columns
+        :data:`CHECK_REPORT_COLUMNS` (``row``, ``image``, ``path``, ``reason``).
+    """
+    if level not in ("header", "full"):
+        raise ValueError(f"level must be 'header' or 'full', got {level!r}.")
+    paths = _resolved_paths(df, root, image_column)
+    loader = _image_loader("image") if level == "full" else None
+    iterator = zip(df.index, df[image_column], paths)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, total=len(paths), desc="checking images", unit="img")
+    bad_rows, report = [], []
+    for row, image, path in iterator:
+        reason = _check_one(path, level, loader)
+        if reason is not None:
+            bad_rows.append(row)
+            report.append((row, image, path, reason))
+    ok = df.drop(index=bad_rows) if bad_rows else df.copy()
+    return ok, pd.DataFrame(report, columns=list(CHECK_REPORT_COLUMNS))
+
+
+def _format_report(report: pd.DataFrame, limit: int = 5) -> str:
+    lines = [f"row {r.row!r} (image '{r.image}' -> {r.path}): {r.reason}" for r in report.head(limit).itertuples()]
+    more = f"\n  ... and {len(report) - limit} more" if len(report) > limit else ""
+    return "\n  " + "\n  ".join(lines) + more
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dataset
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _python_value(v):
+    """numpy scalars -> Python scalars; missing (None, pd.NA, NaT, NaN) -> float('nan'); strings stay str."""
+    if isinstance(v, str):
+        return v
+    if v is None or v is pd.NA or v is pd.NaT:
+        return float("nan")
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and np.isnan(v):
+        return float("nan")
+    return v
+
+
+def manifest_to_dataset(
+    df_or_path: pd.DataFrame | str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    transform=None,
+    cache: bool = False,
+    on_error: str = "raise",
+    check: bool = True,
+    columns: Sequence[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_num_workers: int = 0,
+    report_path: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> Dataset:
+    """A MONAI dataset of dicts, one per manifest row: ``image`` (absolute path) plus the metadata columns.
+
+    Values keep their manifest types as Python scalars: strings as ``str``, numbers as ``float``/``int``, missing
+    values as ``float('nan')``. String columns with missing values cannot be collated by a ``DataLoader`` as they
+    are; turn them into prior vectors (``monai_du.transforms``) or leave them out with ``columns``.
+
+    Args:
+        df_or_path: a manifest file (read and validated by :func:`~monai_du.data.manifest.read_manifest`, relative
+            paths resolved against ``root`` or the file's folder) or a DataFrame (validated; relative paths
+            resolved against ``root`` or, with no root, its ``image_path`` column or the current directory).
+        root: folder that relative image paths are relative to.
+        transform: MONAI transform applied to each dict (e.g. :func:`load_image_transforms`); None returns the
+            dicts as they are.
+        cache: use ``CacheDataset`` (transformed items kept in memory).
+        on_error: what to do with rows whose image fails :func:`check_images`: "raise" (a ValueError naming the
+            rows and files) or "skip" (drop them, warn, and keep the report).
+        check: run :func:`check_images` first (header level).
+        columns: metadata columns to include (default: all); ``image`` is always included.
+        cache_dir: use ``PersistentDataset`` caching to this folder (ignored when ``cache`` is True).
+        cache_num_workers: workers of ``CacheDataset``'s initial caching.
+        report_path: where to write the skip report as CSV (only written when rows were skipped).
+        progress: progress bars for checking and caching.
+
+    Returns:
+        the dataset; its attribute ``report`` is the DataFrame of skipped rows (empty when none).
+
+    Raises:
+        ValueError: invalid manifest, unknown column, invalid ``on_error``, or (``on_error="raise"``) unreadable
+            images, naming the manifest rows and files.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
+    if isinstance(df_or_path, pd.DataFrame):
+        df = validate_manifest(df_or_path, source="manifest DataFrame")
+        source = "manifest DataFrame"
+    else:
+        df = read_manifest(df_or_path, root=root)
+        source = str(df_or_path)
+        root = None  # read_manifest resolved the paths into image_path
+    df = df.copy()
+    df[RESOLVED_IMAGE_COLUMN] = _resolved_paths(df, root, "image")
+    if columns is not None:
+        unknown = [c for c in columns if c not in df.columns]
+        if unknown:
+            raise ValueError(f"{source}: columns {unknown} not in the manifest; present: {list(df.columns)}")
+        df = df[["image", RESOLVED_IMAGE_COLUMN] + [c for c in columns if c not in ("image", RESOLVED_IMAGE_COLUMN)]]
+
+    report = pd.DataFrame(columns=list(CHECK_REPORT_COLUMNS))
+    if check:
+        df, report = check_images(df, root=None, progress=progress)  # paths from image_path, names from image
+        if len(report):
+            if on_error == "raise":
+                raise ValueError(f"{source}: {len(report)} image(s) missing or unreadable:{_format_report(report)}")
+            if report_path is not None:
+                Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+                report.to_csv(report_path, index=False)
+            where = f"; report written to {report_path}" if report_path is not None else ""
+            warnings.warn(
+                f"{source}: skipped {len(report)} of {len(report) + len(df)} rows with missing or unreadable "
+                f"images{where}:{_format_report(report)}",
+                stacklevel=2,
+            )
+
+    df = df.assign(image=df[RESOLVED_IMAGE_COLUMN]).drop(columns=[RESOLVED_IMAGE_COLUMN])
+    records = [{k: _python_value(v) for k, v in rec.items()} for rec in df.to_dict("records")]
+    if cache:
+        ds = CacheDataset(records, transform=transform, num_workers=cache_num_workers, progress=progress)
+    elif cache_dir is not None:
+        ds = PersistentDataset(records, transform=transform, cache_dir=cache_dir)
+    else:
+        ds = Dataset(records, transform=transform)
+    ds.report = report
+    return ds
