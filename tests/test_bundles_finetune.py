@@ -1,0 +1,312 @@
+"""End-to-end checks of the fine-tune bundles (bundles/cxr_finetune, bundles/brain_mri_finetune).
+
+Every run goes through the real entry points (``python -m monai.bundle run`` / ``ckpt_export``, and ``torchrun`` for the
+multi-process override) in a subprocess, on a copy of the bundle in a temporary folder, with a tiny demo cohort and
+one epoch. References are computed independently: AUCs with scikit-learn from the predictions of the saved model,
+weights compared tensor by tensor with the encoder file the test wrote, TorchScript outputs against the eager
+``ProbeClassifier`` loaded from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from monai_du.data.splits import patient_split
+from monai_du.networks import ContrastiveEncoder, ProbeClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SCHEMA = SHARED / "monai" / "meta_schema_20240725.json"
+SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
+
+# the test cohort: small, with half of the patients in the validation split so that both classes are likely there
+SPLIT = {"train": 0.5, "val": 0.5}
+SETTINGS = {
+    "cxr_finetune": {
+        "spatial_dims": 2,
+        "labels": ["label_cardiomegaly", "label_effusion"],
+        "image_shape": (64, 64),
+        "overrides": ["--demo_num_images", "40", "--batch_size", "8"],
+    },
+    "brain_mri_finetune": {
+        "spatial_dims": 3,
+        "labels": ["label_lesion"],
+        "image_shape": (32, 32, 32),
+        "overrides": ["--demo_num_images", "16", "--demo_image_size", "32", "--batch_size", "4"],
+    },
+}
+BACKBONE = {"backbone": "resnet10", "widen_factor": 0.25}  # the bundles' defaults (checked below)
+TIMEOUT = 600
+
+
+def _run(args: list[str], cwd: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {args}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                             f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _copy_bundle(name: str, dest: Path) -> Path:
+    target = dest / name
+    shutil.copytree(BUNDLES / name, target, ignore=shutil.ignore_patterns("data", "models", "eval", "__pycache__"))
+    return target
+
+
+def _write_pretrained(path: Path, spatial_dims: int, full_model: bool = False, seed: int = 123) -> dict:
+    """A 'pretrained' encoder file with weights no fresh init reproduces (seed 123, shifted BN statistics)."""
+    torch.manual_seed(seed)
+    net = ContrastiveEncoder(
+        BACKBONE["backbone"], spatial_dims=spatial_dims, backbone_kwargs={"widen_factor": BACKBONE["widen_factor"]}
+    )
+    with torch.no_grad():
+        for name, buf in net.encoder.named_buffers():
+            if name.endswith("running_mean"):
+                buf.uniform_(-0.1, 0.1)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 1.5)
+    state = net.state_dict() if full_model else net.encoder.state_dict()
+    torch.save(state, path)
+    return {k: v.clone() for k, v in net.encoder.state_dict().items()}
+
+
+def _train(bundle: Path, name: str, pretrained: Path | None, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "train.yaml"),
+            "--bundle_root", str(bundle), "--dataset_dir", str(bundle.parent / "data"),
+            "--train#trainer#max_epochs", "1", "--split_fractions", repr(SPLIT), *SETTINGS[name]["overrides"]]
+    if pretrained is not None:
+        args += ["--pretrained", str(pretrained)]
+    return _run(args + list(extra), cwd=bundle.parent)
+
+
+def _infer(bundle: Path, name: str) -> pd.DataFrame:
+    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.yaml"),
+          "--bundle_root", str(bundle), "--dataset_dir", str(bundle.parent / "data"), *SETTINGS[name]["overrides"]],
+         cwd=bundle.parent)
+    return pd.read_csv(bundle / "eval" / "predictions.csv", dtype={"patient_id": str})
+
+
+def _logged_metrics(bundle: Path) -> dict[str, float]:
+    """eval/metrics.csv written by MONAI's MetricsSaver: one 'name,value' line per metric."""
+    out = {}
+    for line in (bundle / "eval" / "metrics.csv").read_text().splitlines():
+        key, value = line.split(",", 1)
+        out[key] = float(value)
+    return out
+
+
+def _sklearn_val_auc(bundle: Path, predictions: pd.DataFrame, labels: list[str]) -> dict[str, float]:
+    """ROC AUC per label on the validation patients, from the predictions CSV, with scikit-learn (NaN: one class)."""
+    manifest = pd.read_csv(bundle.parent / "data" / "manifest.csv", dtype={"patient_id": str})
+    assert len(predictions) == len(manifest)
+    assert predictions["image"].tolist() == manifest["image"].tolist()
+    assert predictions["patient_id"].tolist() == manifest["patient_id"].tolist()
+    val = patient_split(manifest, fractions=SPLIT, seed=0)["split"].to_numpy() == "val"
+    aucs = {}
+    for column in labels:
+        name = column[len("label_"):]
+        y = manifest.loc[val, column].to_numpy()
+        score = predictions.loc[val, f"prob_{name}"].to_numpy()
+        aucs[f"val_auc_{name}"] = roc_auc_score(y, score) if len(np.unique(y)) == 2 else math.nan
+    aucs["val_mean_auc"] = float(np.mean(list(aucs.values())))
+    return aucs
+
+
+def _assert_close_or_both_nan(logged: dict[str, float], reference: dict[str, float]) -> None:
+    assert any(not math.isnan(v) for v in reference.values()), f"no label has both classes in validation: {reference}"
+    for key, ref in reference.items():
+        assert key in logged, f"{key} not logged; logged {sorted(logged)}"
+        if math.isnan(ref):
+            assert math.isnan(logged[key]), (key, logged[key])
+        else:
+            assert logged[key] == pytest.approx(ref, abs=1e-6), key
+
+
+def _checkpoint(bundle: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    return state["model"] if "model" in state and isinstance(state["model"], dict) else state
+
+
+def _eager_model(name: str, state: dict[str, torch.Tensor]) -> ProbeClassifier:
+    net = ProbeClassifier(
+        BACKBONE["backbone"], num_classes=len(SETTINGS[name]["labels"]), spatial_dims=SETTINGS[name]["spatial_dims"],
+        encoder_kwargs={"widen_factor": BACKBONE["widen_factor"]},
+    )
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def _config(name: str, file: str) -> dict:
+    return yaml.safe_load((BUNDLES / name / "configs" / file).read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# static checks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_metadata_verifies_against_monai_schema(name):
+    if not SCHEMA.is_file():
+        pytest.skip(f"MONAI's metadata schema not found at {SCHEMA} (../shared is not part of a user's clone)")
+    pytest.importorskip("jsonschema", reason="monai.bundle verify_metadata needs jsonschema")
+    from monai.bundle import verify_metadata
+
+    verify_metadata(
+        meta_file=str(BUNDLES / name / "configs" / "metadata.json"), filepath=str(SCHEMA), hash_val=SCHEMA_MD5
+    )
+    meta = json.loads((BUNDLES / name / "configs" / "metadata.json").read_text())
+    out = meta["network_data_format"]["outputs"]["pred"]
+    labels = _config(name, "train.yaml")["labels"]
+    assert out["num_channels"] == len(labels)
+    assert list(out["channel_def"].values()) == [c[len("label_"):] for c in labels]
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == _config(name, "train.yaml")["spatial_size"]
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_configs_agree(name):
+    """train.yaml and inference.yaml describe the same network and data; the backbone matches the pretrain bundle's."""
+    train, infer = _config(name, "train.yaml"), _config(name, "inference.yaml")
+    for key in ("backbone", "widen_factor", "spatial_size", "labels", "dataset_dir", "demo_num_images", "demo_seed",
+                "demo_image_size", "manifest", "split_fractions", "split_seed"):
+        assert train.get(key) == infer.get(key), key
+    for key in ("_target_", "encoder", "num_classes", "spatial_dims", "in_channels", "encoder_kwargs"):
+        assert train["network_def"][key] == infer["network_def"][key], key
+    assert train["backbone"] == BACKBONE["backbone"] and train["widen_factor"] == BACKBONE["widen_factor"]
+    for key in ("bundle_root", "dataset_dir", "manifest", "device", "batch_size", "pretrained", "mode", "labels"):
+        assert key in train, key
+    assert "max_epochs" in train["train"]["trainer"]
+    pretrain = BUNDLES / name.replace("_finetune", "_du_pretrain") / "configs" / "train.yaml"
+    if pretrain.is_file():
+        pre = yaml.safe_load(pretrain.read_text())
+        for key in ("backbone", "widen_factor", "spatial_size", "split_fractions", "split_seed", "demo_num_images",
+                    "demo_image_size"):
+            if key in pre or key in train:
+                assert pre.get(key) == train.get(key), f"{key}: pretrain {pre.get(key)!r} != fine-tune {train.get(key)!r}"
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_configs_define_monai_bundle_properties(name, tmp_path):
+    """Every required and optional id of MONAI's train / infer workflow properties exists (nothing is run)."""
+    from monai.bundle import ConfigWorkflow
+
+    bundle = _copy_bundle(name, tmp_path)
+    for file, workflow_type in (("train.yaml", "train"), ("inference.yaml", "infer")):
+        workflow = ConfigWorkflow(
+            config_file=str(bundle / "configs" / file), workflow_type=workflow_type, logging_file=False,
+            bundle_root=str(bundle), pretrained="null",
+        )
+        workflow.initialize()
+        assert workflow.check_properties() == [], (file, workflow.check_properties())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one epoch through the real entry points
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_linear_probe_train_infer_export(name, tmp_path):
+    cfg = SETTINGS[name]
+    bundle = _copy_bundle(name, tmp_path)
+    pretrained = _write_pretrained(tmp_path / "encoder.pt", cfg["spatial_dims"])
+
+    proc = _train(bundle, name, tmp_path / "encoder.pt")
+    out = proc.stdout + proc.stderr
+    assert "loaded the pretrained encoder from" in out
+    assert re.search(r"Metrics -- .*val_mean_auc: ", out), out[-3000:]
+    assert (bundle / "models" / "model.pt").is_file()
+
+    # the linear probe did not change the encoder: every weight and batch-norm buffer equals the pretrained file's
+    state = _checkpoint(bundle)
+    encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    assert encoder.keys() == pretrained.keys()
+    for key, value in pretrained.items():
+        assert torch.equal(encoder[key], value), key
+    feature_dim = int(512 * BACKBONE["widen_factor"])  # resnet10's last width
+    assert state["classifier.weight"].shape == (len(cfg["labels"]), feature_dim)
+
+    # inference: one row per manifest row; the AUCs recomputed from them equal the logged validation AUCs
+    predictions = _infer(bundle, name)
+    assert list(predictions.columns) == ["image", "patient_id"] + [f"prob_{c[len('label_'):]}" for c in cfg["labels"]]
+    probs = predictions.filter(like="prob_").to_numpy()
+    assert np.all((probs > 0) & (probs < 1))
+    _assert_close_or_both_nan(_logged_metrics(bundle), _sklearn_val_auc(bundle, predictions, cfg["labels"]))
+
+    # TorchScript export gives the checkpointed model's outputs
+    _run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
+          "--filepath", str(bundle / "models" / "model.ts"), "--ckpt_file", str(bundle / "models" / "model.pt"),
+          "--meta_file", str(bundle / "configs" / "metadata.json"),
+          "--config_file", str(bundle / "configs" / "train.yaml"), "--bundle_root", str(bundle)], cwd=tmp_path)
+    scripted = torch.jit.load(str(bundle / "models" / "model.ts"), map_location="cpu")
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, *cfg["image_shape"])
+    with torch.no_grad():
+        expected = _eager_model(name, state)(x)
+        got = scripted(x)
+    assert got.shape == (3, len(cfg["labels"]))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_finetune_mode_trains_the_loaded_encoder(tmp_path):
+    """mode=finetune: the encoder starts from the file (a full pretraining model, projector included) and moves."""
+    bundle = _copy_bundle("cxr_finetune", tmp_path)
+    pretrained = _write_pretrained(tmp_path / "model.pt", spatial_dims=2, full_model=True)
+    proc = _train(bundle, "cxr_finetune", tmp_path / "model.pt", ["--mode", "finetune"])
+    assert "loaded the pretrained encoder from" in proc.stdout + proc.stderr
+    state = _checkpoint(bundle)
+    weights = [k for k in pretrained if k.endswith("weight")]
+    moved = [k for k in weights if not torch.equal(state[f"encoder.{k}"], pretrained[k])]
+    assert moved, "no encoder weight changed in finetune mode"
+    # ... but only a little, from the pretrained values (a fresh initialisation would be ~sqrt(2) times their norm away)
+    for key in weights:
+        ref = pretrained[key]
+        assert torch.linalg.vector_norm(state[f"encoder.{key}"] - ref) < 0.5 * torch.linalg.vector_norm(ref), key
+    assert not torch.equal(state["encoder.bn1.running_mean"], pretrained["bn1.running_mean"])  # train-mode BN
+
+
+def test_missing_pretrained_encoder_is_an_error_when_required(tmp_path):
+    bundle = _copy_bundle("cxr_finetune", tmp_path)
+    missing = tmp_path / "nowhere" / "encoder.pt"
+    proc = _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "train.yaml"),
+                 "--bundle_root", str(bundle), "--dataset_dir", str(tmp_path / "data"), "--pretrained", str(missing),
+                 "--require_pretrained", "true"], cwd=tmp_path, expect_ok=False)
+    assert proc.returncode != 0
+    assert "no such checkpoint file" in proc.stdout + proc.stderr
+    assert str(missing) in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_multi_process_gloo_validation_sees_all_ranks(tmp_path):
+    """torchrun, 2 CPU processes: DDP training, validation sharded over the ranks, AUC computed on the gathered set."""
+    name = "cxr_finetune"
+    bundle = _copy_bundle(name, tmp_path)
+    configs = [str(bundle / "configs" / "train.yaml"), str(bundle / "configs" / "multi_gpu_train.yaml")]
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                 "-m", "monai.bundle", "run", "--config_file", repr(configs), "--backend", "gloo",
+                 "--bundle_root", str(bundle), "--dataset_dir", str(tmp_path / "data"),
+                 "--pretrained", str(tmp_path / "absent.pt"),
+                 "--train#trainer#max_epochs", "1", "--split_fractions", repr(SPLIT), *SETTINGS[name]["overrides"]],
+                cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert out.count("the encoder starts from RANDOM initialisation") == 2  # one warning per rank
+    assert len(re.findall(r"Metrics -- .*val_mean_auc: ", out)) == 1  # logged by rank 0 only
+    predictions = _infer(bundle, name)
+    _assert_close_or_both_nan(_logged_metrics(bundle), _sklearn_val_auc(bundle, predictions, SETTINGS[name]["labels"]))
