@@ -1,0 +1,107 @@
+"""Tests of monai_du.cli: argument parsing, --help through both entry points, errors, and `monai-du prior`."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from monai_du.cli import build_parser, main
+
+
+def test_demo_defaults_and_options():
+    args = build_parser().parse_args(["demo"])
+    assert (args.modality, args.seeds, args.sweep, args.bandwidth) == ("cxr", [0, 1, 2], False, "knn")
+    assert args.n is None and args.epochs is None  # the modality's defaults apply
+    args = build_parser().parse_args(
+        ["demo", "--modality", "brain", "--n", "50", "--epochs", "2", "--seeds", "3", "4", "--out", "r",
+         "--bandwidth", "2.5", "--instance-weight", "0.1", "--methods", "du", "kdu_attr", "--sweep",
+         "--crop-scale", "0.8", "1.0"]
+    )
+    assert args.modality == "brain" and args.n == 50 and args.epochs == 2 and args.seeds == [3, 4]
+    assert args.out == "r" and args.bandwidth == 2.5 and args.instance_weight == 0.1
+    assert args.methods == ["du", "kdu_attr"] and args.sweep and args.crop_scale == [0.8, 1.0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--modality", "ct"],
+        ["demo", "--epochs", "-1"],
+        ["demo", "--n", "0"],
+        ["demo", "--bandwidth", "wide"],
+        ["demo", "--bandwidth", "-2"],
+        ["demo", "--methods", "simclr"],
+        ["prior", "--out", "t.csv"],  # --manifest is required
+    ],
+)
+def test_bad_arguments_exit_with_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2
+    assert "usage: monai-du" in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "{demo,prior}" in capsys.readouterr().out
+
+
+def test_invalid_settings_are_one_line_errors(tmp_path, capsys):
+    assert main(["demo", "--test-fraction", "1.5", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("monai-du demo: error:") and "test_fraction" in err
+    assert not (tmp_path / "r").exists()  # nothing was generated
+
+
+def test_help_of_the_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "monai_du.cli", "--help"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("usage: monai-du") and "demo" in out.stdout and "prior" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        ("demo", ("--modality", "--seeds", "--epochs", "--out", "--sweep", "--instance-weight", "--bandwidth")),
+        ("prior", ("--manifest", "--out", "--epochs", "--latent-dim", "--checkpoint", "--train-split")),
+    ],
+)
+def test_subcommand_help(command, options, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: monai-du {command}")
+    for option in options:
+        assert option in text
+
+
+def test_help_of_the_console_script():
+    exe = shutil.which("monai-du")
+    if exe is None:
+        pytest.skip("the monai-du console script is not installed (pip install -e . creates it)")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("usage: monai-du")
+
+
+def test_prior_command_writes_a_table_keyed_by_image(tmp_path, capsys):
+    from monai_du.data.cohorts import make_cxr_cohort
+    from monai_du.priors import load_prior_table
+
+    manifest = make_cxr_cohort(tmp_path / "cohort", n=10, seed=1, size=16)
+    df = pd.read_csv(manifest)
+    df["split"] = ["train"] * 7 + ["test"] * 3
+    df.to_csv(manifest, index=False)
+    status = main(["prior", "--manifest", str(manifest), "--out", str(tmp_path / "prior.csv"), "--image-size", "16",
+                   "--latent-dim", "3", "--epochs", "1", "--batch-size", "4", "--train-split", "train"])
+    assert status == 0
+    table = load_prior_table(tmp_path / "prior.csv")
+    assert table["image"].tolist() == df["image"].tolist()  # every image encoded, not only the training rows
+    assert list(table.columns) == ["image", "gen_0", "gen_1", "gen_2"]
+    assert "wrote the prior table" in capsys.readouterr().out
+    assert main(["prior", "--manifest", str(manifest), "--out", str(tmp_path / "p2.csv"), "--image-size", "16",
+                 "--epochs", "1", "--train-split", "val"]) == 1
+    assert "no row has split == 'val'" in capsys.readouterr().err
