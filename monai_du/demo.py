@@ -141,7 +141,7 @@ class DemoConfig:
         lam, instance_weight, bandwidth, knn_k: kernel DU settings (the instance weight keeps a share
             ``eta / (eta + lam)`` of the within-group differences).
         knn_within_sites: with site-conditioned batches, fit the ``"knn"`` bandwidth on batches drawn within one
-            site (:func:`monai_du.priors.knn_bandwidth`), as the sampler draws them.
+            site (``RBFKernel.fit(prior, groups=site)``), as the sampler draws them.
         gen_kernel, gen_latent_dim, gen_epochs, ae_image_size: generative prior settings.
         backbone, widen_factor, projection_dim, num_views, learning_rate, weight_decay, temperature: training.
         test_fraction: share of patients held out for the probes.
@@ -427,13 +427,13 @@ def _bandwidth(config: DemoConfig, spec: MethodSpec, prior_train: np.ndarray, si
                batch_size: int) -> float | str:
     """The RBF bandwidth of a method: a rule for :class:`RBFKernel`, or (for the ``"knn"`` rule with site-conditioned
     batches) a number fitted on batches drawn within one site, as the sampler draws them."""
-    from monai_du.priors import knn_bandwidth
+    from monai_du.kernels import RBFKernel
 
     bandwidth = config.bandwidth if spec.bandwidth is None else spec.bandwidth
     within = spec.sampler == "within" and config.knn_within_sites and spec.knn_within_sites is not False
     if bandwidth == "knn" and within:
-        return knn_bandwidth(prior_train, k=min(config.knn_k, batch_size - 1), batch_size=batch_size,
-                             groups=sites_train, seed=0)
+        rule = RBFKernel("knn", knn_k=min(config.knn_k, batch_size - 1), knn_batch_size=batch_size)
+        return rule.fit(prior_train, groups=sites_train).bandwidth[0]
     return bandwidth
 
 

@@ -683,7 +683,7 @@ class PretrainedEncoderExporter:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def fit_prior_kernel(kernel: Any, prior_encoder: Any, manifest: pd.DataFrame) -> Any:
+def fit_prior_kernel(kernel: Any, prior_encoder: Any, manifest: pd.DataFrame, group_by: str | None = None) -> Any:
     """Fit a prior kernel on the training manifest's prior vectors, in one expression for bundle configs.
 
     ``prior_encoder`` is fitted on ``manifest`` first when it is not fitted yet; then
@@ -694,6 +694,8 @@ def fit_prior_kernel(kernel: Any, prior_encoder: Any, manifest: pd.DataFrame) ->
         kernel: a :class:`~monai_du.kernels.PriorKernel` whose ``columns`` index the encoder's prior vector.
         prior_encoder: a :class:`~monai_du.transforms.PriorEncoder`.
         manifest: the training manifest (one column per attribute).
+        group_by: the manifest column that batches are drawn within (the sampler attribute of a ``"within"``
+            sampler), so that the ``"knn"`` bandwidth rule sees batches like the training ones; None for mixed batches.
 
     Returns:
         the fitted ``kernel``.
@@ -703,8 +705,11 @@ def fit_prior_kernel(kernel: Any, prior_encoder: Any, manifest: pd.DataFrame) ->
     if not getattr(prior_encoder, "is_fitted", False):
         prior_encoder.fit(manifest)
     prior = prior_encoder.transform(manifest)
+    if group_by is not None and group_by not in manifest.columns:
+        raise ValueError(f"group_by column {group_by!r} is not in the training manifest {list(manifest.columns)}.")
+    groups = None if group_by is None else manifest[group_by].astype(str).to_numpy()
     try:
-        return kernel.fit(prior)
+        return kernel.fit(prior, groups=groups)
     except ValueError as err:
         raise ValueError(
             f"fitting the prior kernel {kernel!r} on the training priors {prior_encoder.attributes} "

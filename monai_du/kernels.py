@@ -92,10 +92,20 @@ class PriorKernel:
         y = x if y is None else _check_prior(_as_tensor(y), "y")
         return self._gram(self._select(x), self._select(y))
 
-    def fit(self, prior: Any) -> PriorKernel:
-        """Fit bandwidth rules and column statistics on training priors (N, P) (tensor, array or DataFrame)."""
+    def fit(self, prior: Any, groups: Any = None) -> PriorKernel:
+        """Fit bandwidth rules and column statistics on training priors (N, P) (tensor, array or DataFrame).
+
+        Args:
+            prior: (N, P) training priors.
+            groups: optional (N,) labels of the groups that batches are drawn within (e.g. the site, for a
+                within-site sampler). The ``"knn"`` rule then measures neighbours inside such batches.
+        """
         prior = _check_prior(_as_tensor(prior)).to(torch.float64)
-        self._fit(self._select(prior))
+        if groups is not None:
+            groups = np.asarray(groups.tolist() if hasattr(groups, "tolist") else list(groups), dtype=object)
+            if len(groups) != prior.shape[0]:
+                raise ValueError(f"groups has {len(groups)} entries for {prior.shape[0]} prior rows.")
+        self._fit(self._select(prior), groups)
         return self
 
     def feature_map(self, x: torch.Tensor, approximate: bool = False) -> torch.Tensor | None:
@@ -147,7 +157,7 @@ class PriorKernel:
     def _params(self) -> dict:
         return {"columns": self.columns}
 
-    def _fit(self, x: torch.Tensor) -> None:
+    def _fit(self, x: torch.Tensor, groups: np.ndarray | None = None) -> None:
         pass
 
     def _gram(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -246,12 +256,13 @@ class RBFKernel(PriorKernel):
         bw = f"{self.rule!r} -> {self.bandwidth_}" if self.rule else repr(self.bandwidth_)
         return f"RBFKernel(bandwidth={bw}, columns={self.columns})"
 
-    def _fit(self, x: torch.Tensor) -> None:
+    def _fit(self, x: torch.Tensor, groups: np.ndarray | None = None) -> None:
         mean, var = _column_stats(x)
         self.mean_, self.var_ = mean.tolist(), var.tolist()
         if self.rule is None:
             return
-        complete = x[~torch.isnan(x).any(1)]
+        keep = ~torch.isnan(x).any(1)
+        complete = x[keep]
         n, d = complete.shape
         if n < 2:
             raise ValueError(f"cannot fit bandwidth rule {self.rule!r}: fewer than 2 rows without missing values.")
@@ -267,16 +278,8 @@ class RBFKernel(PriorKernel):
             dist = torch.cdist(sub, sub)
             iu = torch.triu_indices(len(sub), len(sub), 1)
             values = [float(dist[iu[0], iu[1]].quantile(0.5))] * d
-        else:  # knn: median k-th neighbour distance inside random training batches
-            b = min(self.knn_batch_size, n)
-            if self.knn_k >= b:
-                raise ValueError(f"knn_k={self.knn_k} needs at least {self.knn_k + 1} complete training rows, got {n}.")
-            kth = []
-            for _ in range(max(1, min(20, 8192 // b))):
-                sub = complete[torch.randperm(n, generator=gen)[:b]]
-                dist = torch.cdist(sub, sub)
-                kth.append(dist.sort(1).values[:, self.knn_k])  # column 0 is the sample itself
-            values = [float(torch.cat(kth).quantile(0.5))] * d
+        else:  # knn: median k-th neighbour distance inside training batches like the sampler's
+            values = [self._knn_scale(complete, None if groups is None else groups[keep.numpy()], gen)] * d
         bad = [i for i, v in enumerate(values) if not v > 0]
         if bad:
             raise ValueError(
@@ -284,6 +287,31 @@ class RBFKernel(PriorKernel):
                 f"{[self.columns[i] if self.columns else i for i in bad]}: the training values are (nearly) constant."
             )
         self.bandwidth_ = values
+
+    def _knn_scale(self, x: torch.Tensor, groups: np.ndarray | None, gen: torch.Generator) -> float:
+        """Median distance to the ``knn_k``-th neighbour inside batches of ``knn_batch_size`` rows of ``x`` (n, d).
+
+        Without groups the batches are random draws; with groups each batch is drawn inside one group, groups being
+        picked in proportion to their size (a batch larger than its group is the whole group).
+        """
+        if groups is None:
+            pools = [torch.arange(len(x))]
+        else:
+            _, codes = np.unique(groups.astype(str), return_inverse=True)
+            pools = [torch.from_numpy(np.flatnonzero(codes == g)) for g in range(codes.max() + 1)]
+        pools = [p for p in pools if len(p) > self.knn_k]
+        if not pools:
+            raise ValueError(
+                f"knn_k={self.knn_k} needs a group with at least {self.knn_k + 1} complete training rows."
+            )
+        sizes = torch.tensor([len(p) for p in pools], dtype=torch.float64)
+        n_batches = max(1, min(20, 8192 // self.knn_batch_size))
+        kth = []
+        for g in torch.multinomial(sizes, n_batches, replacement=True, generator=gen).tolist():
+            pool = pools[g]
+            batch = x[pool[torch.randperm(len(pool), generator=gen)[: self.knn_batch_size]]]
+            kth.append(torch.cdist(batch, batch).sort(1).values[:, self.knn_k])  # column 0 is the sample itself
+        return float(torch.cat(kth).quantile(0.5))
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mean_ is not None:
@@ -378,7 +406,7 @@ class CategoricalKernel(PriorKernel):
         fitted = "" if self.categories_ is None else f", categories_={self.categories_}"
         return f"CategoricalKernel(columns={self.columns}{fitted})"
 
-    def _fit(self, x: torch.Tensor) -> None:
+    def _fit(self, x: torch.Tensor, groups: np.ndarray | None = None) -> None:
         self.categories_, self.frequencies_ = [], []
         for d in range(x.shape[1]):
             col = x[:, d][~torch.isnan(x[:, d])]
@@ -450,7 +478,7 @@ class CosineKernel(PriorKernel):
     def _params(self) -> dict:
         return {"columns": self.columns}
 
-    def _fit(self, x: torch.Tensor) -> None:
+    def _fit(self, x: torch.Tensor, groups: np.ndarray | None = None) -> None:
         self.mean_ = _column_stats(x)[0].tolist()
 
     def _features(self, x: torch.Tensor, approximate: bool = False) -> torch.Tensor:
@@ -488,9 +516,9 @@ class _PairKernel(PriorKernel):
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self._combine(self.k1(x, y), self.k2(x, y))
 
-    def fit(self, prior: Any) -> _PairKernel:
-        self.k1.fit(prior)
-        self.k2.fit(prior)
+    def fit(self, prior: Any, groups: Any = None) -> _PairKernel:
+        self.k1.fit(prior, groups)
+        self.k2.fit(prior, groups)
         return self
 
     def feature_map(self, x: torch.Tensor, approximate: bool = False) -> torch.Tensor | None:
@@ -555,8 +583,8 @@ class ScaledKernel(PriorKernel):
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.weight * self.base(x, y)
 
-    def fit(self, prior: Any) -> ScaledKernel:
-        self.base.fit(prior)
+    def fit(self, prior: Any, groups: Any = None) -> ScaledKernel:
+        self.base.fit(prior, groups)
         return self
 
     def feature_map(self, x: torch.Tensor, approximate: bool = False) -> torch.Tensor | None:

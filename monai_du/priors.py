@@ -13,7 +13,7 @@ This module provides that prior on any manifest:
    Duplicate or missing keys raise a ``ValueError`` naming them;
 5. :func:`generative_prior_kernel` gives the kernel over the ``gen_*`` columns: an RBF with the neighbourhood-scale
    ``"knn"`` bandwidth (default; see DESIGN §1 on why median-distance bandwidths over-smooth) or the cosine kernel.
-   With site-conditioned batches, fit the bandwidth on such batches with :func:`knn_bandwidth` (``groups=site``):
+   With site-conditioned batches, fit the bandwidth on such batches: ``kernel.fit(prior, groups=site)``:
    an image embedding separates sites, and a bandwidth fitted on mixed batches makes a one-site batch's kernel
    nearly constant.
 
@@ -60,7 +60,6 @@ __all__ = [
     "write_prior_table",
     "load_prior_table",
     "attach_prior_table",
-    "knn_bandwidth",
     "generative_prior_kernel",
     "build_prior_table",
     "ensure_prior_table",
@@ -532,69 +531,6 @@ def attach_prior_table(
     values = table[columns].to_numpy(dtype=np.float32)[rows]
     gen = pd.DataFrame(values, columns=columns, index=out.index)
     return pd.concat([out, gen], axis=1)
-
-
-def knn_bandwidth(
-    prior: Any,
-    k: int = 5,
-    batch_size: int = 256,
-    groups: Sequence[Any] | np.ndarray | None = None,
-    n_batches: int = 20,
-    seed: int = 0,
-) -> float:
-    """Neighbourhood-scale RBF bandwidth for the batches the sampler actually forms.
-
-    The median, over the samples of ``n_batches`` batches, of the distance from a sample to its ``k``-th nearest
-    neighbour inside its batch. With ``groups=None`` the batches are random draws of ``batch_size`` rows (the
-    ``"knn"`` rule of :class:`~monai_du.kernels.RBFKernel`). With ``groups`` (e.g. the site of each row, for a
-    site-conditioned ``"within"`` sampler) every batch is drawn inside one group, groups chosen in proportion to
-    their size: a prior that separates the groups (an image embedding separates sites by their contrast) then gets
-    the bandwidth of the distances *within* a batch, instead of a bandwidth set by the gaps between groups that
-    makes the kernel of a one-site batch nearly constant (each centroid averaged with the whole batch).
-
-    Args:
-        prior: (N, P) training prior vectors; rows with a missing value are left out.
-        k: neighbour rank (a handful of effective neighbours per sample).
-        batch_size: the training batch size.
-        groups: (N,) group label of each row, or None for random batches.
-        n_batches: number of batches drawn (a batch larger than its group is the whole group).
-        seed: seed of the draws.
-
-    Returns:
-        the bandwidth (> 0), in the units of the prior.
-    """
-    x = np.asarray(prior, dtype=np.float64)
-    if x.ndim == 1:
-        x = x[:, None]
-    if x.ndim != 2:
-        raise ValueError(f"knn_bandwidth: prior must have shape (N, P), got {x.shape}.")
-    if int(k) < 1 or int(batch_size) <= int(k) or int(n_batches) < 1:
-        raise ValueError(
-            f"knn_bandwidth: need 1 <= k < batch_size and n_batches >= 1, got {k}, {batch_size}, {n_batches}."
-        )
-    complete = ~np.isnan(x).any(axis=1)
-    if groups is None:
-        labels = np.zeros(len(x), dtype=np.int64)
-    else:
-        labels = pd.factorize(pd.Series(list(groups)).astype(str))[0]
-    if len(labels) != len(x):
-        raise ValueError(f"knn_bandwidth: groups has {len(labels)} entries for {len(x)} prior rows.")
-    pools = [np.flatnonzero(complete & (labels == g)) for g in np.unique(labels)]
-    pools = [p for p in pools if len(p) > k]
-    if not pools:
-        raise ValueError(f"knn_bandwidth: no group has more than k={k} rows without missing values.")
-    sizes = np.array([len(p) for p in pools], dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    distances = []
-    for g in rng.choice(len(pools), size=int(n_batches), p=sizes / sizes.sum()):
-        members = pools[g]
-        batch = x[rng.choice(members, size=min(int(batch_size), len(members)), replace=False)]
-        d = np.sqrt(np.maximum(((batch[:, None, :] - batch[None, :, :]) ** 2).sum(-1), 0.0))
-        distances.append(np.sort(d, axis=1)[:, int(k)])  # column 0 is the sample itself
-    value = float(np.median(np.concatenate(distances)))
-    if not value > 0:
-        raise ValueError("knn_bandwidth: the k-th neighbour distances are 0 (the prior is constant inside batches).")
-    return value
 
 
 def generative_prior_kernel(

@@ -130,6 +130,29 @@ def test_cxr_pretrain_one_epoch_saves_encoder(cxr_one_epoch):
     assert list((cxr_one_epoch / "eval" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_cxr_pretrain_with_generative_prior_override(tmp_path, cxr_data):
+    from monai_du.data.manifest import read_manifest
+    from monai_du.engines import select_split
+    from monai_du.kernels import RBFKernel, kernel_from_dict
+    from monai_du.priors import attach_prior_table, load_prior_table, prior_columns
+
+    root = tmp_path / "bundle"
+    root.mkdir()
+    configs = [str(BUNDLES["cxr"] / "configs" / name) for name in ("train.yaml", "generative_prior.yaml")]
+    _bundle_run("cxr", root, cxr_data, "--batch_size", "8", "--train#trainer#max_epochs", "1", config_files=configs)
+    table = load_prior_table(root / "eval" / "prior_table.csv")
+    manifest = read_manifest(cxr_data / "manifest.csv", root=cxr_data)
+    assert len(table) == len(manifest) and set(table["image"]) == set(manifest["image"])
+    columns = prior_columns(table)
+    kernel = kernel_from_dict(json.loads((root / "models" / "kernel.json").read_text()))
+    assert isinstance(kernel, RBFKernel) and kernel.rule == "knn" and kernel.columns == list(range(len(columns)))
+    # the bandwidth was fitted on the training patients' embeddings, in batches drawn within one site
+    train = select_split(attach_prior_table(manifest, table), "train", fractions={"train": 0.8, "val": 0.1, "test": 0.1},
+                         seed=0)
+    reference = RBFKernel("knn", knn_k=5, knn_batch_size=8).fit(train[columns].to_numpy(), groups=train["site"])
+    assert kernel.bandwidth[0] == pytest.approx(reference.bandwidth[0], rel=1e-9)
+
+
 def test_brain_pretrain_one_epoch_saves_encoder(tmp_path):
     from monai_du.networks import build_encoder
 

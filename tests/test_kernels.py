@@ -105,6 +105,28 @@ def test_bandwidth_rules_match_numpy():
     assert got < RBFKernel("median").fit(age).bandwidth[0] / 5
 
 
+def test_knn_rule_within_groups_measures_batches_like_the_sampler():
+    # two interleaved groups on a line: spacing 1 inside a group, 0.5 once they are mixed
+    x = np.concatenate([np.arange(10.0), np.arange(10.0) + 0.5])[:, None]
+    groups = ["a"] * 10 + ["b"] * 10
+    # batches of all 20 rows: the 2nd neighbour is 0.5 away (1.0 at the two ends) -> median 0.5
+    assert RBFKernel("knn", knn_k=2, knn_batch_size=20).fit(x).bandwidth[0] == pytest.approx(0.5)
+    # batches inside one group: 1.0 away (2.0 at the ends) -> median 1.0, whatever the draws
+    within = RBFKernel("knn", knn_k=2, knn_batch_size=20, seed=3).fit(x, groups=groups)
+    assert within.bandwidth[0] == pytest.approx(1.0)
+    # against a brute-force loop on random data with one batch holding every row
+    y = np.random.default_rng(4).normal(size=(25, 3))
+    brute = [sorted(np.linalg.norm(y - y[i], axis=1))[4] for i in range(25)]
+    assert RBFKernel("knn", knn_k=4, knn_batch_size=25).fit(y).bandwidth[0] == pytest.approx(np.median(brute))
+    with pytest.raises(ValueError, match="needs a group with at least 13"):
+        RBFKernel("knn", knn_k=12, knn_batch_size=20).fit(x, groups=groups)
+    with pytest.raises(ValueError, match="groups has 3 entries"):
+        RBFKernel("knn", knn_k=2, knn_batch_size=20).fit(x, groups=["a", "b", "c"])
+    # composites pass the groups to their factors
+    product = RBFKernel("knn", columns=[0], knn_k=2, knn_batch_size=20) * CategoricalKernel(columns=[0])
+    assert product.fit(x, groups=groups).k1.bandwidth[0] == pytest.approx(1.0)
+
+
 def test_rules_need_fit_and_reject_bad_values():
     with pytest.raises(RuntimeError, match="not fitted"):
         RBFKernel("median")(torch.zeros(3, 1))

@@ -217,23 +217,3 @@ def test_build_prior_table_from_a_manifest(tmp_path):
     assert ensure_prior_table(manifest, out) == str(out) and out.stat().st_mtime_ns == stamp
     built = ensure_prior_table(manifest, tmp_path / "new.csv", checkpoint=tmp_path / "ae.pt")
     pd.testing.assert_frame_equal(load_prior_table(built), table, atol=1e-6)
-
-
-def test_knn_bandwidth_within_groups():
-    from monai_du.priors import knn_bandwidth
-
-    # two interleaved groups on a line: spacing 1 inside a group, 0.5 once they are mixed
-    x = np.concatenate([np.arange(10.0), np.arange(10.0) + 0.5])[:, None]
-    groups = ["a"] * 10 + ["b"] * 10
-    # batches of all 20 rows: the 2nd neighbour is 0.5 away (1.0 at the two ends) -> median 0.5
-    assert knn_bandwidth(x, k=2, batch_size=20, n_batches=3) == pytest.approx(0.5)
-    # batches inside one group: 1.0 away (2.0 at the ends) -> median 1.0, whatever the draws
-    assert knn_bandwidth(x, k=2, batch_size=20, groups=groups, n_batches=7, seed=3) == pytest.approx(1.0)
-    # against a brute-force loop on random data with one batch holding every row
-    y = np.random.default_rng(4).normal(size=(25, 3))
-    brute = [sorted(np.linalg.norm(y - y[i], axis=1))[4] for i in range(25)]
-    assert knn_bandwidth(y, k=4, batch_size=25, n_batches=2) == pytest.approx(np.median(brute))
-    with pytest.raises(ValueError, match="no group has more than k"):
-        knn_bandwidth(x, k=12, batch_size=20, groups=groups)
-    with pytest.raises(ValueError, match="groups has 3 entries"):
-        knn_bandwidth(x, k=2, batch_size=20, groups=["a", "b", "c"])
