@@ -7,8 +7,10 @@ kernel (age RBF alone, no block structure, against the published route on that k
 (Woodbury per block on Fourier features of the age RBF: the deterministic quadrature map, and random Fourier
 features of rank 256).
 
-Prints median wall times over repeats, the ratio published / ours, the relative loss differences, and the peak
-resident-memory increase of one forward + backward measured in a fresh process.
+Prints, for the whole loss and for the kernel step alone, median wall times over repeats and the ratio
+published / ours; for the loss also the relative differences and the peak resident-memory increase of one
+forward + backward measured in a fresh process. The DU term itself (B^2 D) is common to every route, so it bounds the
+whole-loss ratio.
 
     python benchmarks/bench_loss.py [--sizes 256 1024 4096] [--repeats 5]
 """
@@ -23,7 +25,7 @@ import time
 import torch
 
 from monai_du.kernels import CategoricalKernel, RBFKernel
-from monai_du.losses import DecoupledUniformityLoss, _log_mean_exp_pairs, view_centroids
+from monai_du.losses import DecoupledUniformityLoss, _log_mean_exp_pairs, conditional_mean_centroids, view_centroids
 
 LAM, DIM = 0.01, 128
 
@@ -43,12 +45,26 @@ def make_kernel(dense: bool, fourier: str = "auto", rank: int = 256):
     return age if dense else age * CategoricalKernel(columns=[1]) * CategoricalKernel(columns=[2])
 
 
-def published_route(z: torch.Tensor, prior: torch.Tensor, kernel) -> torch.Tensor:
+def published_centroids(mu: torch.Tensor, prior: torch.Tensor, kernel) -> torch.Tensor:
     """The published numerical route: explicit inverse, then two products (float32 as in the published code)."""
-    mu = view_centroids(z)
-    gram = kernel(prior).to(z.dtype)
-    alpha = torch.inverse(gram + LAM * torch.eye(len(gram), dtype=z.dtype)) @ gram
-    return _log_mean_exp_pairs(alpha @ mu, 2.0)
+    gram = kernel(prior).to(mu.dtype)
+    alpha = torch.inverse(gram + LAM * torch.eye(len(gram), dtype=mu.dtype)) @ gram
+    return alpha @ mu
+
+
+def published_route(z: torch.Tensor, prior: torch.Tensor, kernel) -> torch.Tensor:
+    return _log_mean_exp_pairs(published_centroids(view_centroids(z), prior, kernel), 2.0)
+
+
+def centroid_steps(dense: bool):
+    """The kernel step alone, (B, D) centroids -> conditional-mean centroids, for each route."""
+    kernel, rff = make_kernel(dense), make_kernel(dense, "rff")
+    return {
+        "published": lambda mu, p: published_centroids(mu, p, kernel),
+        "ours_exact": lambda mu, p: conditional_mean_centroids(mu, kernel, p, LAM, low_rank=False)[0],
+        "ours_low_rank": lambda mu, p: conditional_mean_centroids(mu, kernel, p, LAM, low_rank=True)[0],
+        "ours_rff256": lambda mu, p: conditional_mean_centroids(mu, rff, p, LAM, low_rank=True)[0],
+    }
 
 
 def variants(dense: bool):
@@ -65,6 +81,8 @@ def time_once(fn, z, prior) -> tuple[float, float]:
     z = z.clone().requires_grad_(True)
     start = time.perf_counter()
     loss = fn(z, prior)
+    if loss.ndim:  # centroids (B, D): back-propagate a fixed projection
+        loss = (loss * torch.linspace(-1, 1, loss.shape[1], dtype=loss.dtype)).sum()
     loss.backward()
     return time.perf_counter() - start, float(loss.detach())
 
@@ -108,30 +126,46 @@ def main() -> None:
     header = (
         f"{'prior':<18}{'B':>6}{'path':>15}{'median s':>11}{'ratio':>8}{'rel.diff':>10}{'vs f64':>10}{'peak MiB':>10}"
     )
+    print("\n== the whole loss: forward + backward ==")
     print(header)
     print("-" * len(header))
     for dense in (False, True):
         label = "age (dense)" if dense else "age x sex x site"
-        kernel = make_kernel(dense)
         for b in args.sizes:
             z, prior = make_inputs(b)
-            reference = float(published_route(z.double(), prior.double(), kernel))  # float64 published formula
-            fns = variants(dense)
-            times = {name: [] for name in fns}
-            values = {}
-            for _ in range(args.repeats):  # interleave the variants so that load changes hit all of them
-                for name, fn in fns.items():
-                    seconds, values[name] = time_once(fn, z, prior)
-                    times[name].append(seconds)
+            reference = float(published_route(z.double(), prior.double(), make_kernel(dense)))  # float64 formula
+            times, values = _interleaved(variants(dense), z, prior, args.repeats)
             base = statistics.median(times["published"])
-            for name in fns:
+            for name in times:
                 med = statistics.median(times[name])
                 rel = abs(values[name] - values["published"]) / abs(values["published"])
                 rel64 = abs(values[name] - reference) / abs(reference)
                 peak = "" if args.no_memory else f"{peak_mib(name, b, dense):.0f}"
                 print(f"{label:<18}{b:>6}{name:>15}{med:>11.4f}{base / med:>8.1f}{rel:>10.1e}{rel64:>10.1e}{peak:>10}")
+    print("\n== the kernel step alone: centroids (B, D) -> (K + lam I)^-1 K centroids, forward + backward ==")
+    print(f"{'prior':<18}{'B':>6}{'path':>15}{'median s':>11}{'ratio':>8}")
+    for dense in (False, True):
+        label = "age (dense)" if dense else "age x sex x site"
+        for b in args.sizes:
+            z, prior = make_inputs(b)
+            times, _ = _interleaved(centroid_steps(dense), view_centroids(z), prior, args.repeats)
+            base = statistics.median(times["published"])
+            for name in times:
+                med = statistics.median(times[name])
+                print(f"{label:<18}{b:>6}{name:>15}{med:>11.4f}{base / med:>8.1f}")
     print("ratio = published median / this path's median (higher is faster); rel.diff = |loss - published| / |published|;")
     print("vs f64 = relative difference from the published formula evaluated in float64.")
+
+
+def _interleaved(fns: dict, z: torch.Tensor, prior: torch.Tensor, repeats: int) -> tuple[dict, dict]:
+    """Time every route ``repeats`` times, alternating routes so that load changes hit all of them."""
+    times = {name: [] for name in fns}
+    values = {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            seconds, values[name] = time_once(fn, z, prior)
+            times[name].append(seconds)
+    return times, values
 
 
 if __name__ == "__main__":

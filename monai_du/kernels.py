@@ -330,11 +330,14 @@ class RBFKernel(PriorKernel):
         s = self._scales(x)
         x_nan, y_nan = torch.isnan(x), torch.isnan(y)
         if not (x_nan.any() or y_nan.any()):
+            xs, ys = x / s, y / s
             if x.shape[1] > 8:
-                xs, ys = x / s, y / s
-                sq = (xs * xs).sum(1, keepdim=True) + (ys * ys).sum(1) - 2.0 * xs @ ys.T
-                return torch.exp(-0.5 * sq.clamp_min(0))
-            return torch.exp(-0.5 * (((x[:, None, :] - y[None, :, :]) / s) ** 2).sum(-1))
+                sq = ((xs * xs).sum(1, keepdim=True) + (ys * ys).sum(1) - 2.0 * xs @ ys.T).clamp_min_(0)
+            else:  # exact differences, one column at a time, in place
+                sq = (xs[:, 0, None] - ys[None, :, 0]).square_()
+                for d in range(1, x.shape[1]):
+                    sq.add_((xs[:, d, None] - ys[None, :, d]).square_())
+            return sq.mul_(-0.5).exp_()
         both = torch.cat([x, y]) if y is not x else x
         mean, var = self._stats(both)
         log_k = x.new_zeros(x.shape[0], y.shape[0])
@@ -432,14 +435,16 @@ class CategoricalKernel(PriorKernel):
 
     def _gram(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ref = x if y is x else torch.cat([x, y])
-        out = x.new_ones(x.shape[0], y.shape[0])
+        out = None
         for d in range(x.shape[1]):
-            cats, probs = self._codebook(ref, d)
-            fx = self._column_features(x[:, d], cats, probs)
-            fy = fx if y is x else self._column_features(y[:, d], cats, probs)
-            known = ~(torch.isnan(x[:, d, None]) | torch.isnan(y[None, :, d]))
             equal = (x[:, d, None] == y[None, :, d]).to(x)  # also matches codes unseen in training to themselves
-            out = out * torch.where(known, equal, fx @ fy.T)
+            if torch.isnan(x[:, d]).any() or torch.isnan(y[:, d]).any():
+                cats, probs = self._codebook(ref, d)
+                fx = self._column_features(x[:, d], cats, probs)
+                fy = fx if y is x else self._column_features(y[:, d], cats, probs)
+                known = ~(torch.isnan(x[:, d, None]) | torch.isnan(y[None, :, d]))
+                equal = torch.where(known, equal, fx @ fy.T)
+            out = equal if out is None else out.mul_(equal)
         return out
 
     def _features(self, x: torch.Tensor, approximate: bool) -> torch.Tensor:
@@ -629,8 +634,8 @@ def kernel_summary(gram: torch.Tensor) -> dict[str, float]:
     if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be square (B, B), got {tuple(gram.shape)}.")
     b = gram.shape[0]
-    g = gram.detach().to(torch.float64)
-    trace = torch.diagonal(g).sum()
-    off = (g.sum() - trace) / max(b * (b - 1), 1)
-    frob = (g * g).sum()
+    g = gram.detach()
+    trace = torch.diagonal(g).sum(dtype=torch.float64)
+    off = (g.sum(dtype=torch.float64) - trace) / max(b * (b - 1), 1)
+    frob = torch.sum(g * g, dtype=torch.float64)
     return {"kernel_mean_offdiag": float(off), "kernel_effective_rank": float(trace**2 / frob) if frob > 0 else 0.0}

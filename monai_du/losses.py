@@ -55,18 +55,19 @@ def view_centroids(input: torch.Tensor) -> torch.Tensor:
     return F.normalize(input, dim=-1).mean(1)
 
 
-def _pairwise_sq_dists(x: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances (B, B) with a gradient that is finite at zero distance."""
-    sq = (x * x).sum(1)
-    return (sq[:, None] + sq[None, :] - 2.0 * x @ x.T).clamp_min(0)
-
-
 def _log_mean_exp_pairs(c: torch.Tensor, t: float) -> torch.Tensor:
-    """``log(mean_{i<j} exp(-t ||c_i - c_j||^2))`` for c (B, D), with log-sum-exp."""
+    """``log(mean_{i<j} exp(-t ||c_i - c_j||^2))`` for c (B, D), with log-sum-exp.
+
+    The distances are symmetric, so the mean over pairs i<j equals the mean over all i != j. With
+    ``-t ||c_i - c_j||^2 = 2t <c_i, c_j> - t ||c_j||^2 - t ||c_i||^2``, one fused matrix product gives every row's
+    logits up to the row constant ``-t ||c_i||^2``, which is added after the row-wise log-sum-exp.
+    """
     b = c.shape[0]
-    iu = torch.triu_indices(b, b, 1, device=c.device)
-    logits = -t * _pairwise_sq_dists(c)[iu[0], iu[1]]
-    return torch.logsumexp(logits, 0) - math.log(logits.numel())
+    sq = (c * c).sum(1)
+    logits = torch.addmm(-t * sq[None, :], c, c.T, alpha=2 * t)
+    logits.diagonal().fill_(float("-inf"))
+    rows = torch.logsumexp(logits, 1) - t * sq
+    return torch.logsumexp(rows, 0) - math.log(b * (b - 1))
 
 
 def uniformity(input: torch.Tensor, t: float = 2.0) -> torch.Tensor:
@@ -149,9 +150,9 @@ def conditional_mean_centroids(
                 if low_rank == "auto" and f.shape[1] > size // 2:
                     f = None
             if f is None and gram is None:
-                gram = kernel(prior).to(solve_dtype)
+                gram = kernel(prior)  # in the prior's dtype; blocks are cast to solve_dtype when solved
                 if instance_weight > 0:
-                    gram = gram + instance_weight * torch.eye(b, dtype=solve_dtype, device=gram.device)
+                    gram.diagonal().add_(instance_weight)
             plans.append((idx, f))
         stats: dict = kernel_summary(gram) if gram is not None else _feature_summary(feats, instance_weight)
     parts = []
@@ -160,7 +161,8 @@ def conditional_mean_centroids(
         if f is not None:
             parts.append(_woodbury_smooth(f, sub, lam, instance_weight))
         else:
-            parts.append(_ridge_smooth(gram if idx is None else gram[idx][:, idx], sub, lam))
+            block = gram if idx is None else gram[idx][:, idx]
+            parts.append(_ridge_smooth(block.to(solve_dtype), sub, lam))
     if blocks is None:
         centroids = parts[0]
     else:
