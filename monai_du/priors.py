@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from monai_du.io import atomic_write
 from monai_du.kernels import CosineKernel, PriorKernel, RBFKernel
 
 __all__ = [
@@ -290,17 +290,9 @@ def save_prior_autoencoder(model: torch.nn.Module, path: str | os.PathLike) -> P
             "save_prior_autoencoder: the model has no prior_config; build it with build_prior_autoencoder."
         )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_write(path) as tmp:
         torch.save({"format": _CHECKPOINT_FORMAT, "config": config, "state_dict": state}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 
@@ -408,19 +400,12 @@ def write_prior_table(table: pd.DataFrame, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "parquet":
         _require_pyarrow(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         if kind == "parquet":
             table.to_parquet(tmp, index=False)
         else:
             compression = "gzip" if path.name.lower().endswith(".gz") else None
             table.to_csv(tmp, index=False, float_format="%.9g", lineterminator="\n", compression=compression)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+
 from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
@@ -41,6 +41,8 @@ from monai.transforms import (
     Resize,
 )
 from monai.utils import MAX_SEED
+
+from monai_du.io import atomic_write
 
 __all__ = [
     "MultiViewd",
@@ -512,17 +514,9 @@ class PriorEncoder:
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_dict` as JSON (atomically: temporary file then rename). Returns the path."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2, allow_nan=False)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+        with atomic_write(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
         return path
 
     @classmethod
