@@ -86,8 +86,9 @@ class PriorKernel:
         self.columns = columns
 
     # -- public API -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Gram matrix between ``x`` (B, P) and ``y`` (B', P) (default ``x``); returns (B, B')."""
+        """Gram matrix between ``x`` (B, P) and ``y`` (B', P) (default ``x``); returns (B, B'). Priors carry no gradient."""
         x = _check_prior(_as_tensor(x))
         y = x if y is None else _check_prior(_as_tensor(y), "y")
         return self._gram(self._select(x), self._select(y))
