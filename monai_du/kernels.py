@@ -121,6 +121,11 @@ class PriorKernel:
         """Integer group ids (B,) such that ``K[i, j] == 0`` whenever the ids differ, or None if unknown."""
         return None
 
+    @property
+    def is_fitted(self) -> bool:
+        """Whether :meth:`fit` has run: then missing values use training statistics, not the batch's."""
+        return getattr(self, "mean_", None) is not None
+
     def to_dict(self) -> dict:
         """JSON-serialisable description, including fitted values (see :func:`kernel_from_dict`)."""
         return {"type": type(self).__name__, **self._params()}
@@ -406,6 +411,10 @@ class CategoricalKernel(PriorKernel):
     def _params(self) -> dict:
         return {"columns": self.columns, "categories_": self.categories_, "frequencies_": self.frequencies_}
 
+    @property
+    def is_fitted(self) -> bool:
+        return self.categories_ is not None
+
     def __repr__(self) -> str:
         fitted = "" if self.categories_ is None else f", categories_={self.categories_}"
         return f"CategoricalKernel(columns={self.columns}{fitted})"
@@ -533,6 +542,10 @@ class _PairKernel(PriorKernel):
             return None
         return self._combine_features(f1, f2)
 
+    @property
+    def is_fitted(self) -> bool:
+        return self.k1.is_fitted and self.k2.is_fitted
+
     def to_dict(self) -> dict:
         return {"type": type(self).__name__, "k1": self.k1.to_dict(), "k2": self.k2.to_dict()}
 
@@ -599,6 +612,10 @@ class ScaledKernel(PriorKernel):
 
     def block_ids(self, x: torch.Tensor) -> torch.Tensor | None:
         return self.base.block_ids(x)
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.base.is_fitted
 
     def to_dict(self) -> dict:
         return {"type": "ScaledKernel", "base": self.base.to_dict(), "weight": self.weight}

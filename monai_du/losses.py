@@ -141,37 +141,56 @@ def conditional_mean_centroids(
             feats = None if feats is None else feats.to(solve_dtype)
         blocks = kernel.block_ids(prior)
         members = [None] if blocks is None else [(blocks == g).nonzero(as_tuple=True)[0] for g in torch.unique(blocks)]
-        plans, gram = [], None
+        # a block's kernel equals the restriction of the batch kernel unless missing values use batch statistics
+        per_block = blocks is not None and (kernel.is_fitted or not bool(torch.isnan(prior).any()))
+        plans, full = [], None
         for idx in members:
-            f = None
+            f, gram = None, None
             if feats is not None:
                 f = feats if idx is None else _drop_zero_columns(feats[idx])
                 size = b if idx is None else len(idx)
                 if low_rank == "auto" and f.shape[1] > size // 2:
                     f = None
-            if f is None and gram is None:
-                gram = kernel(prior)  # in the prior's dtype; blocks are cast to solve_dtype when solved
+            if f is None:  # kernels in the prior's dtype; cast to solve_dtype when solved
+                if per_block:
+                    gram = kernel(prior[idx])
+                else:
+                    full = kernel(prior) if full is None else full
+                    gram = full if idx is None else full[idx][:, idx]
                 if instance_weight > 0:
                     gram.diagonal().add_(instance_weight)
-            plans.append((idx, f))
-        stats: dict = kernel_summary(gram) if gram is not None else _feature_summary(feats, instance_weight)
+            plans.append((idx, f, gram))
+        if all(f is not None for _, f, _ in plans):
+            stats: dict = _feature_summary(feats, instance_weight)
+        else:  # the kernel is zero between blocks, so the blocks' sums give the batch summary
+            grams = [g if g is not None else f @ f.T + instance_weight * torch.eye(len(f), dtype=f.dtype)
+                     for _, f, g in plans]
+            stats = kernel_summary(grams[0]) if blocks is None else _blocks_summary(grams, b)
     parts = []
-    for idx, f in plans:
+    for idx, f, gram in plans:
         sub = rhs if idx is None else rhs[idx]
         if f is not None:
             parts.append(_woodbury_smooth(f, sub, lam, instance_weight))
         else:
-            block = gram if idx is None else gram[idx][:, idx]
-            parts.append(_ridge_smooth(block.to(solve_dtype), sub, lam))
+            parts.append(_ridge_smooth(gram.to(solve_dtype), sub, lam))
     if blocks is None:
         centroids = parts[0]
     else:
         order = torch.cat(members)
         centroids = torch.cat(parts)[torch.argsort(order)]
-    ranks = [f.shape[1] for _, f in plans if f is not None]
+    ranks = [f.shape[1] for _, f, _ in plans if f is not None]
     path = f"woodbury(rank<={max(ranks)})" if len(ranks) == len(plans) else "cholesky" if not ranks else "mixed"
     stats["kernel_path"] = path if blocks is None else f"{path}, blocks={len(plans)}"
     return centroids.to(mu.dtype), stats
+
+
+def _blocks_summary(grams: list[torch.Tensor], b: int) -> dict[str, float]:
+    """:func:`kernel_summary` of a block-diagonal (B, B) kernel from its diagonal blocks."""
+    trace = sum(float(torch.diagonal(g).sum(dtype=torch.float64)) for g in grams)
+    total = sum(float(g.sum(dtype=torch.float64)) for g in grams)
+    frob = sum(float(torch.sum(g * g, dtype=torch.float64)) for g in grams)
+    return {"kernel_mean_offdiag": (total - trace) / (b * (b - 1)),
+            "kernel_effective_rank": trace**2 / frob if frob > 0 else 0.0}
 
 
 def _feature_summary(f: torch.Tensor, instance_weight: float) -> dict[str, float]:

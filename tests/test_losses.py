@@ -11,7 +11,7 @@ from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
 
 import monai_du
-from monai_du.kernels import CategoricalKernel, CosineKernel, RBFKernel
+from monai_du.kernels import CategoricalKernel, CosineKernel, RBFKernel, kernel_summary
 from monai_du.losses import DecoupledUniformityLoss, InfoNCELoss, YAwareInfoNCELoss, alignment, uniformity
 
 
@@ -160,6 +160,23 @@ def test_nan_prior_gives_finite_loss_and_gradient():
     assert torch.isfinite(value) and torch.isfinite(grad).all()
     gram = kernel(prior)
     assert float(value) == pytest.approx(float(_reference_du(z, gram)), rel=1e-9)
+
+
+@pytest.mark.parametrize("fitted", [False, True])
+def test_blocks_with_missing_ages_match_the_batch_kernel(fitted):
+    z, prior = _data(b=40)
+    prior[::3, 0] = float("nan")  # ages missing, sex and site known: the kernel is still block-diagonal
+    kernel = RBFKernel(bandwidth=10.0, columns=[0]) * CategoricalKernel(columns=[1]) * CategoricalKernel(columns=[2])
+    if fitted:
+        kernel.fit(_data(b=200, seed=5)[1])
+    loss = DecoupledUniformityLoss(kernel=kernel, instance_weight=0.02)
+    value = loss(z, prior)
+    gram = kernel(prior) + 0.02 * torch.eye(40, dtype=torch.float64)  # the whole batch's kernel
+    assert loss.last_kernel_stats["kernel_path"].startswith("cholesky, blocks=")
+    assert float(value) == pytest.approx(float(_reference_du(z, gram)), rel=1e-9)
+    summary = kernel_summary(gram)
+    for key, want in summary.items():
+        assert loss.last_kernel_stats[key] == pytest.approx(want, rel=1e-9)
 
 
 def test_no_gradient_flows_into_the_prior():
