@@ -278,6 +278,7 @@ def test_missing_image_raises_naming_row_and_file(cxr_data, tmp_path):
         parser.get_parsed_content("train#dataset")
     text = "".join(str(e) for e in _chain(info.value))
     assert f"row {row}" in text and "missing_scan.png" in text
+    assert str(tmp_path / "manifest.csv") in text  # the manifest file, not just "a DataFrame"
 
 
 def _chain(err: BaseException):

@@ -502,6 +502,7 @@ def manifest_to_dataset(
     cache_num_workers: int = 0,
     report_path: str | os.PathLike | None = None,
     progress: bool = False,
+    source: str | os.PathLike | None = None,
 ) -> Dataset:
     """A MONAI dataset of dicts, one per manifest row: ``image`` (absolute path) plus the metadata columns.
 
@@ -525,6 +526,8 @@ def manifest_to_dataset(
         cache_num_workers: workers of ``CacheDataset``'s initial caching.
         report_path: where to write the skip report as CSV (only written when rows were skipped).
         progress: progress bars for checking and caching.
+        source: name of the manifest in error messages when ``df_or_path`` is a DataFrame (e.g. the file it was
+            read from; bundles pass their ``manifest``).
 
     Returns:
         the dataset; its attribute ``report`` is the DataFrame of skipped rows (empty when none).
@@ -536,8 +539,8 @@ def manifest_to_dataset(
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
     if isinstance(df_or_path, pd.DataFrame):
-        df = validate_manifest(df_or_path, source="manifest DataFrame")
-        source = "manifest DataFrame"
+        source = "manifest DataFrame" if source is None else f"manifest {os.fspath(source)}"
+        df = validate_manifest(df_or_path, source=source)
     else:
         df = read_manifest(df_or_path, root=root)
         source = str(df_or_path)
