@@ -376,26 +376,19 @@ class AttributeBatchSampler(Sampler[list[int]]):
 
     def _within_batches(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         bs = self.batch_size
-        parts, starts, ends = [], [], []
+        parts = [rng.permutation(members) for members in self._segment_members]  # one pure segment per group
+        if self._pool_members:  # small groups, one after another in random group order
+            pool_order = rng.permutation(len(self._pool_members))
+            parts.append(np.concatenate([rng.permutation(self._pool_members[g]) for g in pool_order]))
+        starts, ends = [], []
         offset = 0
-        for members in self._segment_members:  # one pure segment per group
-            shuffled = rng.permutation(members)
-            n = len(shuffled)
+        for segment in parts:
+            n = len(segment)
             n_batches = n // bs if self.drop_last else math.ceil(n / bs)
             s = offset + np.arange(n_batches) * bs
-            parts.append(shuffled)
             starts.append(s)
             ends.append(np.minimum(s + bs, offset + n))
             offset += n
-        if self._pool_members:  # small groups, one after another in random group order
-            pool_order = rng.permutation(len(self._pool_members))
-            pool = np.concatenate([rng.permutation(self._pool_members[g]) for g in pool_order])
-            n = len(pool)
-            n_batches = n // bs if self.drop_last else math.ceil(n / bs)
-            s = offset + np.arange(n_batches) * bs
-            parts.append(pool)
-            starts.append(s)
-            ends.append(np.minimum(s + bs, offset + n))
         order = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
         starts_all = np.concatenate(starts) if starts else np.empty(0, dtype=np.int64)
         ends_all = np.concatenate(ends) if ends else np.empty(0, dtype=np.int64)
