@@ -643,17 +643,22 @@ def kernel_from_dict(spec: dict) -> PriorKernel:
     return kernel
 
 
-def kernel_summary(gram: torch.Tensor) -> dict[str, float]:
+def kernel_summary(gram: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, float]:
     """Summary of a batch kernel matrix (B, B): mean off-diagonal value and effective rank.
 
     The effective rank is the participation ratio ``trace(K)^2 / ||K||_F^2``: ``B`` for the identity (kernel DU
     equals plain DU), ``G`` for ``G`` equal categorical groups, and 1 for a constant kernel (all centroids averaged).
+
+    Args:
+        gram: the (B, B) kernel, or the diagonal blocks of a block-diagonal one (zero between blocks).
     """
-    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
-        raise ValueError(f"gram must be square (B, B), got {tuple(gram.shape)}.")
-    b = gram.shape[0]
-    g = gram.detach()
-    trace = torch.diagonal(g).sum(dtype=torch.float64)
-    off = (g.sum(dtype=torch.float64) - trace) / max(b * (b - 1), 1)
-    frob = torch.sum(g * g, dtype=torch.float64)
-    return {"kernel_mean_offdiag": float(off), "kernel_effective_rank": float(trace**2 / frob) if frob > 0 else 0.0}
+    blocks = [gram] if isinstance(gram, torch.Tensor) else list(gram)
+    for g in blocks:
+        if g.ndim != 2 or g.shape[0] != g.shape[1]:
+            raise ValueError(f"gram must be square (B, B), got {tuple(g.shape)}.")
+    b = sum(g.shape[0] for g in blocks)
+    trace = sum(float(torch.diagonal(g.detach()).sum(dtype=torch.float64)) for g in blocks)
+    total = sum(float(g.detach().sum(dtype=torch.float64)) for g in blocks)
+    frob = sum(float(torch.sum(g.detach() * g.detach(), dtype=torch.float64)) for g in blocks)
+    off = (total - trace) / max(b * (b - 1), 1)
+    return {"kernel_mean_offdiag": off, "kernel_effective_rank": trace**2 / frob if frob > 0 else 0.0}

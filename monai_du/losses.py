@@ -165,7 +165,7 @@ def conditional_mean_centroids(
         else:  # the kernel is zero between blocks, so the blocks' sums give the batch summary
             grams = [g if g is not None else f @ f.T + instance_weight * torch.eye(len(f), dtype=f.dtype)
                      for _, f, g in plans]
-            stats = kernel_summary(grams[0]) if blocks is None else _blocks_summary(grams, b)
+            stats = kernel_summary(grams)
     parts = []
     for idx, f, gram in plans:
         sub = rhs if idx is None else rhs[idx]
@@ -182,15 +182,6 @@ def conditional_mean_centroids(
     path = f"woodbury(rank<={max(ranks)})" if len(ranks) == len(plans) else "cholesky" if not ranks else "mixed"
     stats["kernel_path"] = path if blocks is None else f"{path}, blocks={len(plans)}"
     return centroids.to(mu.dtype), stats
-
-
-def _blocks_summary(grams: list[torch.Tensor], b: int) -> dict[str, float]:
-    """:func:`kernel_summary` of a block-diagonal (B, B) kernel from its diagonal blocks."""
-    trace = sum(float(torch.diagonal(g).sum(dtype=torch.float64)) for g in grams)
-    total = sum(float(g.sum(dtype=torch.float64)) for g in grams)
-    frob = sum(float(torch.sum(g * g, dtype=torch.float64)) for g in grams)
-    return {"kernel_mean_offdiag": (total - trace) / (b * (b - 1)),
-            "kernel_effective_rank": trace**2 / frob if frob > 0 else 0.0}
 
 
 def _feature_summary(f: torch.Tensor, instance_weight: float) -> dict[str, float]:
