@@ -51,7 +51,7 @@ from monai.engines.utils import PrepareBatch
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch.utils.data import DistributedSampler
 
-from monai_du.io import atomic_write
+from monai_du.io import atomic_write, write_text_atomic
 
 __all__ = [
     "MultiViewPrepareBatch",
@@ -366,12 +366,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def _atomic_text(text: str, path: Path) -> Path:
-    with atomic_write(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
 class _AtomicDiskSaver(DiskSaver):
     """ignite's ``DiskSaver`` writing through :func:`atomic_torch_save`, with MONAI's optional fixed filename."""
 
@@ -635,7 +629,7 @@ class PretrainedEncoderExporter:
             written["prior_encoder"] = self.prior_encoder.save(self.output_dir / "prior_encoder.json")
         if self.kernel is not None:
             text = json.dumps(self.kernel.to_dict(), indent=2, allow_nan=False) + "\n"
-            written["kernel"] = _atomic_text(text, self.output_dir / "kernel.json")
+            written["kernel"] = write_text_atomic(self.output_dir / "kernel.json", text)
         info: dict[str, Any] = {
             "encoder_file": self.encoder_filename,
             "model_file": self.model_filename,
@@ -649,7 +643,7 @@ class PretrainedEncoderExporter:
             info["epoch"], info["iteration"] = int(engine.state.epoch), int(engine.state.iteration)
         info.update(self.info)
         text = json.dumps(info, indent=2, default=str) + "\n"
-        written["info"] = _atomic_text(text, self.output_dir / "encoder_info.json")
+        written["info"] = write_text_atomic(self.output_dir / "encoder_info.json", text)
         logging.getLogger(__name__).info(f"Saved the pretrained encoder to {written['encoder']}.")
         return written
 
@@ -888,7 +882,7 @@ def ensure_demo_cohort(
         written = Path(make(folder, **extra))
         if written.resolve() != manifest.resolve():
             raise RuntimeError(f"ensure_demo_cohort: the cohort function wrote {written}, expected {manifest}.")
-        _atomic_text(json.dumps(params, indent=2) + "\n", marker)
+        write_text_atomic(marker, json.dumps(params, indent=2) + "\n")
         partial.unlink()
     return manifest
 

@@ -42,7 +42,7 @@ from monai.transforms import (
 )
 from monai.utils import MAX_SEED
 
-from monai_du.io import atomic_write
+from monai_du.io import write_text_atomic
 
 __all__ = [
     "MultiViewd",
@@ -513,11 +513,7 @@ class PriorEncoder:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_dict` as JSON (atomically: temporary file then rename). Returns the path."""
-        path = Path(path)
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
-        with atomic_write(path) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PriorEncoder:

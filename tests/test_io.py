@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from monai_du.io import atomic_write
+from monai_du.io import atomic_write, write_text_atomic
 
 
 def test_success_replaces_and_failure_keeps_the_old_file(tmp_path):
@@ -25,3 +25,8 @@ def test_success_replaces_and_failure_keeps_the_old_file(tmp_path):
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "first"
     assert sorted(p.name for p in target.parent.iterdir()) == ["state.txt"]
+
+
+def test_write_text_atomic_writes_utf8(tmp_path):
+    path = write_text_atomic(tmp_path / "a" / "note.json", "âge\n")
+    assert path.read_bytes() == "âge\n".encode("utf-8")
