@@ -39,7 +39,8 @@ from ignite.engine import Events  # noqa: E402
 from monai.engines import SupervisedTrainer  # noqa: E402
 from monai.handlers import LrScheduleHandler, StatsHandler  # noqa: E402
 
-from monai_du.engines import ContrastiveMetricsHandler, MultiViewPrepareBatch  # noqa: E402
+from monai_du.engines import MultiViewPrepareBatch  # noqa: E402
+from monai_du.handlers import ContrastiveMetricsHandler  # noqa: E402
 from monai_du.kernels import CategoricalKernel, RBFKernel  # noqa: E402
 from monai_du.losses import DecoupledUniformityLoss  # noqa: E402
 from monai_du.networks import ContrastiveEncoder  # noqa: E402

@@ -221,8 +221,8 @@ class DemoConfig:
 # data
 # ---------------------------------------------------------------------------------------------------------------------
 def _prepare_cohort(config: DemoConfig, log: Callable[[str], None]) -> tuple[pd.DataFrame, np.ndarray]:
+    from monai_du.data.cohorts import ensure_demo_cohort
     from monai_du.data.manifest import read_manifest
-    from monai_du.engines import ensure_demo_cohort
     from monai_du.priors import load_images
 
     started = time.perf_counter()
@@ -319,7 +319,8 @@ def _pretrain(
     from monai.engines import SupervisedTrainer
 
     from monai_du.data.samplers import AttributeBatchSampler
-    from monai_du.engines import ContrastiveMetricsHandler, MultiViewPrepareBatch, SamplerEpochHandler
+    from monai_du.engines import MultiViewPrepareBatch
+    from monai_du.handlers import ContrastiveMetricsHandler, SamplerEpochHandler
     from monai_du.transforms import MultiViewd
 
     network = _make_network(config, seed).to(config.device)
@@ -386,7 +387,12 @@ def _evaluate(
 def _probe_all(
     features: np.ndarray, meta: pd.DataFrame, train_mask: np.ndarray, config: DemoConfig, seed: int, labels: list[str]
 ) -> dict[str, Any]:
-    from monai_du.evaluation import age_regression, knn_probe, linear_probe, site_leakage
+    from monai_du.evaluation import (
+        age_regression,
+        knn_probe,
+        linear_probe,
+        site_leakage,
+    )
 
     notes: list[str] = []
     groups = meta["patient_id"].to_numpy()
@@ -417,7 +423,7 @@ def _probe_all(
 # priors of one seed
 # ---------------------------------------------------------------------------------------------------------------------
 def _attribute_prior(df: pd.DataFrame, train_mask: np.ndarray) -> np.ndarray:
-    from monai_du.transforms import PriorEncoder
+    from monai_du.prior_encoder import PriorEncoder
 
     encoder = PriorEncoder(continuous=["age"], categorical=["sex"]).fit(df[train_mask])
     return encoder.transform(df)

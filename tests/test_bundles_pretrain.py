@@ -59,7 +59,7 @@ def _bundle_run(bundle: str, bundle_root: Path, dataset_dir: Path, *overrides: s
 
 @pytest.fixture(scope="module")
 def cxr_data(tmp_path_factory) -> Path:
-    from monai_du.engines import ensure_demo_cohort
+    from monai_du.data.cohorts import ensure_demo_cohort
 
     folder = tmp_path_factory.mktemp("cxr_data")
     ensure_demo_cohort(folder, "cxr", n=N_IMAGES, seed=0, size=64)  # what the bundle's default expression makes
@@ -132,7 +132,7 @@ def test_cxr_pretrain_one_epoch_saves_encoder(cxr_one_epoch):
 
 def test_cxr_pretrain_with_generative_prior_override(tmp_path, cxr_data):
     from monai_du.data.manifest import read_manifest
-    from monai_du.engines import select_split
+    from monai_du.data.splits import select_split
     from monai_du.kernels import RBFKernel, kernel_from_dict
     from monai_du.priors import attach_prior_table, load_prior_table, prior_columns
 
@@ -261,7 +261,7 @@ def _parser(bundle: str, root: Path, **overrides):
 
 def _train_row(cxr_data: Path) -> int:
     from monai_du.data.manifest import read_manifest
-    from monai_du.engines import select_split
+    from monai_du.data.splits import select_split
 
     train = select_split(read_manifest(cxr_data / "manifest.csv"), "train", fractions={"train": 0.8, "val": 0.1,
                          "test": 0.1}, seed=0)

@@ -24,6 +24,7 @@ from monai_du.data.cohorts import (
     NIH_PATIENT_AGE_HIST,
     brain_site_profiles,
     cxr_site_profiles,
+    ensure_demo_cohort,
     make_brain_cohort,
     make_cxr_cohort,
 )
@@ -473,3 +474,31 @@ def test_abide_constants_match_real_table():
         np.testing.assert_allclose(np.quantile(g["AGE_AT_SCAN"], np.linspace(0, 1, 11)), q, atol=0.006)
     sizes = [v[0] for v in ABIDE_SITES.values()]
     assert sizes == sorted(sizes, reverse=True)  # n_sites picks the largest sites first
+
+
+
+def test_ensure_demo_cohort_generates_once_and_repairs_partial(tmp_path):
+    folder = tmp_path / "demo"
+    manifest = ensure_demo_cohort(folder, "cxr", n=6, seed=1, size=16)
+    df = pd.read_csv(manifest)
+    assert len(df) == 6 and all((folder / p).is_file() for p in df.image)
+    stamp = manifest.stat().st_mtime_ns
+    assert ensure_demo_cohort(folder, "cxr", n=6, seed=1, size=16) == manifest
+    assert manifest.stat().st_mtime_ns == stamp  # not regenerated
+    # a killed generation leaves the partial marker: the next call starts over
+    (folder / ".monai_du_demo.json").unlink()
+    (folder / ".monai_du_demo.partial").write_text("{}")
+    (folder / "half_written.png").write_bytes(b"")
+    ensure_demo_cohort(folder, "cxr", n=6, seed=1, size=16)
+    assert not (folder / "half_written.png").exists() and not (folder / ".monai_du_demo.partial").exists()
+    # other arguments: regenerated
+    assert len(pd.read_csv(ensure_demo_cohort(folder, "cxr", n=4, seed=1, size=16))) == 4
+    # a folder with someone else's files is never wiped
+    other = tmp_path / "user_data"
+    other.mkdir()
+    (other / "scan.dcm").write_bytes(b"x")
+    with pytest.raises(ValueError, match="holds files"):
+        ensure_demo_cohort(other, "cxr", n=4, size=16)
+    assert (other / "scan.dcm").exists()
+    with pytest.raises(ValueError, match="modality"):
+        ensure_demo_cohort(tmp_path / "x", "ct")

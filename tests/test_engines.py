@@ -1,4 +1,5 @@
-"""Tests of monai_du.engines: prepare_batch, epoch/seed handler, metrics, atomic checkpoints, resume, export, helpers.
+"""Tests of monai_du.engines and monai_du.handlers: prepare_batch, epoch/seed handler, metrics, atomic checkpoints,
+resume, export and the bundle-config helpers.
 
 The trainers here are MONAI SupervisedTrainers on tiny in-memory problems (a linear layer on (B, V, F) "views"), so
 every test runs in well under a second; the bundles themselves are exercised in tests/test_bundles_pretrain.py.
@@ -21,23 +22,23 @@ from monai.engines import SupervisedTrainer
 from torch import nn
 
 from monai_du.engines import (
+    MultiViewPrepareBatch,
+    default_bundle_root,
+    fit_prior_kernel,
+)
+from monai_du.handlers import (
     AtomicCheckpointSaver,
     ContrastiveMetricsHandler,
     LatestCheckpointLoader,
-    MultiViewPrepareBatch,
     PretrainedEncoderExporter,
     SamplerEpochHandler,
     atomic_torch_save,
-    attribute_batch_sampler,
-    default_bundle_root,
-    ensure_demo_cohort,
-    fit_prior_kernel,
     latest_checkpoint,
-    select_split,
 )
 from monai_du.kernels import CategoricalKernel, RBFKernel, kernel_from_dict
 from monai_du.losses import DecoupledUniformityLoss
-from monai_du.transforms import MultiViewd, PriorEncoder
+from monai_du.prior_encoder import PriorEncoder
+from monai_du.transforms import MultiViewd
 
 
 @pytest.fixture(autouse=True)
@@ -354,7 +355,11 @@ def test_latest_checkpoint_orders_numerically_and_loader_starts_fresh_without_on
 
 
 def test_exporter_writes_encoder_model_prior_and_kernel(tmp_path):
-    from monai_du.networks import ContrastiveEncoder, ProbeClassifier, encoder_state_dict
+    from monai_du.networks import (
+        ContrastiveEncoder,
+        ProbeClassifier,
+        encoder_state_dict,
+    )
 
     torch.manual_seed(0)
     net = ContrastiveEncoder("resnet10", spatial_dims=2, projection_dim=8, backbone_kwargs={"widen_factor": 0.125})
@@ -405,70 +410,6 @@ def test_fit_prior_kernel_fits_encoder_then_kernel_on_training_rows():
     assert knn.bandwidth[0] > 0
     with pytest.raises(ValueError, match=r"columns \[3\]"):
         fit_prior_kernel(CategoricalKernel(columns=[3]), prior_encoder, df)
-
-
-def test_select_split_uses_existing_split_or_patient_level_split():
-    df = pd.DataFrame({"patient_id": [f"p{i // 3}" for i in range(60)], "image": [f"{i}.png" for i in range(60)]})
-    train = select_split(df, "train", seed=3)
-    rest = df.drop(index=train.index)
-    assert set(train.patient_id).isdisjoint(set(rest.patient_id))  # no patient on both sides
-    assert 0.6 < len(train) / len(df) < 0.95
-    from monai_du.data.splits import patient_split
-
-    direct = patient_split(df, seed=3)
-    assert list(train.index) == list(direct.index[direct.split == "train"])
-    given = df.assign(split=["val"] * 30 + ["train"] * 29 + [None])
-    assert list(select_split(given, "train").index) == list(range(30, 59))
-    assert len(select_split(given, ["train", "val"])) == 59
-    with pytest.raises(ValueError, match="no manifest row in split"):
-        select_split(given, "test")
-
-
-def test_attribute_batch_sampler_reads_groups_from_dataset_records():
-    records = [{"image": f"{i}.png", "site": "AB"[i % 2] if i < 20 else "C", "age": float(i)} for i in range(30)]
-    records = [r for i, r in enumerate(records) if i not in (3, 4)]  # rows skipped for unreadable images
-    ds = Dataset(records)
-    sampler = attribute_batch_sampler(ds, batch_size=4, mode="within", attribute="site", seed=1)
-    batches = list(sampler)
-    assert batches and all(len(b) == 4 for b in batches)
-    for batch in batches:
-        assert len({records[i]["site"] for i in batch}) == 1
-    random = attribute_batch_sampler(ds, batch_size=4, mode="random", attribute=None)
-    assert sorted(i for b in random for i in b) == list(range(28))
-    encoder = PriorEncoder(continuous=["age"]).fit(pd.DataFrame(records))
-    hood = attribute_batch_sampler(ds, batch_size=4, mode="neighbourhood", prior_encoder=encoder, n_neighbours=3)
-    for batch in hood:  # neighbourhoods of 4 consecutive ages in 1D: each batch spans a narrow age range
-        ages = [records[i]["age"] for i in batch]
-        assert max(ages) - min(ages) <= 8
-    with pytest.raises(ValueError, match="sampler attribute 'scanner'"):
-        attribute_batch_sampler(ds, batch_size=4, mode="within", attribute="scanner")
-
-
-def test_ensure_demo_cohort_generates_once_and_repairs_partial(tmp_path):
-    folder = tmp_path / "demo"
-    manifest = ensure_demo_cohort(folder, "cxr", n=6, seed=1, size=16)
-    df = pd.read_csv(manifest)
-    assert len(df) == 6 and all((folder / p).is_file() for p in df.image)
-    stamp = manifest.stat().st_mtime_ns
-    assert ensure_demo_cohort(folder, "cxr", n=6, seed=1, size=16) == manifest
-    assert manifest.stat().st_mtime_ns == stamp  # not regenerated
-    # a killed generation leaves the partial marker: the next call starts over
-    (folder / ".monai_du_demo.json").unlink()
-    (folder / ".monai_du_demo.partial").write_text("{}")
-    (folder / "half_written.png").write_bytes(b"")
-    ensure_demo_cohort(folder, "cxr", n=6, seed=1, size=16)
-    assert not (folder / "half_written.png").exists() and not (folder / ".monai_du_demo.partial").exists()
-    # other arguments: regenerated
-    assert len(pd.read_csv(ensure_demo_cohort(folder, "cxr", n=4, seed=1, size=16))) == 4
-    # a folder with someone else's files is never wiped
-    other = tmp_path / "user_data"
-    other.mkdir()
-    (other / "scan.dcm").write_bytes(b"x")
-    with pytest.raises(ValueError, match="holds files"):
-        ensure_demo_cohort(other, "cxr", n=4, size=16)
-    assert (other / "scan.dcm").exists()
-    with pytest.raises(ValueError, match="modality"):
-        ensure_demo_cohort(tmp_path / "x", "ct")
 
 
 def test_default_bundle_root_follows_config_file_argument(monkeypatch, tmp_path):

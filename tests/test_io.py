@@ -29,4 +29,4 @@ def test_success_replaces_and_failure_keeps_the_old_file(tmp_path):
 
 def test_write_text_atomic_writes_utf8(tmp_path):
     path = write_text_atomic(tmp_path / "a" / "note.json", "âge\n")
-    assert path.read_bytes() == "âge\n".encode("utf-8")
+    assert path.read_bytes() == "âge\n".encode()

@@ -10,9 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from monai.data import Dataset
 from sklearn.neighbors import NearestNeighbors
 
-from monai_du.data.samplers import AttributeBatchSampler
+from monai_du.data.samplers import AttributeBatchSampler, attribute_batch_sampler
+from monai_du.prior_encoder import PriorEncoder
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ABIDE_CSV = SHARED_DATA / "abide1_phenotypic.csv"
@@ -413,3 +415,24 @@ def test_abide_within_site_batches_are_pure():
     balanced = AttributeBatchSampler.from_manifest(table, 40, mode="balanced", attribute="SITE_ID")
     for batch in _epoch(balanced):
         assert set(Counter(sites[i] for i in batch).values()) == {2}
+
+
+
+def test_attribute_batch_sampler_reads_groups_from_dataset_records():
+    records = [{"image": f"{i}.png", "site": "AB"[i % 2] if i < 20 else "C", "age": float(i)} for i in range(30)]
+    records = [r for i, r in enumerate(records) if i not in (3, 4)]  # rows skipped for unreadable images
+    ds = Dataset(records)
+    sampler = attribute_batch_sampler(ds, batch_size=4, mode="within", attribute="site", seed=1)
+    batches = list(sampler)
+    assert batches and all(len(b) == 4 for b in batches)
+    for batch in batches:
+        assert len({records[i]["site"] for i in batch}) == 1
+    random = attribute_batch_sampler(ds, batch_size=4, mode="random", attribute=None)
+    assert sorted(i for b in random for i in b) == list(range(28))
+    encoder = PriorEncoder(continuous=["age"]).fit(pd.DataFrame(records))
+    hood = attribute_batch_sampler(ds, batch_size=4, mode="neighbourhood", prior_encoder=encoder, n_neighbours=3)
+    for batch in hood:  # neighbourhoods of 4 consecutive ages in 1D: each batch spans a narrow age range
+        ages = [records[i]["age"] for i in batch]
+        assert max(ages) - min(ages) <= 8
+    with pytest.raises(ValueError, match="sampler attribute 'scanner'"):
+        attribute_batch_sampler(ds, batch_size=4, mode="within", attribute="scanner")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monai_du.data.splits import patient_split
+from monai_du.data.splits import patient_split, select_split
 
 CHEXPERT = Path(__file__).resolve().parents[2] / "shared" / "data" / "chexpert_train.csv.gz"
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -125,3 +125,21 @@ def test_invalid_columns_and_ids():
     broken.loc[3, "patient_id"] = None
     with pytest.raises(ValueError, match="row"):
         patient_split(broken)
+
+
+
+def test_select_split_uses_existing_split_or_patient_level_split():
+    df = pd.DataFrame({"patient_id": [f"p{i // 3}" for i in range(60)], "image": [f"{i}.png" for i in range(60)]})
+    train = select_split(df, "train", seed=3)
+    rest = df.drop(index=train.index)
+    assert set(train.patient_id).isdisjoint(set(rest.patient_id))  # no patient on both sides
+    assert 0.6 < len(train) / len(df) < 0.95
+    from monai_du.data.splits import patient_split
+
+    direct = patient_split(df, seed=3)
+    assert list(train.index) == list(direct.index[direct.split == "train"])
+    given = df.assign(split=["val"] * 30 + ["train"] * 29 + [None])
+    assert list(select_split(given, "train").index) == list(range(30, 59))
+    assert len(select_split(given, ["train", "val"])) == 59
+    with pytest.raises(ValueError, match="no manifest row in split"):
+        select_split(given, "test")

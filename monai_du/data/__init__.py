@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from monai_du.data.adapters import adapter_names
 from monai_du.data.bids import manifest_from_bids
-from monai_du.data.cohorts import brain_site_profiles, cxr_site_profiles, make_brain_cohort, make_cxr_cohort
+from monai_du.data.cohorts import (
+    brain_site_profiles,
+    cxr_site_profiles,
+    make_brain_cohort,
+    make_cxr_cohort,
+)
 from monai_du.data.dicom import manifest_from_dicom, parse_dicom_age, pseudonymize
 from monai_du.data.loading import (
     CollapseColorChannelsd,

@@ -9,7 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from monai_du.data.manifest import MAX_AGE_YEARS, ManifestBuildResult, _make_report, normalize_sex
+from monai_du.data.manifest import (
+    MAX_AGE_YEARS,
+    ManifestBuildResult,
+    _make_report,
+    normalize_sex,
+)
 
 __all__ = ["AGE_COLUMN_NAMES", "SEX_COLUMN_NAMES", "SITE_COLUMN_NAMES", "BIDS_MANIFEST_COLUMNS", "manifest_from_bids"]
 

@@ -26,12 +26,18 @@ from __future__ import annotations
 import datetime
 import gzip
 import json
+import logging
 import math
+import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from monai_du.io import write_text_atomic
 
 __all__ = [
     "make_cxr_cohort",
@@ -46,7 +52,11 @@ __all__ = [
     "CHEXPERT_LABEL_LOGIT",
     "ABIDE_SITES",
     "BRAIN_LESION_LOGIT",
+    "DEMO_COHORT_DEFAULTS",
+    "ensure_demo_cohort",
 ]
+
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Real-table summaries (computed once; tests/test_cohorts.py recomputes them from ../shared/data when present).
@@ -898,3 +908,108 @@ def make_brain_cohort(
     path = out / "manifest.csv"
     df.to_csv(path, index=False, lineterminator="\n")
     return path
+
+
+#: Default size of the embedded demo cohorts: number of images and image side (pixels / voxels).
+DEMO_COHORT_DEFAULTS: dict[str, dict[str, int]] = {"cxr": {"n": 256, "size": 64}, "brain": {"n": 128, "size": 32}}
+
+_DEMO_MARKER = ".monai_du_demo.json"
+_DEMO_PARTIAL = ".monai_du_demo.partial"
+_DEMO_LOCK = ".monai_du_demo.lock"
+
+
+class _FileLock:
+    """An exclusive advisory lock on a file (``fcntl.flock``); a no-op where ``fcntl`` does not exist."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = None
+
+    def __enter__(self) -> _FileLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        self._fh = open(self.path, "a+")
+        fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fh is not None:
+            import fcntl
+
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def ensure_demo_cohort(
+    dataset_dir: str | os.PathLike,
+    modality: str = "cxr",
+    n: int | None = None,
+    seed: int = 0,
+    size: int | None = None,
+    **kwargs: Any,
+) -> Path:
+    """The manifest of the embedded demo cohort in ``dataset_dir``, generated on first use.
+
+    The cohort is made by :func:`monai_du.data.cohorts.make_cxr_cohort` (PNG chest X-rays) or
+    :func:`~monai_du.data.cohorts.make_brain_cohort` (NIfTI brain MRIs, BIDS layout). A marker file written last
+    records the arguments; the next call with the same arguments returns at once. A cohort left half-written (by a
+    killed run) or made with other arguments is deleted and made again. Concurrent calls (the ranks of a ``torchrun``
+    job) wait on a lock file, so the cohort is generated once.
+
+    A ``dataset_dir`` that holds other files but no demo cohort is refused, so that user data is never deleted.
+
+    Args:
+        dataset_dir: the cohort folder (created if needed).
+        modality: "cxr" or "brain".
+        n: number of images (default :data:`DEMO_COHORT_DEFAULTS`).
+        seed: cohort seed.
+        size: image side in pixels / voxels (default :data:`DEMO_COHORT_DEFAULTS`).
+        kwargs: further arguments of the cohort function (JSON-serialisable).
+
+    Returns:
+        path of ``dataset_dir/manifest.csv``.
+    """
+    modality = str(modality).lower()
+    if modality not in DEMO_COHORT_DEFAULTS:
+        raise ValueError(
+            f"ensure_demo_cohort: modality must be one of {sorted(DEMO_COHORT_DEFAULTS)}, got {modality!r}."
+        )
+    defaults = DEMO_COHORT_DEFAULTS[modality]
+    params = {"modality": modality, "n": int(n if n is not None else defaults["n"]), "seed": int(seed),
+              "size": int(size if size is not None else defaults["size"]), **kwargs}
+    folder = Path(dataset_dir).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    marker, partial, manifest = folder / _DEMO_MARKER, folder / _DEMO_PARTIAL, folder / "manifest.csv"
+    with _FileLock(folder / _DEMO_LOCK):
+        if marker.is_file() and manifest.is_file():
+            try:
+                if json.loads(marker.read_text(encoding="utf-8")) == json.loads(json.dumps(params)):
+                    return manifest
+            except json.JSONDecodeError:
+                pass
+        ours = marker.exists() or partial.exists()
+        others = [p for p in folder.iterdir() if p.name not in (_DEMO_LOCK, _DEMO_MARKER, _DEMO_PARTIAL)]
+        if others and not ours:
+            raise ValueError(
+                f"ensure_demo_cohort: {folder} holds files ({sorted(p.name for p in others)[:5]}) but no demo cohort; "
+                "choose an empty dataset_dir for the demo, or set manifest to your own manifest file."
+            )
+        if others:
+            logger.info(f"Removing an incomplete or outdated demo cohort from {folder}.")
+        if marker.exists():
+            marker.unlink()
+        partial.write_text(json.dumps(params) + "\n", encoding="utf-8")
+        for path in others:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        logger.info(f"Generating the {modality} demo cohort ({params['n']} images) in {folder}.")
+        make = make_cxr_cohort if modality == "cxr" else make_brain_cohort
+        extra = {k: v for k, v in params.items() if k != "modality"}
+        written = Path(make(folder, **extra))
+        if written.resolve() != manifest.resolve():
+            raise RuntimeError(f"ensure_demo_cohort: the cohort function wrote {written}, expected {manifest}.")
+        write_text_atomic(marker, json.dumps(params, indent=2) + "\n")
+        partial.unlink()
+    return manifest

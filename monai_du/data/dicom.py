@@ -18,7 +18,6 @@ from monai_du.data.manifest import (
     MAX_AGE_YEARS,
     ManifestBuildResult,
     _make_report,
-    find_phi_columns,
     normalize_sex,
 )
 

@@ -38,7 +38,11 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
 )
 
-from monai_du.data.manifest import RESOLVED_IMAGE_COLUMN, read_manifest, validate_manifest
+from monai_du.data.manifest import (
+    RESOLVED_IMAGE_COLUMN,
+    read_manifest,
+    validate_manifest,
+)
 
 __all__ = [
     "manifest_to_dataset",

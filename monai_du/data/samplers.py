@@ -16,7 +16,7 @@ import logging
 import math
 import numbers
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ import pandas as pd
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["AttributeBatchSampler", "SAMPLER_MODES", "SMALL_GROUP_POLICIES"]
+__all__ = ["AttributeBatchSampler", "attribute_batch_sampler", "SAMPLER_MODES", "SMALL_GROUP_POLICIES"]
 
 logger = logging.getLogger(__name__)
 
@@ -599,3 +599,57 @@ def _balanced_kd_order(points: np.ndarray, size: int, n_cliques: int, rng: np.ra
         box_low = np.stack([box_low, right_low], axis=1)[keep]
         box_high = np.stack([np.where(split[:, None], left_high, box_high), box_high], axis=1)[keep]
     return order
+
+
+def attribute_batch_sampler(
+    dataset: Any,
+    batch_size: int,
+    mode: str = "within",
+    attribute: str | None = "site",
+    prior_encoder: Any = None,
+    drop_last: bool = True,
+    seed: int = 0,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+    **kwargs: Any,
+) -> Any:
+    """An :class:`~monai_du.data.samplers.AttributeBatchSampler` for a dataset of manifest records.
+
+    Groups (``"within"``, ``"balanced"``) are read from the records the dataset actually holds (``dataset.data``),
+    so rows skipped for unreadable images cannot shift the sampler's indices. ``"neighbourhood"`` batches use the
+    records' prior vectors (``prior_encoder.transform_row``); ``"random"`` needs neither.
+
+    Args:
+        dataset: a MONAI dataset whose ``data`` is the list of record dicts (:func:`manifest_to_dataset`).
+        batch_size: samples per batch on this rank.
+        mode: "within", "balanced", "neighbourhood" or "random".
+        attribute: record key of the group (e.g. "site") for "within" / "balanced".
+        prior_encoder: fitted :class:`~monai_du.prior_encoder.PriorEncoder`, for "neighbourhood".
+        drop_last: drop short batches (keeps every rank's batch the same size).
+        seed: sampler seed.
+        num_replicas: number of ranks (default: the process group's world size, else 1).
+        rank: this rank (default: the process group's rank, else 0).
+        kwargs: further arguments of ``AttributeBatchSampler`` (``small_groups``, ``n_neighbours``).
+    """
+    records = getattr(dataset, "data", None)
+    if records is None:
+        raise ValueError(f"attribute_batch_sampler: dataset {type(dataset).__name__} has no .data list of records.")
+    common = dict(batch_size=int(batch_size), mode=mode, drop_last=drop_last, seed=int(seed),
+                  num_replicas=num_replicas, rank=rank, **kwargs)
+    if mode in ("within", "balanced"):
+        if not attribute:
+            raise ValueError(f"sampler mode {mode!r} needs an attribute (a manifest column such as 'site').")
+        missing = [i for i, r in enumerate(records) if attribute not in r]
+        if missing:
+            present = sorted(records[missing[0]]) if isinstance(records[missing[0]], Mapping) else []
+            raise ValueError(
+                f"sampler attribute {attribute!r} is not in the manifest (record {missing[0]} has keys {present}); "
+                "override sampler_attribute or use sampler_mode 'random'."
+            )
+        return AttributeBatchSampler(groups=[r[attribute] for r in records], **common)
+    if mode in ("neighbourhood", "neighborhood"):
+        if prior_encoder is None:
+            raise ValueError("sampler mode 'neighbourhood' needs prior_encoder= (the fitted PriorEncoder).")
+        features = np.stack([prior_encoder.transform_row(r, allow_missing_keys=True) for r in records])
+        return AttributeBatchSampler(features=features, **common)
+    return AttributeBatchSampler(num_samples=len(records), **common)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from monai_du.data.manifest import SPLIT_VALUES, _as_text, _is_blank
 
-__all__ = ["DEFAULT_FRACTIONS", "patient_split"]
+__all__ = ["DEFAULT_FRACTIONS", "patient_split", "select_split"]
 
 DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.8, "val": 0.1, "test": 0.1}
 """Default fractions of patients per split."""
@@ -137,3 +137,41 @@ def patient_split(
     out = df.copy()
     out["split"] = patients.map(assignment).to_numpy()
     return out
+
+
+def select_split(
+    manifest: pd.DataFrame,
+    split: str | Sequence[str] = "train",
+    fractions: Mapping[str, float] | None = None,
+    seed: int = 0,
+    stratify: str | Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """The rows of one patient-level split (or several).
+
+    When the manifest has a ``split`` column with at least one value, that assignment is used as it is (rows without a
+    split are left out). Otherwise patients are split with :func:`monai_du.data.splits.patient_split` (``fractions``,
+    ``seed``, ``stratify``), so that the pretraining and fine-tuning bundles, given the same arguments, agree on which
+    patients are held out. The index labels (manifest rows) are kept, so errors can name them.
+
+    Args:
+        manifest: the manifest.
+        split: the split name(s) to keep: "train", "val", "test".
+        fractions: fractions of patients per split (default 0.8 / 0.1 / 0.1).
+        seed: seed of the patient split.
+        stratify: column(s) to stratify the patient split by.
+
+    Returns:
+        the selected rows, with a ``split`` column.
+    """
+    names = [split] if isinstance(split, str) else list(split)
+    if not names:
+        raise ValueError("select_split: give at least one split name.")
+    if "split" in manifest.columns and manifest["split"].notna().any():
+        assigned = manifest
+    else:
+        assigned = patient_split(manifest, fractions=fractions, seed=seed, stratify=stratify)
+    selected = assigned[assigned["split"].isin(names)]
+    if selected.empty:
+        counts = assigned["split"].value_counts(dropna=False).to_dict()
+        raise ValueError(f"select_split: no manifest row in split(s) {names}; split counts: {counts}.")
+    return selected
