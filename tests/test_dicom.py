@@ -219,8 +219,8 @@ def test_every_age_form_through_the_builder(tmp_path):
             assert ages[name] == pytest.approx(years, rel=1e-12)
     warned = {Path(p).name for p in report.loc[report["status"] == "warning", "file"]}
     assert {"none.dcm", "too_old.dcm"} <= warned and "years.dcm" not in warned
-    assert (manifest.columns == ["image", "patient_id", "age", "sex", "site", "view", "modality", "study_id",
-                                 "series_id"]).all()
+    assert manifest.columns.tolist() == ["image", "patient_id", "age", "sex", "site", "view", "modality", "study_id",
+                                         "series_id", "study_offset_days"]
 
 
 def test_missing_patient_id_is_skipped(tmp_path):
@@ -282,3 +282,268 @@ def test_empty_folder_gives_empty_valid_manifest(tmp_path):
     assert len(manifest) == 0 and len(report) == 0
     validate_manifest(manifest)
     assert np.issubdtype(manifest["age"].dtype, np.floating)
+
+
+# ------------------------------------------------------------------ generated longitudinal archive, parallel, resume
+def _write_dicom(path: Path, patient: str, study_date: str | None, sex: str = "F", age: str = "045Y",
+                 institution: str = "Hospital A") -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray, for presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientID, ds.PatientSex, ds.PatientAge, ds.PatientName = patient, sex, age, f"Doe^{patient}"
+    if study_date is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid dates are written on purpose
+            ds.StudyDate = study_date
+    ds.InstitutionName, ds.Modality, ds.ViewPosition = institution, "DX", "PA"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Rows = ds.Columns = 4
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = bytes(range(16))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # invalid values (sex Q, a bad date) are written on purpose
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+# patient -> study dates (YYYYMMDD), written by hand; None: no StudyDate tag
+STUDIES = {
+    "P1": ["20200101", "20200115", "20210101"],
+    "P2": ["20191231", "20200101"],
+    "P3": ["20180301"],
+    "P4": ["20200229", None, "20240229"],
+    "P5": ["20220601", "20220601", "20220510", "20230601"],
+    "P6": ["20150707", "20150708", "20160707", "20170707", "20180707"],
+}
+
+
+@pytest.fixture(scope="module")
+def longitudinal(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("longitudinal")
+    for patient, dates in STUDIES.items():
+        for i, study_date in enumerate(dates):
+            _write_dicom(root / patient / f"study{i}" / "img.dcm", patient, study_date)
+    _write_dicom(root / "odd" / "sex_q.dcm", "P7", "20200101", sex="Q")
+    _write_dicom(root / "odd" / "sex_o.dcm", "P8", "20200101", sex="O")
+    _write_dicom(root / "odd" / "bad_date.dcm", "P9", "20201345")
+    data = (root / "P1" / "study0" / "img.dcm").read_bytes()
+    (root / "odd" / "truncated.dcm").write_bytes(data[:-5])
+    (root / "odd" / "readme.txt").write_text("not DICOM\n")
+    return root
+
+
+def _reference_offsets(root: Path) -> dict[str, float]:
+    """Independent reference: days since each patient's first dated study, from the STUDIES table."""
+    expected = {}
+    for patient, dates in STUDIES.items():
+        days = [None if d is None else date(int(d[:4]), int(d[4:6]), int(d[6:])) for d in dates]
+        first = min(d for d in days if d is not None)
+        for i, day in enumerate(days):
+            path = str((root / patient / f"study{i}" / "img.dcm").resolve())
+            expected[path] = math.nan if day is None else float((day - first).days)
+    return expected
+
+
+def _by_name(manifest: pd.DataFrame) -> dict[str, pd.Series]:
+    return {row["image"]: row for _, row in manifest.iterrows()}
+
+
+def test_study_offset_days_from_study_dates_and_no_date_column(longitudinal):
+    manifest, report = manifest_from_dicom(longitudinal, progress=False)
+    rows = _by_name(manifest)
+    for path, offset in _reference_offsets(longitudinal).items():
+        value = rows[path]["study_offset_days"]
+        assert (math.isnan(offset) and math.isnan(value)) or value == offset, path
+    assert np.issubdtype(manifest["study_offset_days"].dtype, np.floating)
+    assert not [c for c in manifest.columns if "date" in c.lower()]
+    cells = {str(v) for v in manifest.to_numpy().ravel()}
+    assert not {d for dates in STUDIES.values() for d in dates if d} & cells
+    validate_manifest(manifest)
+    bad_date = str((longitudinal / "odd" / "bad_date.dcm").resolve())
+    assert math.isnan(rows[bad_date]["study_offset_days"])
+    notes = report[report["file"] == bad_date]
+    assert notes["status"].tolist() == ["warning"] and "StudyDate '20201345'" in notes["reason"].iloc[0]
+    # a salt changes the identifiers, not the offsets
+    salted, _ = manifest_from_dicom(longitudinal, pseudonymize_salt="k", progress=False)
+    np.testing.assert_array_equal(salted["study_offset_days"].to_numpy(), manifest["study_offset_days"].to_numpy())
+
+
+def test_unknown_sex_code_is_reported(longitudinal):
+    manifest, report = manifest_from_dicom(longitudinal, progress=False)
+    rows = _by_name(manifest)
+    for name in ("sex_q.dcm", "sex_o.dcm"):
+        assert pd.isna(rows[str((longitudinal / "odd" / name).resolve())]["sex"])
+    warned = report[report["status"] == "warning"]
+    q = warned[warned["file"].str.endswith("sex_q.dcm")]
+    assert len(q) == 1 and "PatientSex 'Q'" in q["reason"].iloc[0] and "missing" in q["reason"].iloc[0]
+    assert not warned["file"].str.endswith("sex_o.dcm").any()  # O (other) is a valid code for missing
+
+
+@pytest.mark.parametrize("folder", ["longitudinal", "archive"])
+def test_parallel_build_equals_serial_build(folder, request):
+    root = request.getfixturevalue(folder)
+    serial = manifest_from_dicom(root, site_from="manufacturer", progress=False)
+    parallel = manifest_from_dicom(root, site_from="manufacturer", progress=False, num_workers=2, chunk_size=3)
+    pd.testing.assert_frame_equal(parallel.manifest, serial.manifest)
+    pd.testing.assert_frame_equal(parallel.report, serial.report)
+    files = [str(p) for p in _walk_order(root)]
+    kept = [f for f in files if f in set(serial.manifest["image"])]
+    assert serial.manifest["image"].tolist() == kept  # rows in walk order
+
+
+def _walk_order(root: Path) -> list[Path]:
+    import os
+
+    out = []
+    for directory, subdirectories, names in os.walk(root.resolve()):
+        subdirectories.sort()
+        out.extend(Path(directory) / n for n in sorted(names))
+    return out
+
+
+class _Killed(RuntimeError):
+    pass
+
+
+def _count_reads(monkeypatch) -> list[str]:
+    from monai_du.data import dicom
+
+    seen: list[str] = []
+    original = dicom._read_record
+
+    def counting(path, site_from, salt):
+        seen.append(path)
+        return original(path, site_from, salt)
+
+    monkeypatch.setattr(dicom, "_read_record", counting)
+    return seen
+
+
+def test_killed_build_resumes_to_the_fresh_result(longitudinal, tmp_path, monkeypatch):
+    from monai_du.data.crawl import CrawlCheckpoint
+
+    fresh = manifest_from_dicom(longitudinal, progress=False, pseudonymize_salt="s")
+    checkpoint = tmp_path / "crawl.jsonl"
+    original_append = CrawlCheckpoint.append
+    calls = []
+
+    def append_then_die(self, records):
+        if len(calls) == 2:
+            raise _Killed("simulated kill after 2 chunks")
+        calls.append(len(records))
+        original_append(self, records)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CrawlCheckpoint, "append", append_then_die)
+        with pytest.raises(_Killed):
+            manifest_from_dicom(longitudinal, progress=False, pseudonymize_salt="s", checkpoint=checkpoint,
+                                chunk_size=4, num_workers=2)
+    assert len(checkpoint.read_text().splitlines()) == 3  # header + 2 chunks
+    text = checkpoint.read_text()
+    assert "Doe^" not in text and not [d for dates in STUDIES.values() for d in dates if d and d in text]
+    seen = _count_reads(monkeypatch)
+    resumed = manifest_from_dicom(longitudinal, progress=False, pseudonymize_salt="s", checkpoint=checkpoint,
+                                  resume=True, chunk_size=4)
+    pd.testing.assert_frame_equal(resumed.manifest, fresh.manifest)
+    pd.testing.assert_frame_equal(resumed.report, fresh.report)
+    assert len(seen) == len(_walk_order(longitudinal)) - sum(calls)  # only the files not yet in the checkpoint
+    seen.clear()
+    again = manifest_from_dicom(longitudinal, progress=False, pseudonymize_salt="s", checkpoint=checkpoint,
+                                resume=True)
+    assert seen == [] and again.manifest.equals(fresh.manifest)  # skipped files are not read again either
+
+
+def test_cut_off_checkpoint_line_is_dropped(longitudinal, tmp_path, monkeypatch):
+    fresh = manifest_from_dicom(longitudinal, progress=False)
+    checkpoint = tmp_path / "crawl.jsonl"
+    manifest_from_dicom(longitudinal, progress=False, checkpoint=checkpoint, chunk_size=5)
+    lines = checkpoint.read_bytes().split(b"\n")
+    kept = b"\n".join(lines[:3]) + b"\n"
+    checkpoint.write_bytes(kept + lines[3][: len(lines[3]) // 2])  # a kill in the middle of writing chunk 3
+    seen = _count_reads(monkeypatch)
+    resumed = manifest_from_dicom(longitudinal, progress=False, checkpoint=checkpoint, resume=True, chunk_size=5)
+    pd.testing.assert_frame_equal(resumed.manifest, fresh.manifest)
+    pd.testing.assert_frame_equal(resumed.report, fresh.report)
+    assert len(seen) == len(_walk_order(longitudinal)) - 2 * 5
+    assert checkpoint.read_bytes().startswith(kept) and checkpoint.read_bytes().endswith(b"\n")
+    broken = checkpoint.read_bytes().split(b"\n")
+    broken[2] = b'{"records": [oops'
+    checkpoint.write_bytes(b"\n".join(broken))
+    with pytest.raises(ValueError, match="line 3"):
+        manifest_from_dicom(longitudinal, progress=False, checkpoint=checkpoint, resume=True)
+
+
+def test_incremental_build_reads_only_new_files_and_recomputes_offsets(longitudinal, tmp_path, monkeypatch):
+    root = tmp_path / "archive"
+    shutil.copytree(longitudinal, root)
+    checkpoint = tmp_path / "crawl.jsonl"
+    manifest_from_dicom(root, progress=False, checkpoint=checkpoint, resume=True)  # made when absent
+    _write_dicom(root / "P1" / "study_early" / "img.dcm", "P1", "20191201")  # an earlier study of P1
+    _write_dicom(root / "P10" / "a.dcm", "P10", "20200101")
+    seen = _count_reads(monkeypatch)
+    updated = manifest_from_dicom(root, progress=False, checkpoint=checkpoint, resume=True)
+    assert sorted(Path(p).parent.name for p in seen) == ["P10", "study_early"]
+    fresh = manifest_from_dicom(root, progress=False)
+    pd.testing.assert_frame_equal(updated.manifest, fresh.manifest)
+    rows = _by_name(updated.manifest)
+    first_p1 = str((root / "P1" / "study0" / "img.dcm").resolve())
+    assert rows[first_p1]["study_offset_days"] == (date(2020, 1, 1) - date(2019, 12, 1)).days
+
+
+def test_checkpoint_of_another_build_and_bad_arguments(longitudinal, tmp_path):
+    checkpoint = tmp_path / "crawl.jsonl"
+    manifest_from_dicom(longitudinal, progress=False, checkpoint=checkpoint)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        manifest_from_dicom(longitudinal, progress=False, checkpoint=checkpoint)
+    with pytest.raises(ValueError, match="another build"):
+        manifest_from_dicom(longitudinal, progress=False, checkpoint=checkpoint, resume=True, site_from="station")
+    with pytest.raises(ValueError, match="another build"):
+        manifest_from_dicom(longitudinal, progress=False, checkpoint=checkpoint, resume=True, pseudonymize_salt="x")
+    with pytest.raises(ValueError, match="checkpoint"):
+        manifest_from_dicom(longitudinal, progress=False, resume=True)
+    with pytest.raises(ValueError, match="num_workers"):
+        manifest_from_dicom(longitudinal, progress=False, num_workers=-1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        manifest_from_dicom(longitudinal, progress=False, chunk_size=0)
+
+
+def _crash_on(name: str):
+    import os
+
+    from monai_du.data import dicom
+
+    original = dicom._read_header
+
+    def read_header(path):
+        if Path(path).name == name:
+            os._exit(3)  # a reader that kills its process (segfault, out of memory)
+        return original(path)
+
+    return read_header
+
+
+def test_a_crashing_worker_loses_only_its_file(longitudinal, tmp_path, monkeypatch):
+    from monai_du.data import dicom
+
+    root = tmp_path / "archive"
+    shutil.copytree(longitudinal, root)
+    crash = _write_dicom(root / "P2" / "crash.dcm", "P2", "20200101")
+    monkeypatch.setattr(dicom, "_read_header", _crash_on("crash.dcm"))
+    manifest, report = manifest_from_dicom(root, progress=False, num_workers=2, chunk_size=3)
+    monkeypatch.undo()
+    crash.unlink()
+    reference = manifest_from_dicom(root, progress=False)
+    pd.testing.assert_frame_equal(manifest, reference.manifest)
+    lost = report[report["file"] == str(crash.resolve())]
+    assert lost["status"].tolist() == ["skipped"] and "worker process died" in lost["reason"].iloc[0]
+    pd.testing.assert_frame_equal(report[report["file"] != str(crash.resolve())].reset_index(drop=True),
+                                  reference.report)

@@ -1,4 +1,4 @@
-"""Build a manifest from a folder of DICOM files, reading headers only."""
+"""Build a manifest from a folder of DICOM files, reading headers only (in parallel, restartable)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from typing import Any, BinaryIO
 import numpy as np
 import pandas as pd
 
+from monai_du.data.crawl import CrawlCheckpoint, check_num_workers, chunked, map_chunks
 from monai_du.data.manifest import (
     MAX_AGE_YEARS,
     ManifestBuildResult,
     _make_report,
-    normalize_sex,
+    _sex_code,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ DICOM_MANIFEST_COLUMNS: tuple[str, ...] = (
     "modality",
     "study_id",
     "series_id",
+    "study_offset_days",
 )
 """Columns of the manifest that :func:`manifest_from_dicom` returns, in order."""
 
@@ -273,12 +275,128 @@ def _walk_files(folder: Path) -> list[Path]:
     return files
 
 
+def _study_day(ds: Any) -> tuple[int | None, str | None]:
+    """Day number (proleptic ordinal) of the study: ``StudyDate``, else ``SeriesDate``, ``AcquisitionDate``,
+    ``ContentDate``; a note when dates are present but none is valid."""
+    invalid = []
+    for keyword in _DATE_FALLBACKS:
+        value = _text(ds, keyword)
+        if value is None:
+            continue
+        parsed = _parse_da(value)
+        if parsed is not None:
+            return parsed.toordinal(), None
+        invalid.append(f"{keyword} {value!r}")
+    if invalid:
+        return None, f"{', '.join(invalid)} is not a valid date; study_offset_days set to missing"
+    return None, None
+
+
+def _day_shift(patient: str, salt: str | bytes) -> int:
+    """A secret per-patient shift of day numbers (0 to 100 years): offsets within a patient are unchanged, and the
+    checkpoint of a pseudonymised build holds no real date."""
+    key = salt.encode("utf-8") if isinstance(salt, str) else bytes(salt)
+    digest = hmac.new(key, b"study-day-shift\x00" + patient.encode("utf-8"), hashlib.sha256).digest()
+    return int.from_bytes(digest[:4], "big") % 36525
+
+
+def _skipped(path: str, reason: str) -> dict[str, Any]:
+    return {"file": path, "row": None, "day": None, "notes": [[reason, "skipped"]]}
+
+
+def _read_record(path: str, site_from: str, salt: str | bytes | None) -> dict[str, Any]:
+    """What the build keeps of one file: ``{"file", "row" (manifest values, or None when skipped), "day" (study day
+    number, shifted per patient with a salt), "notes" ([reason, status] report entries)}``. Never raises."""
+    with warnings.catch_warnings():
+        # invalid values are handled (and reported) here; pydicom's warnings would only repeat them
+        warnings.simplefilter("ignore")
+        return _read_record_quietly(path, site_from, salt)
+
+
+def _read_record_quietly(path: str, site_from: str, salt: str | bytes | None) -> dict[str, Any]:
+    try:
+        ds, reason = _read_header(Path(path))
+        if ds is None:
+            return _skipped(path, reason or "unreadable")
+        patient = _text(ds, "PatientID")
+        if patient is None:
+            return _skipped(path, "missing required tag PatientID")
+        notes: list[list[str]] = []
+        age, note = _age(ds)
+        if note is not None:
+            notes.append([note, "warning"])
+        raw_sex = _text(ds, "PatientSex")
+        sex, unrecognised = _sex_code(raw_sex)
+        if unrecognised:
+            notes.append([f"PatientSex {raw_sex!r} is not M, F or O; sex set to missing", "warning"])
+        day, note = _study_day(ds)
+        if note is not None:
+            notes.append([note, "warning"])
+        study, series = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID")
+        if salt is not None:
+            patient = pseudonymize(patient, salt)
+            study = pseudonymize(study, salt) if study else None
+            series = pseudonymize(series, salt) if series else None
+            if day is not None:
+                day += _day_shift(patient, salt)
+        row = {
+            "image": path,
+            "patient_id": patient,
+            "age": float(age),
+            "sex": None if pd.isna(sex) else sex,
+            "site": _site(ds, site_from),
+            "view": _text(ds, "ViewPosition"),
+            "modality": _text(ds, "Modality"),
+            "study_id": study,
+            "series_id": series,
+        }
+        return {"file": path, "row": row, "day": day, "notes": notes}
+    except Exception as error:  # one bad file never stops the build
+        return _skipped(path, f"unexpected error ({type(error).__name__}: {error})")
+
+
+def _read_chunk(paths: list[str], site_from: str, salt: str | bytes | None) -> list[dict[str, Any]]:
+    """:func:`_read_record` for each path (the task a worker process runs)."""
+    return [_read_record(path, site_from, salt) for path in paths]
+
+
+def _lost_record(path: str, reason: str) -> list[dict[str, Any]]:
+    return [_skipped(path, reason)]
+
+
+def _assemble(files: list[str], records: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The manifest and report from the per-file records, in the order of ``files``; offsets from the whole set."""
+    rows: list[dict[str, Any]] = []
+    days: list[float] = []
+    report: list[tuple[str, str, str]] = []
+    for path in files:
+        record = records[path]
+        for reason, status in record["notes"]:
+            report.append((path, reason, status))
+        if record["row"] is not None:
+            rows.append(record["row"])
+            days.append(np.nan if record["day"] is None else float(record["day"]))
+    columns = [c for c in DICOM_MANIFEST_COLUMNS if c != "study_offset_days"]
+    manifest = pd.DataFrame(rows, columns=columns)
+    manifest["age"] = manifest["age"].astype(float)
+    for column in ("image", "patient_id", "sex", "site", "view", "modality", "study_id", "series_id"):
+        manifest[column] = manifest[column].astype(object).where(manifest[column].notna(), np.nan)
+    day = pd.Series(days, index=manifest.index, dtype=float)
+    first = day.groupby(manifest["patient_id"].to_numpy()).transform("min") if len(day) else day
+    manifest["study_offset_days"] = (day - first).astype(float)
+    return manifest[list(DICOM_MANIFEST_COLUMNS)], _make_report(report, item_column="file")
+
+
 def manifest_from_dicom(
     folder: str | os.PathLike,
     site_from: str = "institution",
     pseudonymize_salt: str | bytes | None = None,
     report_path: str | os.PathLike | None = None,
     progress: bool = True,
+    num_workers: int | None = 1,
+    chunk_size: int = 64,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> ManifestBuildResult:
     """Walk a DICOM tree and build a manifest from the headers (pixel data is never read).
 
@@ -294,81 +412,89 @@ def manifest_from_dicom(
     - ``age``: years, from ``PatientAge`` (``nnnY``, ``nnnM``, ``nnnW``, ``nnnD``); when absent or invalid, from
       ``PatientBirthDate`` and ``StudyDate`` (else ``SeriesDate``, ``AcquisitionDate``, ``ContentDate``). The birth
       date is never kept. Missing otherwise.
-    - ``sex``: ``PatientSex`` normalised to ``M``/``F``; ``O``, blank and others are missing.
+    - ``sex``: ``PatientSex`` normalised to ``M``/``F``; ``O`` and blank are missing; any other code is missing with
+      a warning in the report.
     - ``site``: from ``site_from`` (:data:`SITE_SOURCES`): ``"institution"`` (``InstitutionName``),
       ``"manufacturer"`` (``Manufacturer`` + ``ManufacturerModelName``) or ``"station"`` (``StationName``).
     - ``view`` (``ViewPosition``), ``modality`` (``Modality``), ``study_id`` (``StudyInstanceUID``),
       ``series_id`` (``SeriesInstanceUID``); missing when the tag is absent or blank.
+    - ``study_offset_days``: days from the patient's first study in the crawled archive to this one (``StudyDate``,
+      else the same fallbacks as for age), per ``patient_id`` (so per pseudonym); missing without a valid date. No
+      date column is kept.
+
+    Parallel and restartable builds. With ``num_workers`` > 1 the headers are read in a process pool, in chunks of
+    ``chunk_size`` files; the result (rows in walk order, report) is the same as the serial build's. A worker that
+    dies (a crash, out of memory) loses no other file: its files are read again one by one, and a file that kills its
+    worker alone is reported. With ``checkpoint``, each finished chunk is appended to that file (JSON lines, flushed
+    per chunk), so a killed crawl loses at most one chunk; rerun with ``resume=True`` to read only the files the
+    checkpoint does not hold yet (kept or skipped). The same call later reads only the files added to the archive
+    since (files removed from it are left out; changed files are not read again: delete the checkpoint to rebuild).
+    The offsets are computed on the whole manifest at the end. The checkpoint is a working file as sensitive as the
+    archive (without a salt it holds the original identifiers; with one, its study day numbers are shifted by a
+    secret per-patient amount): keep it beside the archive, not with the manifest.
 
     Args:
         folder: root of the DICOM tree.
         site_from: which tags make the site.
         pseudonymize_salt: secret key for pseudonymous patient, study and series identifiers; None keeps them.
         report_path: where to also write the report as CSV (columns ``file``, ``reason``, ``status``).
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (never when the output is not a terminal).
+        num_workers: worker processes; 0 or 1 reads in this process, None uses one per CPU.
+        chunk_size: files per task (and per checkpoint line).
+        checkpoint: file recording finished chunks, for ``resume``.
+        resume: continue from ``checkpoint`` (made when absent). Without it an existing checkpoint is refused.
 
     Returns:
         :class:`~monai_du.data.manifest.ManifestBuildResult`; unpack it as ``manifest, report``. The report has one
-        row per skipped file (``status="skipped"``) and per kept file whose age was set to missing from an invalid
-        value (``status="warning"``).
+        row per skipped file (``status="skipped"``) and per value of a kept file set to missing because it was
+        invalid (age, sex, study date; ``status="warning"``).
 
     Raises:
-        ValueError: for an unknown ``site_from`` or an empty salt.
+        ValueError: for an unknown ``site_from``, an empty salt, invalid ``num_workers`` or ``chunk_size``,
+            ``resume`` without ``checkpoint``, or a checkpoint of another build (other folder, site or salt).
+        FileExistsError: when ``checkpoint`` exists and ``resume`` is False.
         NotADirectoryError: when ``folder`` is not a folder.
     """
     if site_from not in SITE_SOURCES:
         raise ValueError(f"site_from must be one of {sorted(SITE_SOURCES)}, got {site_from!r}")
     if pseudonymize_salt is not None and len(pseudonymize_salt) == 0:
         raise ValueError("pseudonymize_salt must be a non-empty string or bytes (or None)")
+    workers = check_num_workers(num_workers, chunk_size)
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=<file> (the file the interrupted build wrote)")
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise NotADirectoryError(f"DICOM folder not found: {folder}")
 
     from tqdm.auto import tqdm
 
-    files = _walk_files(folder.resolve())
-    rows: list[dict[str, Any]] = []
-    report: list[tuple[str, str, str]] = []
-    for path in tqdm(files, desc="DICOM headers", unit="file", disable=not progress):
-        try:
-            ds, reason = _read_header(path)
-            if ds is None:
-                report.append((str(path), reason or "unreadable", "skipped"))
-                continue
-            patient = _text(ds, "PatientID")
-            if patient is None:
-                report.append((str(path), "missing required tag PatientID", "skipped"))
-                continue
-            age, note = _age(ds)
-            if note is not None:
-                report.append((str(path), note, "warning"))
-            study, series = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID")
-            if pseudonymize_salt is not None:
-                patient = pseudonymize(patient, pseudonymize_salt)
-                study = pseudonymize(study, pseudonymize_salt) if study else None
-                series = pseudonymize(series, pseudonymize_salt) if series else None
-            rows.append(
-                {
-                    "image": str(path),
-                    "patient_id": patient,
-                    "age": age,
-                    "sex": _text(ds, "PatientSex"),
-                    "site": _site(ds, site_from),
-                    "view": _text(ds, "ViewPosition"),
-                    "modality": _text(ds, "Modality"),
-                    "study_id": study,
-                    "series_id": series,
-                }
-            )
-        except Exception as error:  # one bad file never stops the build
-            report.append((str(path), f"unexpected error ({type(error).__name__}: {error})", "skipped"))
+    root = folder.resolve()
+    files = [str(path) for path in _walk_files(root)]
+    records: dict[str, dict[str, Any]] = {}
+    log = None
+    if checkpoint is not None:
+        salt_id = None if pseudonymize_salt is None else pseudonymize("monai_du checkpoint", pseudonymize_salt)
+        header = {"builder": "manifest_from_dicom", "folder": str(root), "site_from": site_from, "salt": salt_id}
+        log = CrawlCheckpoint(checkpoint, header, resume=resume)
+        records.update(log.done)
+    try:
+        todo = [path for path in files if path not in records]
+        bar = tqdm(total=len(files), initial=len(files) - len(todo), desc="DICOM headers", unit="file",
+                   disable=None if progress else True)
+        with bar:
+            results = map_chunks(_read_chunk, chunked(todo, chunk_size), args=(site_from, pseudonymize_salt),
+                                 num_workers=workers, failed=_lost_record)
+            for chunk in results:
+                if log is not None:
+                    log.append(chunk)
+                for record in chunk:
+                    records[record["file"]] = record
+                bar.update(len(chunk))
+    finally:
+        if log is not None:
+            log.close()
 
-    manifest = pd.DataFrame(rows, columns=list(DICOM_MANIFEST_COLUMNS))
-    manifest["age"] = manifest["age"].astype(float)
-    manifest["sex"], _ = normalize_sex(manifest["sex"])
-    for column in ("image", "patient_id", "site", "view", "modality", "study_id", "series_id"):
-        manifest[column] = manifest[column].astype(object).where(manifest[column].notna(), np.nan)
-    report_df = _make_report(report, item_column="file")
+    manifest, report_df = _assemble(files, records)
     if report_path is not None:
         report_path = Path(report_path)
         report_path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,14 @@ view       no         view position (``"PA"``, ``"AP"``, ``"LATERAL"``, ...)
 study_id   no         study identifier
 series_id  no         series identifier
 modality   no         DICOM modality (``"CR"``, ``"DX"``, ``"MR"``, ...)
-split      no         ``"train"``, ``"val"``, ``"test"`` or missing (unassigned)
+split      no         ``"train"``, ``"val"``, ``"test"`` or missing (unassigned); a patient is in one split only
+study_offset_days no  float days since the patient's first study (DICOM builds), NaN when unknown; >= 0
+follow_up  no         float follow-up number of the image for its patient (0, 1, 2, ...; NIH ChestX-ray14); >= 0
 label_*    no         one column per label, values 1 (positive), 0 (negative), -1 (uncertain), NaN
 ========== ========== ==============================================================================
+
+Image paths are unique: two rows never name the same image. ``study_offset_days`` and ``follow_up`` order a
+patient's images in time (the patient x time prior); no date column is ever kept.
 
 Other columns are allowed unless they look like protected health information (names, birth dates, free text,
 contact details; see :func:`find_phi_columns`), which are refused on read and on write.
@@ -39,11 +44,13 @@ __all__ = [
     "LABEL_PREFIX",
     "LABEL_VALUES",
     "SPLIT_VALUES",
+    "TIME_COLUMNS",
     "RESOLVED_IMAGE_COLUMN",
     "MAX_AGE_YEARS",
     "REPORT_COLUMNS",
     "ManifestBuildResult",
     "find_phi_columns",
+    "patients_in_several_splits",
     "normalize_sex",
     "label_column_name",
     "validate_manifest",
@@ -75,6 +82,11 @@ LABEL_VALUES: tuple[float, ...] = (1.0, 0.0, -1.0)
 
 SPLIT_VALUES: tuple[str, ...] = ("train", "val", "test")
 """Allowed values of the ``split`` column."""
+
+TIME_COLUMNS: tuple[str, ...] = ("study_offset_days", "follow_up")
+"""Optional numeric columns that place an image in its patient's history (for a patient x time prior): days since
+the patient's first study, and the follow-up number. Each is float, >= 0 or missing; ``follow_up`` is a whole
+number."""
 
 RESOLVED_IMAGE_COLUMN = "image_path"
 """Column added by :func:`read_manifest`: the absolute image path. ``image`` keeps the value written in the file."""
@@ -184,6 +196,24 @@ def normalize_sex(values: pd.Series) -> tuple[pd.Series, dict[str, int]]:
     return sex.astype(object).where(sex.notna(), np.nan), unrecognised
 
 
+def _sex_code(value: object) -> tuple[object, bool]:
+    """One value through :func:`normalize_sex`'s rules: ``("M" | "F" | NaN, whether a present value was not
+    recognised)``. Codes that mean "unknown" (``O``, ``n/a``, blank) give ``(NaN, False)``."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return np.nan, False
+    key = _canonical_key(value)
+    code = _SEX_CODES.get(key)
+    if code is not None:
+        return code, False
+    return np.nan, key not in _SEX_MISSING
+
+
+def _unrecognised_sex(values: pd.Series) -> np.ndarray:
+    """(N,) bool: the rows whose sex code :func:`normalize_sex` sets to missing without recognising it."""
+    flags = _per_unique(values, lambda u: u.map(lambda v: _sex_code(v)[1]))
+    return np.where(pd.isna(flags), False, flags).astype(bool)
+
+
 def _canonical_key(value: object) -> str:
     """Key for matching codes: integral numbers as ``"1"`` (so 1, 1.0 and "1.0" agree), else stripped lower-case."""
     text = str(value).strip()
@@ -282,12 +312,14 @@ def _is_blank(values: pd.Series) -> np.ndarray:
 def validate_manifest(df: pd.DataFrame, source: str = "manifest", from_file: bool = False) -> pd.DataFrame:
     """Check a manifest against the schema and return a normalised copy.
 
-    Checks: required columns present; ``image`` and ``patient_id`` non-empty in every row; ``age`` numeric within
-    [0, 130] or missing; ``sex`` in ``M``/``F``/missing; ``split`` in ``train``/``val``/``test``/missing; every
-    ``label_*`` value in {1, 0, -1, NaN}; no column that looks like protected health information.
+    Checks: required columns present; ``image`` and ``patient_id`` non-empty in every row; no image path in two
+    rows; ``age`` numeric within [0, 130] or missing; ``sex`` in ``M``/``F``/missing; ``split`` in
+    ``train``/``val``/``test``/missing, and no patient in two splits; ``study_offset_days`` a number >= 0 and
+    ``follow_up`` a whole number >= 0, or missing; every ``label_*`` value in {1, 0, -1, NaN}; no column that looks
+    like protected health information.
 
-    The copy has ``age`` and label columns as float64, blank strings in text columns as NaN, and identifiers as
-    text.
+    The copy has ``age``, the time columns (:data:`TIME_COLUMNS`) and label columns as float64, blank strings in
+    text columns as NaN, and identifiers as text.
 
     Args:
         df: the manifest.
@@ -345,6 +377,29 @@ def validate_manifest(df: pd.DataFrame, source: str = "manifest", from_file: boo
         if bad.any():
             problem = f"is not one of {list(SPLIT_VALUES)} or empty"
             problems.append(_describe(problem, "split", bad, out["split"], from_file))
+        elif "patient_id" in out.columns:
+            leaks = patients_in_several_splits(out)
+            if leaks:
+                problems.append(_describe_leaks(leaks))
+
+    for column in [c for c in TIME_COLUMNS if c in out.columns]:
+        raw = out[column]
+        value = pd.to_numeric(raw, errors="coerce").astype(float)
+        not_number = (value.isna() & ~_is_blank(raw)).to_numpy()
+        if not_number.any():
+            problems.append(_describe("is not a number", column, not_number, raw, from_file))
+        bad = ((value < 0) | np.isinf(value)).to_numpy()
+        if column == "follow_up":
+            bad |= (value.notna() & np.isfinite(value) & (np.mod(value, 1.0) != 0.0)).to_numpy()
+        if bad.any():
+            what = "a whole number >= 0" if column == "follow_up" else "a finite number >= 0"
+            problems.append(_describe(f"is not {what}", column, bad, raw, from_file))
+        out[column] = value
+
+    if "image" in out.columns and not _is_blank(out["image"]).any():
+        duplicated = _describe_duplicates(out["image"], out["patient_id"], "image", from_file)
+        if duplicated:
+            problems.append(duplicated)
 
     for column in [c for c in out.columns if str(c).startswith(LABEL_PREFIX)]:
         raw = out[column]
@@ -357,6 +412,57 @@ def validate_manifest(df: pd.DataFrame, source: str = "manifest", from_file: boo
     if problems:
         raise ValueError(f"{source}: invalid manifest:\n  - " + "\n  - ".join(problems))
     return out
+
+
+def patients_in_several_splits(df: pd.DataFrame, patient_column: str = "patient_id") -> dict[str, list[str]]:
+    """Patients whose rows are assigned to more than one split (a leak between train and test).
+
+    Rows without a split (unassigned) are ignored.
+
+    Args:
+        df: manifest with ``patient_id`` and ``split`` columns.
+        patient_column: the patient identifier column.
+
+    Returns:
+        ``{patient id: sorted split names}`` for each leaking patient, sorted by patient id; empty when none.
+    """
+    if "split" not in df.columns or patient_column not in df.columns:
+        return {}
+    assigned = pd.DataFrame({"patient": _as_text(df[patient_column]).to_numpy(), "split": df["split"].to_numpy()})
+    assigned = assigned[assigned["split"].notna() & assigned["patient"].notna()]
+    counts = assigned.groupby("patient", sort=True)["split"].nunique()
+    leaking = counts.index[counts > 1]
+    if len(leaking) == 0:
+        return {}
+    subset = assigned[assigned["patient"].isin(leaking)]
+    return {str(p): sorted(map(str, g.unique())) for p, g in subset.groupby("patient", sort=True)["split"]}
+
+
+def _describe_leaks(leaks: dict[str, list[str]], limit: int = 5) -> str:
+    shown = "; ".join(f"patient_id {p!r} in {splits}" for p, splits in list(leaks.items())[:limit])
+    more = f" and {len(leaks) - limit} more" if len(leaks) > limit else ""
+    return f"column 'split' puts a patient in more than one split (a leak between splits): {shown}{more}"
+
+
+def _describe_duplicates(
+    paths: pd.Series, patients: pd.Series | None, column: str, from_file: bool, limit: int = 5
+) -> str | None:
+    """Message naming each path given by more than one row (its rows and patient ids), or None."""
+    text = paths.astype(str).to_numpy()
+    repeated = pd.Series(text).duplicated(keep=False).to_numpy()
+    if not repeated.any():
+        return None
+    positions = np.flatnonzero(repeated)
+    groups: dict[str, list[int]] = {}
+    for position in positions:
+        groups.setdefault(text[position], []).append(int(position))
+    parts = []
+    for path, rows in list(groups.items())[:limit]:
+        refs = ", ".join(_row_reference(np.asarray(rows[:limit]), paths.index, from_file))
+        ids = "" if patients is None else f" (patient_id {sorted({str(patients.iloc[r]) for r in rows})})"
+        parts.append(f"{path!r} at {refs}{ids}")
+    more = f" and {len(groups) - limit} more" if len(groups) > limit else ""
+    return f"column '{column}' names the same image in more than one row: " + "; ".join(parts) + more
 
 
 def _is_absolute(paths: pd.Series) -> pd.Series:
@@ -406,7 +512,8 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
     Raises:
         FileNotFoundError: when ``path`` does not exist.
         ImportError: for a Parquet file when pyarrow is not installed.
-        ValueError: for an invalid manifest, naming the row and the column.
+        ValueError: for an empty file (naming it), or an invalid manifest, naming the row and the column; also when
+            two rows name one image once relative paths are resolved.
     """
     path = Path(path)
     if not path.is_file():
@@ -417,7 +524,13 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
             raise ImportError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow); or use a CSV manifest")
         df = pd.read_parquet(path)
     else:
-        header = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", nrows=0)
+        try:
+            header = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", nrows=0)
+        except pd.errors.EmptyDataError as error:
+            raise ValueError(
+                f"{path}: the manifest file is empty (no header line); it needs at least the columns "
+                f"{list(REQUIRED_COLUMNS)}"
+            ) from error
         dtypes = {c: str for c in header.columns if c in STRING_COLUMNS}
         df = pd.read_csv(
             path,
@@ -431,6 +544,11 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
     df = validate_manifest(df, source=str(path), from_file=kind != "parquet")
     base = Path(root) if root is not None else path.parent
     df[RESOLVED_IMAGE_COLUMN] = _resolve_images(df["image"], base.expanduser().resolve())
+    # "a.png", "./a.png" and "<root>/a.png" are one image
+    normalised = df[RESOLVED_IMAGE_COLUMN].map(os.path.normpath)
+    duplicated = _describe_duplicates(normalised, df["patient_id"], RESOLVED_IMAGE_COLUMN, kind != "parquet")
+    if duplicated:
+        raise ValueError(f"{path}: invalid manifest:\n  - {duplicated} (after resolving 'image' against {base})")
     return df
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from monai_du.data.manifest import SPLIT_VALUES, _as_text, _is_blank
+from monai_du.data.manifest import SPLIT_VALUES, _as_text, _describe_leaks, _is_blank, patients_in_several_splits
 
 __all__ = ["DEFAULT_FRACTIONS", "patient_split", "select_split"]
 
@@ -162,11 +162,20 @@ def select_split(
 
     Returns:
         the selected rows, with a ``split`` column.
+
+    Raises:
+        ValueError: when a given ``split`` column puts one patient in two splits (naming the patients), or no row is
+            in the named split(s).
     """
     names = [split] if isinstance(split, str) else list(split)
     if not names:
         raise ValueError("select_split: give at least one split name.")
     if "split" in manifest.columns and manifest["split"].notna().any():
+        if "patient_id" in manifest.columns:
+            leaks = patients_in_several_splits(manifest)
+            if leaks:
+                raise ValueError(f"select_split: the manifest's {_describe_leaks(leaks)}; fix the split column, or "
+                                 "drop it to split by patient with patient_split.")
         assigned = manifest
     else:
         assigned = patient_split(manifest, fractions=fractions, seed=seed, stratify=stratify)
