@@ -19,6 +19,7 @@ import torch
 from monai_du.data.loading import (
     CHECK_REPORT_COLUMNS,
     InvertMonochrome1d,
+    check_image_file,
     check_images,
     load_image_transforms,
     manifest_to_dataset,
@@ -379,3 +380,15 @@ def test_on_error_skip_drops_and_reports(mixed_manifest, tmp_path):
         warnings.simplefilter("error")
         unchecked = manifest_to_dataset(df, root=root, check=False)  # no check: every row, no warning
     assert len(unchecked) == len(df)
+
+
+def test_check_image_file_agrees_with_check_images(mixed_manifest):
+    root, df, expected = mixed_manifest
+    for row, image in df["image"].items():
+        reason = check_image_file(image if os.path.isabs(image) else root / image)
+        if row in expected:
+            assert reason is not None and reason.startswith(expected[row]), (row, reason)
+        else:
+            assert reason is None, (row, reason)
+    with pytest.raises(ValueError, match="level"):
+        check_image_file(root / "good.png", level="deep")

@@ -47,6 +47,7 @@ from monai_du.data.manifest import (
 __all__ = [
     "manifest_to_dataset",
     "check_images",
+    "check_image_file",
     "load_image_transforms",
     "InvertMonochrome1d",
     "CollapseColorChannelsd",
@@ -404,6 +405,22 @@ def _check_one(path: str, level: str, loader) -> str | None:
     return reason
 
 
+def check_image_file(path: str | os.PathLike, level: str = "header") -> str | None:
+    """Why one image file cannot be used, or None when it passes: the per-file check of :func:`check_images`.
+
+    Args:
+        path: the image file (or DICOM series folder).
+        level: "header" (a few reads, no pixels) or "full" (also decodes it with the loader of
+            :func:`load_image_transforms`).
+
+    Returns:
+        the reason (e.g. ``"file not found"``, ``"truncated DICOM: ..."``), or None.
+    """
+    if level not in ("header", "full"):
+        raise ValueError(f"level must be 'header' or 'full', got {level!r}.")
+    return _check_one(os.fspath(path), level, _image_loader("image") if level == "full" else None)
+
+
 def _resolved_paths(df: pd.DataFrame, root: str | os.PathLike | None, image_column: str) -> list[str]:
     if image_column not in df.columns:
         raise ValueError(f"manifest has no '{image_column}' column; columns present: {list(df.columns)}")
@@ -526,7 +543,9 @@ def manifest_to_dataset(
             rows and files) or "skip" (drop them, warn, and keep the report).
         check: run :func:`check_images` first (header level).
         columns: metadata columns to include (default: all); ``image`` is always included.
-        cache_dir: use ``PersistentDataset`` caching to this folder (ignored when ``cache`` is True).
+        cache_dir: use ``PersistentDataset`` caching to this folder (ignored when ``cache`` is True). For a
+            decode-once cache shared by runs and keyed by the preprocessing settings, replace
+            :func:`load_image_transforms` in ``transform`` by :func:`monai_du.data.cache.cached_load_transforms`.
         cache_num_workers: workers of ``CacheDataset``'s initial caching.
         report_path: where to write the skip report as CSV (only written when rows were skipped).
         progress: progress bars for checking and caching.
