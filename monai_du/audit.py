@@ -1,0 +1,885 @@
+"""Audit candidate priors before pretraining: which prior can help kernel DU on *your* labels?
+
+Kernel DU replaces each centroid by its conditional-mean estimate ``c = (K + lam I)^-1 K mu`` given the batch's priors
+(DESIGN §1). A prior helps only when (a) its batch kernel sits between the two degenerate ends, and (b) it carries
+information about the diagnosis that augmentations cannot create. Both can be measured before any training, from the
+manifest and the few labels a user has. For each candidate prior this module reports:
+
+- **The batch kernel** at the bundle's batch size and sampler: the kernel ``K + instance_weight * I`` that the loss
+  builds, on ``n_batches`` batches drawn by :class:`~monai_du.data.samplers.AttributeBatchSampler`. Its effective
+  rank and mean off-diagonal value (:func:`~monai_du.kernels.kernel_summary`, as the loss logs them), and the degrees
+  of freedom of the centroid smoother ``trace((K + lam I)^-1 K)`` (``B`` for plain DU), averaged over the batches.
+- **Its information about each label**, on the labelled rows (label 0 or 1; NaN and -1 rows are left out):
+
+  - the centred kernel-target alignment ``KTA = <HKH, HLH>_F / (||HKH||_F ||HLH||_F)`` and the (biased) HSIC
+    ``tr(K H L H) / (n - 1)^2``, with ``H = I - 11^T / n`` and the label kernel ``L[i, j] = [y_i == y_j]``
+    (:func:`centred_kta`, :func:`hsic`). Here ``K`` is the prior kernel alone, over all labelled rows;
+  - a permutation p-value of the HSIC (:func:`permutation_pvalue`). Images of one patient share their labels and
+    most of their prior, so permuting single images would make the null far too narrow. Labels are permuted **at
+    the patient level**: a patient's label vector is exchanged whole with that of another patient holding as many
+    labelled images (patients with a unique count stay in place: the test stays exact, with a little less power).
+    That null keeps the within-patient agreement and tests what the prior says *between* patients. A kernel that is
+    zero between patients (patient x time) says nothing between patients; for it the null is that labels do not
+    follow the patient, and single images are permuted (column ``null`` says which);
+  - the patient-grouped cross-validated AUC of predicting the label from the prior alone: out-of-fold
+    Nadaraya-Watson scores ``sum_j K_ij y_j / sum_j K_ij`` over the training folds' rows (negative kernel values
+    clipped to 0), folds from :func:`~monai_du.evaluation.patient_grouped_splits` (stratified, grouped by patient).
+
+A verdict follows (:func:`audit_verdict`), tested in this order with the documented thresholds below:
+
+- ``"too coarse: will average groups"``: effective rank below ``COARSE_RANK_FRACTION`` of the batch size, or mean
+  off-diagonal above ``COARSE_MEAN_OFFDIAG``: kernel DU pulls whole groups of centroids to their mean;
+- ``"near identity: equals plain DU"``: effective rank at least ``IDENTITY_RANK_FRACTION`` of the batch size and
+  mean off-diagonal at most ``IDENTITY_MEAN_OFFDIAG``;
+- ``"uninformative of your labels"``: p-value above ``P_VALUE_ALPHA`` and CV AUC at most
+  ``0.5 + CHANCE_AUC_MARGIN``;
+- ``"informative"`` otherwise.
+
+Candidates (:func:`default_candidates`): each attribute among age (RBF, neighbourhood-scale ``"knn"`` bandwidth fitted
+for the batch size and sampler, as the bundles do), sex, site and view (categorical), age x sex, patient x time (when
+the manifest has ``patient_id`` and ``study_offset_days`` or ``follow_up``), and one candidate per prior table
+(generative or encoder embeddings, an RBF with the ``"knn"`` bandwidth).
+
+Python::
+
+    df = audit_priors(manifest_df, labels=["label_no_finding"], prior_tables={"vae": "prior_table.csv"})
+    print(format_audit(df))
+
+Command line::
+
+    monai-du audit --manifest M.csv --label label_no_finding --prior-table vae=prior_table.csv --out report/
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+
+from monai_du.data.manifest import LABEL_PREFIX, label_column_name, read_manifest
+from monai_du.data.samplers import AttributeBatchSampler
+from monai_du.evaluation import patient_grouped_splits
+from monai_du.io import write_text_atomic
+from monai_du.kernels import CategoricalKernel, PriorKernel, RBFKernel, kernel_summary
+from monai_du.prior_encoder import PriorEncoder
+from monai_du.priors import attach_prior_table, generative_prior_kernel, load_prior_table, prior_columns
+
+__all__ = [
+    "COARSE_RANK_FRACTION",
+    "COARSE_MEAN_OFFDIAG",
+    "IDENTITY_RANK_FRACTION",
+    "IDENTITY_MEAN_OFFDIAG",
+    "P_VALUE_ALPHA",
+    "CHANCE_AUC_MARGIN",
+    "MAX_LABELLED_ROWS",
+    "CV_FOLDS",
+    "TIME_COLUMNS",
+    "VERDICT_COARSE",
+    "VERDICT_IDENTITY",
+    "VERDICT_UNINFORMATIVE",
+    "VERDICT_INFORMATIVE",
+    "VERDICTS",
+    "PriorCandidate",
+    "default_candidates",
+    "batch_kernel_stats",
+    "centred_kta",
+    "hsic",
+    "permutation_pvalue",
+    "grouped_cv_auc",
+    "audit_priors",
+    "audit_verdict",
+    "format_audit",
+    "write_audit",
+    "run_audit",
+]
+
+COARSE_RANK_FRACTION = 0.10
+"""A batch kernel whose effective rank is below this share of the batch size is too coarse: with ``G`` equal groups
+the effective rank is about ``G``, so 10% of a batch of 64 is fewer than ~6 groups of ~10 or more samples each, and
+kernel DU replaces each centroid by (mostly) its group's mean."""
+
+COARSE_MEAN_OFFDIAG = 0.5
+"""A batch kernel whose mean off-diagonal value is above this is too coarse: a typical pair of samples in the batch
+counts as more similar than not (two equal categorical groups give ~0.49, a constant kernel 1)."""
+
+IDENTITY_RANK_FRACTION = 0.90
+"""Together with :data:`IDENTITY_MEAN_OFFDIAG`: a batch kernel whose effective rank is at least this share of the
+batch size is near the identity, and kernel DU is then plain DU."""
+
+IDENTITY_MEAN_OFFDIAG = 0.01
+"""Mean off-diagonal value at or below which (with :data:`IDENTITY_RANK_FRACTION`) a batch kernel is near identity."""
+
+P_VALUE_ALPHA = 0.05
+"""Significance level of the patient-level permutation test of the HSIC."""
+
+CHANCE_AUC_MARGIN = 0.05
+"""A patient-grouped CV AUC at most ``0.5 + CHANCE_AUC_MARGIN`` counts as chance (a prior does not predict the label
+from other patients). AUCs below 0.5 count as chance too: out-of-fold kernel smoothers dip below 0.5 under the null."""
+
+MAX_LABELLED_ROWS = 2000
+"""At most this many labelled rows enter the label statistics (whole patients drawn at random beyond it): the label
+statistics cost O(n^2) memory and O(n^2 * n_permutations) time."""
+
+CV_FOLDS = 5
+"""Folds of the patient-grouped cross-validation (fewer when there are fewer patients)."""
+
+TIME_COLUMNS: tuple[str, ...] = ("study_offset_days", "follow_up")
+"""Manifest columns read as the time of an image for the patient x time prior, in order of preference."""
+
+VERDICT_COARSE = "too coarse: will average groups"
+VERDICT_IDENTITY = "near identity: equals plain DU"
+VERDICT_UNINFORMATIVE = "uninformative of your labels"
+VERDICT_INFORMATIVE = "informative"
+VERDICTS: tuple[str, ...] = (VERDICT_INFORMATIVE, VERDICT_UNINFORMATIVE, VERDICT_IDENTITY, VERDICT_COARSE)
+"""The verdicts, best first: the order of the ranked table."""
+
+ATTRIBUTE_COLUMNS: tuple[str, ...] = ("age", "sex", "site", "view")
+_SAMPLER = "sampler"  # fit_groups value: the groups of a "within" sampler
+
+
+@dataclass
+class PriorCandidate:
+    """A candidate prior: a kernel and the prior vectors it reads.
+
+    Args:
+        kernel: the prior kernel (fitted here when it is not fitted yet).
+        prior: (N, P) prior vectors, one row per manifest row (NaN for a missing value).
+        fit_groups: groups the kernel's ``"knn"`` bandwidth rule is fitted within: ``"sampler"`` (default) for the
+            groups of a ``"within"`` sampler (none for other samplers), None for mixed batches, or an (N,) array.
+        description: a short description of the kernel for the report (default: its class name).
+    """
+
+    kernel: PriorKernel
+    prior: np.ndarray
+    fit_groups: Any = _SAMPLER
+    description: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# label statistics
+# ---------------------------------------------------------------------------------------------------------------------
+def _as_gram(gram: Any) -> np.ndarray:
+    k = gram.detach().cpu().numpy() if isinstance(gram, torch.Tensor) else np.asarray(gram)
+    k = np.asarray(k, dtype=np.float64)
+    if k.ndim != 2 or k.shape[0] != k.shape[1]:
+        raise ValueError(f"gram must be a square (n, n) matrix, got shape {k.shape}.")
+    if not np.isfinite(k).all():
+        raise ValueError("gram holds NaN or infinite values.")
+    return k
+
+
+def _as_binary(y: Any, n: int) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if len(y) != n:
+        raise ValueError(f"y has {len(y)} values for a ({n}, {n}) gram.")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError(f"y must hold binary labels 0/1, got values {sorted(set(y.tolist()))[:5]}.")
+    return y
+
+
+def _centred_statistic(k: np.ndarray, y: np.ndarray) -> float:
+    """``y^T H K H y`` for (n, n) ``k`` and (n,) ``y``."""
+    yc = y - y.mean()
+    return float(yc @ k @ yc)
+
+
+def centred_kta(gram: Any, y: Any) -> float:
+    """Centred kernel-target alignment ``<HKH, HLH>_F / (||HKH||_F ||HLH||_F)`` with ``L[i, j] = [y_i == y_j]``.
+
+    For binary labels ``HLH = 2 (Hy)(Hy)^T``, so the alignment is ``y^T H K H y / (||HKH||_F ||Hy||^2)``, in [-1, 1].
+
+    Args:
+        gram: (n, n) prior kernel matrix.
+        y: (n,) binary labels.
+
+    Returns:
+        the alignment; NaN when ``HKH`` or ``Hy`` is zero (a constant kernel or a constant label).
+    """
+    k = _as_gram(gram)
+    y = _as_binary(y, len(k))
+    kc = k - k.mean(0, keepdims=True) - k.mean(1, keepdims=True) + k.mean()
+    yc = y - y.mean()
+    denom = float(np.linalg.norm(kc)) * float(yc @ yc)
+    return _centred_statistic(k, y) / denom if denom > 0 else math.nan
+
+
+def hsic(gram: Any, y: Any) -> float:
+    """Biased HSIC estimate ``tr(K H L H) / (n - 1)^2`` with the label kernel ``L[i, j] = [y_i == y_j]``.
+
+    Args:
+        gram: (n, n) prior kernel matrix.
+        y: (n,) binary labels.
+    """
+    k = _as_gram(gram)
+    y = _as_binary(y, len(k))
+    n = len(k)
+    return 2.0 * _centred_statistic(k, y) / max(n - 1, 1) ** 2
+
+
+def _patient_codes(groups: Any, n: int) -> np.ndarray:
+    if groups is None:
+        return np.arange(n)
+    values = np.asarray(groups.tolist() if hasattr(groups, "tolist") else list(groups), dtype=object)
+    if len(values) != n:
+        raise ValueError(f"groups has {len(values)} entries for {n} rows.")
+    return np.unique(values.astype(str), return_inverse=True)[1].reshape(-1)
+
+
+def _permutation_indices(codes: np.ndarray, n_permutations: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_permutations, n) row indices: ``y[idx[p]]`` is the p-th patient-level permutation of ``y``.
+
+    Patients (``codes``, (n,)) are exchanged whole with patients holding the same number of rows; row ``r`` of the
+    ``i``-th image of a patient receives the label of the ``i``-th image of the patient it is exchanged with.
+    """
+    n = len(codes)
+    idx = np.tile(np.arange(n), (n_permutations, 1))
+    order = np.argsort(codes, kind="stable")
+    members = np.split(order, np.cumsum(np.bincount(codes))[:-1])
+    sizes = np.array([len(m) for m in members])
+    for size in np.unique(sizes):
+        patients = np.flatnonzero(sizes == size)
+        if len(patients) < 2:
+            continue
+        rows = np.stack([members[p] for p in patients])  # (m, size)
+        perm = np.argsort(rng.random((n_permutations, len(patients))), axis=1)  # (n_permutations, m)
+        idx[:, rows.reshape(-1)] = rows[perm].reshape(n_permutations, -1)
+    return idx
+
+
+def _pvalue(k: np.ndarray, y: np.ndarray, idx: np.ndarray) -> float:
+    """Permutation p-value ``(1 + #{T_perm >= T_obs}) / (1 + n_perm)`` of ``T = y^T H K H y``."""
+    yc = y - y.mean()
+    observed = float(yc @ k @ yc)
+    permuted = yc[idx]  # (n_perm, n), still centred
+    stats = np.einsum("pi,pi->p", permuted @ k, permuted)
+    tol = 1e-9 * max(abs(observed), float(np.abs(k).sum()) * 1e-6, 1e-12)  # ties (invariant statistics) count
+    return float((1 + np.count_nonzero(stats >= observed - tol)) / (1 + len(idx)))
+
+
+def _within_patient_only(k: np.ndarray, codes: np.ndarray) -> bool:
+    """Whether ``k`` is zero between every pair of rows of different patients (and there are several patients)."""
+    other = codes[:, None] != codes[None, :]
+    return bool(other.any()) and float(np.abs(k[other]).max()) <= 1e-12
+
+
+def permutation_pvalue(gram: Any, y: Any, groups: Any = None, n_permutations: int = 999, seed: int = 0) -> float:
+    """Patient-level permutation p-value of the HSIC between a prior kernel and a binary label.
+
+    Args:
+        gram: (n, n) prior kernel matrix.
+        y: (n,) binary labels.
+        groups: (n,) patient ids. A patient's labels move together, to a patient with as many rows (see the module
+            docstring). None: every row is its own patient. When ``gram`` is zero between patients, single rows are
+            permuted instead (the within-patient statistic cannot move under patient-level exchanges).
+        n_permutations: number of permutations (>= 1).
+        seed: seed of the permutations.
+
+    Returns:
+        ``(1 + #{HSIC_perm >= HSIC_obs}) / (1 + n_permutations)``, in ``(0, 1]``.
+    """
+    k = _as_gram(gram)
+    y = _as_binary(y, len(k))
+    if int(n_permutations) < 1:
+        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}.")
+    codes = _patient_codes(groups, len(k))
+    if _within_patient_only(k, codes):
+        codes = np.arange(len(k))
+    return _pvalue(k, y, _permutation_indices(codes, int(n_permutations), np.random.default_rng(seed)))
+
+
+def _nw_oof_scores(k: np.ndarray, y: np.ndarray, splits: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    scores = np.full(len(y), np.nan)
+    weights_all = np.clip(k, 0.0, None)
+    for train, test in splits:
+        w = weights_all[np.ix_(test, train)]
+        den = w.sum(1)
+        prevalence = float(y[train].mean())
+        ok = den > 1e-300
+        scores[test] = np.where(ok, (w @ y[train]) / np.where(ok, den, 1.0), prevalence)
+    return scores
+
+
+def grouped_cv_auc(gram: Any, y: Any, groups: Any = None, n_splits: int = CV_FOLDS, seed: int = 0) -> float:
+    """Patient-grouped cross-validated AUC of predicting ``y`` from the prior kernel alone.
+
+    Each held-out row is scored by the kernel-weighted label mean of the training folds' rows (Nadaraya-Watson;
+    negative kernel values are clipped to 0, a row with no weight gets the training prevalence). Folds are
+    :func:`~monai_du.evaluation.patient_grouped_splits` (stratified by label, grouped by patient); the AUC is computed
+    once on the pooled out-of-fold scores.
+
+    Args:
+        gram: (n, n) prior kernel matrix.
+        y: (n,) binary labels, both classes present.
+        groups: (n,) patient ids (None: each row is its own patient).
+        n_splits: number of folds (at most the number of patients).
+        seed: seed of the folds.
+
+    Returns:
+        the AUC, or NaN when there are fewer than 2 patients or one class.
+    """
+    k = _as_gram(gram)
+    y = _as_binary(y, len(k))
+    codes = _patient_codes(groups, len(k))
+    n_patients = len(np.unique(codes))
+    if n_patients < 2 or len(np.unique(y)) < 2:
+        return math.nan
+    folds = min(int(n_splits), n_patients)
+    splits = patient_grouped_splits(y.astype(np.int64), groups=codes, n_splits=folds, seed=seed)
+    return float(roc_auc_score(y, _nw_oof_scores(k, y, splits)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# batch kernel statistics
+# ---------------------------------------------------------------------------------------------------------------------
+def _draw_batches(sampler: AttributeBatchSampler, n_batches: int) -> list[list[int]]:
+    batches: list[list[int]] = []
+    epoch = 0
+    while len(batches) < n_batches:
+        sampler.set_epoch(epoch)
+        before = len(batches)
+        for batch in sampler:
+            batches.append(list(batch))
+            if len(batches) == n_batches:
+                break
+        if len(batches) == before:
+            raise ValueError("the batch sampler yields no batch.")
+        epoch += 1
+    return batches
+
+
+def batch_kernel_stats(
+    kernel: PriorKernel,
+    prior: Any,
+    batches: Sequence[Sequence[int]],
+    instance_weight: float = 0.05,
+    lam: float = 0.01,
+) -> dict[str, float]:
+    """Mean statistics of the loss's batch kernel ``K_b = kernel(prior[b]) + instance_weight * I`` over batches.
+
+    Args:
+        kernel: a fitted prior kernel.
+        prior: (N, P) prior vectors.
+        batches: lists of row indices, e.g. drawn by an :class:`~monai_du.data.samplers.AttributeBatchSampler`.
+        instance_weight: identity term added to the kernel, as in the loss (>= 0).
+        lam: ridge of the conditional mean embedding, as in the loss (> 0).
+
+    Returns:
+        ``eff_rank`` (participation ratio, :func:`~monai_du.kernels.kernel_summary`), ``eff_rank_fraction`` (the
+        rank over the batch's size), ``mean_offdiag`` and ``centroid_dof`` (``trace((K_b + lam I)^-1 K_b)``, the
+        degrees of freedom of the centroid smoother; the batch size for plain DU), each averaged over the batches,
+        and ``batch_size`` (the mean batch size).
+    """
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0, got {lam}.")
+    if not instance_weight >= 0:
+        raise ValueError(f"instance_weight must be >= 0, got {instance_weight}.")
+    if len(batches) == 0:
+        raise ValueError("batch_kernel_stats needs at least one batch.")
+    x = torch.as_tensor(np.asarray(prior, dtype=np.float64))
+    ranks, fractions, offs, dofs, sizes = [], [], [], [], []
+    for batch in batches:
+        idx = torch.as_tensor(list(batch), dtype=torch.long)
+        gram = kernel(x[idx]).to(torch.float64)
+        gram.diagonal().add_(instance_weight)
+        summary = kernel_summary(gram)
+        eig = torch.linalg.eigvalsh(0.5 * (gram + gram.T)).clamp_min(0)
+        ranks.append(summary["kernel_effective_rank"])
+        fractions.append(summary["kernel_effective_rank"] / len(batch))
+        offs.append(summary["kernel_mean_offdiag"])
+        dofs.append(float((eig / (eig + lam)).sum()))
+        sizes.append(len(batch))
+    return {
+        "batch_size": float(np.mean(sizes)),
+        "eff_rank": float(np.mean(ranks)),
+        "eff_rank_fraction": float(np.mean(fractions)),
+        "mean_offdiag": float(np.mean(offs)),
+        "centroid_dof": float(np.mean(dofs)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# candidates
+# ---------------------------------------------------------------------------------------------------------------------
+def _distinct(df: pd.DataFrame, column: str) -> int:
+    return int(df[column].nunique(dropna=True)) if column in df.columns else 0
+
+
+def _numeric(df: pd.DataFrame, column: str) -> pd.Series:
+    return pd.to_numeric(df[column], errors="coerce").astype(float)
+
+
+def _time_bandwidth(patients: np.ndarray, times: np.ndarray) -> float:
+    """Median gap between a patient's consecutive distinct times (1.0 when no patient has two distinct times)."""
+    frame = pd.DataFrame({"p": patients, "t": times}).dropna().drop_duplicates()
+    gaps = frame.sort_values(["p", "t"]).groupby("p")["t"].diff().dropna().to_numpy()
+    gaps = gaps[gaps > 0]
+    return float(np.median(gaps)) if len(gaps) else 1.0
+
+
+def default_candidates(
+    df: pd.DataFrame,
+    batch_size: int = 64,
+    prior_tables: Mapping[str, pd.DataFrame | str | os.PathLike] | None = None,
+    knn_k: int = 5,
+    attributes: Sequence[str] = ATTRIBUTE_COLUMNS,
+) -> dict[str, PriorCandidate]:
+    """The candidate priors a manifest supports.
+
+    - each attribute of ``attributes`` present with at least two distinct values: ``age`` as an RBF with the
+      ``"knn"`` bandwidth (``knn_k``-th neighbour in batches of ``batch_size``), the others as categorical kernels;
+    - ``"age x sex"``: their product (the pretrain bundles' default prior);
+    - ``"patient x time"`` when the manifest has ``patient_id`` and a time column (:data:`TIME_COLUMNS`): a categorical
+      kernel on the patient times an RBF on the time, with the median gap between a patient's consecutive times as
+      bandwidth (an adjacent visit weighs ``exp(-1/2)``);
+    - one candidate per prior table (``name -> table or path``; ``image`` + ``gen_*`` columns, matched to the
+      manifest's ``image`` column): an RBF on the embedding with the ``"knn"`` bandwidth.
+
+    Args:
+        df: the manifest.
+        batch_size: the training batch size (the ``"knn"`` bandwidths are fitted for it).
+        prior_tables: generative or encoder prior tables by name.
+        knn_k: neighbour rank of the ``"knn"`` bandwidth rule.
+        attributes: manifest columns considered as single-attribute priors.
+
+    Returns:
+        candidates by name, kernels not yet fitted.
+    """
+    out: dict[str, PriorCandidate] = {}
+    present = [a for a in attributes if _distinct(df, a) >= 2]
+    for name in present:
+        if name == "age":
+            encoder = PriorEncoder(continuous=["age"]).fit(df)
+            kernel: PriorKernel = RBFKernel("knn", columns=[0], knn_k=knn_k, knn_batch_size=batch_size)
+            out[name] = PriorCandidate(kernel, encoder.transform(df).astype(np.float64), description="RBF(knn)[age]")
+        else:
+            encoder = PriorEncoder(categorical=[name]).fit(df)
+            out[name] = PriorCandidate(CategoricalKernel(columns=[0]), encoder.transform(df).astype(np.float64),
+                                       description=f"Cat[{name}]")
+    if "age" in present and "sex" in present:
+        encoder = PriorEncoder(continuous=["age"], categorical=["sex"]).fit(df)
+        kernel = RBFKernel("knn", columns=[0], knn_k=knn_k, knn_batch_size=batch_size) * CategoricalKernel(columns=[1])
+        out["age x sex"] = PriorCandidate(kernel, encoder.transform(df).astype(np.float64),
+                                          description="RBF(knn)[age] * Cat[sex]")
+    time_column = next((c for c in TIME_COLUMNS if c in df.columns and _numeric(df, c).notna().any()), None)
+    if "patient_id" in df.columns and time_column is not None:
+        patients = PriorEncoder(categorical=["patient_id"]).fit(df).transform(df)[:, 0].astype(np.float64)
+        times = _numeric(df, time_column).to_numpy()
+        bandwidth = _time_bandwidth(patients, times)
+        kernel = CategoricalKernel(columns=[0]) * RBFKernel(bandwidth, columns=[1])
+        out["patient x time"] = PriorCandidate(
+            kernel, np.stack([patients, times], 1), fit_groups=None,
+            description=f"Cat[patient_id] * RBF({bandwidth:g})[{time_column}]",
+        )
+    for name, table in (prior_tables or {}).items():
+        if name in out:
+            raise ValueError(f"prior table name {name!r} is also an attribute candidate; give the table another name.")
+        attached = attach_prior_table(df[["image"]] if "image" in df.columns else df, table)
+        columns = prior_columns(attached)
+        kernel = generative_prior_kernel(len(columns), knn_k=knn_k, knn_batch_size=batch_size)
+        out[name] = PriorCandidate(kernel, attached[columns].to_numpy(np.float64),
+                                   description=f"RBF(knn)[{len(columns)}-d table]")
+    return out
+
+
+def _as_candidate(name: str, value: Any, n: int) -> PriorCandidate:
+    if isinstance(value, PriorCandidate):
+        candidate = value
+    elif isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], PriorKernel):
+        candidate = PriorCandidate(value[0], value[1])
+    else:
+        raise ValueError(f"candidate {name!r} must be a PriorCandidate or a (kernel, prior) pair, got {type(value)}.")
+    prior = np.array(candidate.prior, dtype=np.float64)  # a writable copy
+    if prior.ndim == 1:
+        prior = prior[:, None]
+    if prior.ndim != 2 or prior.shape[0] != n:
+        raise ValueError(f"candidate {name!r}: prior must have shape ({n}, P), got {prior.shape}.")
+    if np.isinf(prior).any():
+        raise ValueError(f"candidate {name!r}: prior holds infinite values; use NaN for a missing value.")
+    description = candidate.description or type(candidate.kernel).__name__
+    return PriorCandidate(candidate.kernel, prior, candidate.fit_groups, description)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the audit
+# ---------------------------------------------------------------------------------------------------------------------
+def _resolve_label(df: pd.DataFrame, name: str, source: str) -> str:
+    for column in (name, LABEL_PREFIX + str(name)):
+        if column in df.columns:
+            return column
+    try:
+        slug = label_column_name(name)
+    except ValueError:
+        slug = None
+    if slug in df.columns:
+        return slug
+    known = [c for c in df.columns if str(c).startswith(LABEL_PREFIX)]
+    raise ValueError(f"{source}: label column {name!r} is not in the manifest (label columns: {known}).")
+
+
+def _binary_label(df: pd.DataFrame, column: str, source: str) -> np.ndarray:
+    """(N,) float labels: 0/1, NaN for unlabelled (NaN or -1 uncertain) rows."""
+    values = pd.to_numeric(df[column], errors="coerce").astype(float)
+    bad_text = df[column].notna() & values.isna()
+    if bad_text.any():
+        raise ValueError(f"{source}: label column {column!r} holds non-numeric value {df[column][bad_text].iloc[0]!r}.")
+    values = values.mask(values == -1.0)
+    other = values.notna() & ~values.isin([0.0, 1.0])
+    if other.any():
+        raise ValueError(
+            f"{source}: label column {column!r} must be binary (1, 0, -1 or blank); found {values[other].iloc[0]!r}."
+        )
+    classes = sorted(values.dropna().unique().tolist())
+    if len(classes) < 2:
+        found = f"one class ({classes[0]:g})" if classes else "no labelled row"
+        raise ValueError(
+            f"{source}: label column {column!r} has {found} among its {int(values.notna().sum())} labelled rows; "
+            "the audit needs positives and negatives."
+        )
+    return values.to_numpy()
+
+
+def _subsample_patients(rows: np.ndarray, codes: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    if len(rows) <= limit:
+        return rows
+    patients = rng.permutation(np.unique(codes[rows]))
+    counts = pd.Series(codes[rows]).value_counts()
+    keep = patients[np.cumsum(counts.loc[patients].to_numpy()) <= limit]
+    return rows[np.isin(codes[rows], keep)]
+
+
+def _default_sampler(df: pd.DataFrame, mode: str | None, attribute: str | None) -> tuple[str, str | None]:
+    if mode is None:
+        mode = "within" if _distinct(df, "site") > 1 else "random"
+    if mode in ("random", "neighbourhood", "neighborhood"):
+        return mode, None
+    if attribute is None:
+        attribute = "site" if mode in ("within", "balanced") else "patient_id"
+    return mode, attribute
+
+
+def _make_sampler(
+    mode: str, batch_size: int, groups: np.ndarray | None, features: np.ndarray, seed: int, kwargs: Mapping[str, Any]
+) -> AttributeBatchSampler:
+    common = dict(batch_size=int(batch_size), mode=mode, drop_last=True, seed=int(seed), num_replicas=1, rank=0)
+    if mode == "random":
+        return AttributeBatchSampler(num_samples=len(features), **common, **kwargs)
+    if mode in ("neighbourhood", "neighborhood"):
+        return AttributeBatchSampler(features=features, **common, **kwargs)
+    return AttributeBatchSampler(groups=groups, **common, **kwargs)
+
+
+def audit_priors(
+    manifest_df: pd.DataFrame,
+    labels: Sequence[str] | str,
+    candidates: Mapping[str, PriorCandidate | tuple[PriorKernel, Any]] | None = None,
+    prior_tables: Mapping[str, pd.DataFrame | str | os.PathLike] | None = None,
+    batch_size: int = 64,
+    sampler_mode: str | None = None,
+    sampler_attribute: str | None = None,
+    sampler_kwargs: Mapping[str, Any] | None = None,
+    images_per_patient: int | None = None,
+    n_batches: int = 20,
+    n_permutations: int = 999,
+    lam: float = 0.01,
+    instance_weight: float = 0.05,
+    knn_k: int = 5,
+    seed: int = 0,
+    source: str = "manifest",
+) -> pd.DataFrame:
+    """Audit candidate priors on a manifest against a few labels (see the module docstring).
+
+    Args:
+        manifest_df: the manifest (one row per image; ``patient_id`` groups the rows by patient when present).
+        labels: label columns (``"label_no_finding"``, or ``"no_finding"``); binary 1/0, with -1 and blank unlabelled.
+        candidates: candidate priors by name (:class:`PriorCandidate` or ``(kernel, prior (N, P))``); None: the
+            manifest's :func:`default_candidates` (plus ``prior_tables``).
+        prior_tables: prior tables by name (tables or paths), added to the default candidates.
+        batch_size: the training batch size ``B``.
+        sampler_mode: the training sampler's mode; None: ``"within"`` when the manifest has more than one site, else
+            ``"random"``. ``"neighbourhood"`` batches are drawn on each candidate's own prior.
+        sampler_attribute: the manifest column of the sampler's groups (default ``site``; ``patient_id`` for other
+            grouped modes).
+        sampler_kwargs: further arguments of :class:`~monai_du.data.samplers.AttributeBatchSampler`.
+        images_per_patient: K of a ``"pk"`` sampler (P patients x K images per batch): its ``images_per_group``.
+        n_batches: batches whose kernel statistics are averaged.
+        n_permutations: permutations of the p-value.
+        lam: the loss's ridge ``lam`` (> 0).
+        instance_weight: the loss's identity term (>= 0).
+        knn_k: neighbour rank of the ``"knn"`` bandwidths of the default candidates.
+        seed: seed of the batches, permutations, folds and subsampling.
+        source: name of the manifest in error messages (its file).
+
+    Returns:
+        one row per (prior, label), ranked within each label (column ``rank``, best first): ``prior``, ``label``,
+        ``kernel``, ``batch_size``, ``sampler``, ``eff_rank``, ``eff_rank_fraction``, ``mean_offdiag``,
+        ``centroid_dof``, ``n_labelled``, ``n_positive``, ``n_patients``, ``kta``, ``hsic``, ``p_value``, ``null``
+        (``"patient"`` or ``"image"`` permutations), ``cv_auc``, ``verdict``. ``attrs["settings"]`` holds the
+        settings and ``attrs["skipped"]`` the default candidates that could not be fitted, with the reason.
+
+    Raises:
+        ValueError: for a missing label column, a label with one class, a missing sampler attribute, a batch size
+            larger than the sampler allows, or a candidate whose prior does not match the manifest.
+    """
+    if not isinstance(manifest_df, pd.DataFrame):
+        raise ValueError(f"audit_priors: manifest_df must be a pandas DataFrame, got {type(manifest_df).__name__}.")
+    df = manifest_df.reset_index(drop=True)
+    n = len(df)
+    if isinstance(labels, str):
+        labels = [labels]
+    if not labels:
+        raise ValueError(f"{source}: give at least one label column to audit the priors against.")
+    if isinstance(batch_size, bool) or int(batch_size) < 2:
+        raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}.")
+    batch_size = int(batch_size)
+    if n < batch_size:
+        raise ValueError(f"{source}: {n} rows, fewer than the batch size {batch_size}; lower --batch-size.")
+    if int(n_batches) < 1 or int(n_permutations) < 1:
+        raise ValueError(f"n_batches and n_permutations must be >= 1, got {n_batches} and {n_permutations}.")
+    if not (lam > 0 and math.isfinite(lam)) or not (instance_weight >= 0 and math.isfinite(instance_weight)):
+        raise ValueError(f"need lam > 0 and instance_weight >= 0, got lam={lam}, instance_weight={instance_weight}.")
+    label_columns = list(dict.fromkeys(_resolve_label(df, str(name), source) for name in labels))
+    label_values = {column: _binary_label(df, column, source) for column in label_columns}
+
+    mode, attribute = _default_sampler(df, sampler_mode, sampler_attribute)
+    groups = None
+    if attribute is not None:
+        if attribute not in df.columns:
+            raise ValueError(
+                f"{source}: sampler attribute {attribute!r} is not a manifest column (columns: {list(df.columns)}); "
+                "pass another sampler attribute or sampler mode 'random'."
+            )
+        groups = df[attribute].to_numpy(dtype=object)
+    sampler_name = mode if attribute is None else f"{mode}:{attribute}"
+    sampler_kwargs = dict(sampler_kwargs or {})
+    if images_per_patient is not None:
+        if mode != "pk":
+            raise ValueError(f"images_per_patient is only used by sampler mode 'pk', not {mode!r}.")
+        sampler_kwargs["images_per_group"] = int(images_per_patient)
+        sampler_name += f" K={int(images_per_patient)}"
+    patients = _patient_codes(df["patient_id"] if "patient_id" in df.columns else None, n)
+
+    skipped: dict[str, str] = {}
+    if candidates is None:
+        raw = default_candidates(df, batch_size=batch_size, prior_tables=prior_tables, knn_k=knn_k)
+        user = False
+    else:
+        raw = dict(candidates)
+        if prior_tables:
+            raw.update(default_candidates(df, batch_size, prior_tables=prior_tables, knn_k=knn_k, attributes=()))
+        user = True
+    if not raw:
+        raise ValueError(f"{source}: no candidate prior (no age, sex, site or view with 2 values, and no prior table).")
+    prepared = {name: _as_candidate(name, value, n) for name, value in raw.items()}
+
+    shared_batches = None
+    if mode not in ("neighbourhood", "neighborhood"):
+        try:
+            sampler = _make_sampler(mode, batch_size, groups, np.zeros((n, 1)), seed, sampler_kwargs)
+        except ValueError as err:
+            raise ValueError(f"{source}: batch sampler {sampler_name!r} with batch size {batch_size}: {err}") from None
+        shared_batches = _draw_batches(sampler, int(n_batches))
+
+    # rows, permutations and folds of each label, shared by every candidate
+    rng = np.random.default_rng(seed)
+    label_plans = {}
+    for column, values in label_values.items():
+        rows = _subsample_patients(np.flatnonzero(~np.isnan(values)), patients, MAX_LABELLED_ROWS, rng)
+        y = values[rows]
+        codes = np.unique(patients[rows], return_inverse=True)[1].reshape(-1)
+        perm_rng = np.random.default_rng([seed, len(label_plans)])
+        label_plans[column] = dict(
+            rows=rows, y=y, codes=codes,
+            patient_idx=_permutation_indices(codes, int(n_permutations), perm_rng),
+            image_idx=_permutation_indices(np.arange(len(rows)), int(n_permutations), perm_rng),
+        )
+
+    records = []
+    for name, candidate in prepared.items():
+        kernel, prior = candidate.kernel, candidate.prior
+        fit_groups = candidate.fit_groups
+        if isinstance(fit_groups, str) and fit_groups == _SAMPLER:
+            fit_groups = groups if mode == "within" else None
+        if not kernel.is_fitted:
+            try:
+                kernel.fit(prior, groups=fit_groups)
+            except ValueError as err:
+                if user and name in (candidates or {}):
+                    raise ValueError(f"candidate prior {name!r}: fitting {candidate.description}: {err}") from None
+                skipped[name] = str(err)
+                continue
+        batches = shared_batches
+        if batches is None:
+            sampler = _make_sampler(mode, batch_size, None, prior, seed, sampler_kwargs)
+            batches = _draw_batches(sampler, int(n_batches))
+        stats = batch_kernel_stats(kernel, prior, batches, instance_weight=instance_weight, lam=lam)
+        for column, plan in label_plans.items():
+            rows, y, codes = plan["rows"], plan["y"], plan["codes"]
+            k = kernel(torch.as_tensor(prior[rows])).to(torch.float64).numpy()
+            within = _within_patient_only(k, codes)
+            records.append({
+                "prior": name,
+                "label": column,
+                "kernel": candidate.description,
+                "batch_size": batch_size,
+                "sampler": sampler_name,
+                **{key: stats[key] for key in ("eff_rank", "eff_rank_fraction", "mean_offdiag", "centroid_dof")},
+                "n_labelled": len(rows),
+                "n_positive": int(y.sum()),
+                "n_patients": int(len(np.unique(codes))),
+                "kta": centred_kta(k, y),
+                "hsic": hsic(k, y),
+                "p_value": _pvalue(k, y, plan["image_idx"] if within else plan["patient_idx"]),
+                "null": "image" if within else "patient",
+                "cv_auc": grouped_cv_auc(k, y, groups=codes, seed=seed),
+            })
+    columns = ["rank", "prior", "label", "kernel", "batch_size", "sampler", "eff_rank", "eff_rank_fraction",
+               "mean_offdiag", "centroid_dof", "n_labelled", "n_positive", "n_patients", "kta", "hsic", "p_value",
+               "null", "cv_auc", "verdict"]
+    out = pd.DataFrame.from_records(records)
+    if len(out):
+        out["verdict"] = [audit_verdict(row) for row in out.to_dict("records")]
+        out["_order"] = out["verdict"].map({v: i for i, v in enumerate(VERDICTS)})
+        out["_label_order"] = out["label"].map({c: i for i, c in enumerate(label_columns)})
+        out["_auc"] = out["cv_auc"].fillna(0.5)
+        out = out.sort_values(["_label_order", "_order", "_auc", "p_value", "kta"],
+                              ascending=[True, True, False, True, False], kind="stable")
+        out["rank"] = out.groupby("label").cumcount() + 1
+        out = out[columns].reset_index(drop=True)
+    else:
+        out = pd.DataFrame(columns=columns)
+    out.attrs["settings"] = {
+        "source": source, "n_rows": n, "labels": label_columns, "batch_size": batch_size, "sampler": sampler_name,
+        "n_batches": int(n_batches), "n_permutations": int(n_permutations), "lam": float(lam),
+        "instance_weight": float(instance_weight), "knn_k": int(knn_k), "seed": int(seed),
+    }
+    out.attrs["skipped"] = skipped
+    return out
+
+
+def audit_verdict(row: Mapping[str, Any]) -> str:
+    """The plain-language verdict of one audit row (see the module docstring for the rules and their order).
+
+    Args:
+        row: a mapping (or ``pandas.Series``) with ``eff_rank_fraction`` (or ``eff_rank`` and ``batch_size``),
+            ``mean_offdiag``, ``p_value`` and ``cv_auc``.
+    """
+    fraction = row.get("eff_rank_fraction")
+    if fraction is None or (isinstance(fraction, float) and math.isnan(fraction)):
+        fraction = float(row["eff_rank"]) / float(row["batch_size"])
+    fraction, off = float(fraction), float(row["mean_offdiag"])
+    if fraction < COARSE_RANK_FRACTION or off > COARSE_MEAN_OFFDIAG:
+        return VERDICT_COARSE
+    if fraction >= IDENTITY_RANK_FRACTION and off <= IDENTITY_MEAN_OFFDIAG:
+        return VERDICT_IDENTITY
+    p, auc = float(row["p_value"]), float(row["cv_auc"])
+    significant = not math.isnan(p) and p <= P_VALUE_ALPHA
+    predictive = not math.isnan(auc) and auc > 0.5 + CHANCE_AUC_MARGIN
+    return VERDICT_INFORMATIVE if significant or predictive else VERDICT_UNINFORMATIVE
+
+
+def _reason(row: Mapping[str, Any]) -> str:
+    verdict, b = row["verdict"], int(row["batch_size"])
+    rank, off = float(row["eff_rank"]), float(row["mean_offdiag"])
+    if verdict == VERDICT_COARSE:
+        return (f"effective rank {rank:.1f} of {b}, mean off-diagonal {off:.2f}: kernel DU pulls whole groups of "
+                "centroids to their mean")
+    if verdict == VERDICT_IDENTITY:
+        return f"effective rank {rank:.1f} of {b}, mean off-diagonal {off:.3f}: the batch kernel is ~ the identity"
+    info = f"KTA {float(row['kta']):.3f}, p = {float(row['p_value']):.3f} ({row['null']} permutations), " \
+           f"CV AUC {float(row['cv_auc']):.2f}"
+    if verdict == VERDICT_UNINFORMATIVE:
+        return f"{info}: its similarities do not follow {row['label']}"
+    return f"{info}; effective rank {rank:.1f} of {b}"
+
+
+def format_audit(df: pd.DataFrame) -> str:
+    """The audit as text: one ranked table per label, then a verdict with its reason for each prior."""
+    settings = df.attrs.get("settings", {})
+    lines = []
+    if settings:
+        lines.append(
+            f"Prior audit of {settings.get('source')} ({settings.get('n_rows')} rows): "
+            f"batch {settings.get('batch_size')}, "
+            f"sampler {settings.get('sampler')}, {settings.get('n_batches')} batches, lam {settings.get('lam'):g}, "
+            f"instance weight {settings.get('instance_weight'):g}, {settings.get('n_permutations')} permutations."
+        )
+    header = (f"{'#':>2}  {'prior':<16} {'eff.rank':>9} {'offdiag':>8} {'KTA':>7} {'HSIC':>8} {'p':>6} {'AUC':>5}"
+              "  verdict")
+    for label, part in df.groupby("label", sort=False):
+        first = part.iloc[0]
+        lines += ["", f"{label}: {first['n_labelled']} labelled rows ({first['n_positive']} positive), "
+                      f"{first['n_patients']} patients", header]
+        for row in part.to_dict("records"):
+            lines.append(
+                f"{row['rank']:>2}  {str(row['prior'])[:16]:<16} {row['eff_rank']:>5.1f}/{row['batch_size']:<3d} "
+                f"{row['mean_offdiag']:>8.3f} {row['kta']:>7.3f} {row['hsic']:>8.4f} {row['p_value']:>6.3f} "
+                f"{row['cv_auc']:>5.2f}  {row['verdict']}"
+            )
+        lines.append("")
+        lines += [f"- {row['prior']}: {row['verdict']} ({_reason(row)})" for row in part.to_dict("records")]
+    for name, reason in df.attrs.get("skipped", {}).items():
+        lines.append(f"- {name}: skipped ({reason})")
+    return "\n".join(lines).lstrip("\n")
+
+
+def write_audit(df: pd.DataFrame, out: str | os.PathLike) -> dict[str, Path]:
+    """Write the audit to the folder ``out``: ``audit.csv``, ``audit.json`` (settings, skipped, rows) and ``audit.txt``
+    (:func:`format_audit`). Returns the paths by kind."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(df.to_json(orient="records"))  # NaN -> null
+    payload = {"settings": df.attrs.get("settings", {}), "skipped": df.attrs.get("skipped", {}), "rows": rows}
+    return {
+        "csv": write_text_atomic(folder / "audit.csv", df.to_csv(index=False)),
+        "json": write_text_atomic(folder / "audit.json", json.dumps(payload, indent=2) + "\n"),
+        "txt": write_text_atomic(folder / "audit.txt", format_audit(df) + "\n"),
+    }
+
+
+def run_audit(
+    manifest: str | os.PathLike,
+    labels: Sequence[str],
+    dataset_dir: str | os.PathLike | None = None,
+    prior_tables: Mapping[str, str | os.PathLike] | None = None,
+    out: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """Read a manifest file and its prior tables, audit the priors, and write the report to ``out`` (if given).
+
+    Args:
+        manifest: manifest file (read with :func:`~monai_du.data.manifest.read_manifest`).
+        labels: label columns.
+        dataset_dir: folder of relative image paths (default: the manifest's folder).
+        prior_tables: prior table files by name.
+        out: report folder (``audit.csv``, ``audit.json``, ``audit.txt``), or None.
+        kwargs: further arguments of :func:`audit_priors`.
+
+    Returns:
+        the audit table (:func:`audit_priors`).
+    """
+    try:
+        df = read_manifest(manifest, root=dataset_dir)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
+    tables: dict[str, str] = {}
+    for name, path in (prior_tables or {}).items():
+        if not str(name).strip():
+            raise ValueError(f"prior table {str(path)!r} needs a name (NAME=path).")
+        load_prior_table(path)  # checked before any work; attach_prior_table names the file in its errors
+        tables[str(name)] = str(path)
+    try:
+        result = audit_priors(df, labels, prior_tables=tables, source=str(manifest), **kwargs)
+    except ValueError as err:
+        raise ValueError(str(err)) from None
+    if out is not None:
+        write_audit(result, out)
+    return result
