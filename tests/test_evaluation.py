@@ -10,23 +10,39 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.model_selection import GroupKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
 from monai_du.evaluation import (
+    DEFAULT_CS,
     ProbeReport,
     age_regression,
     extract_features,
+    format_label_efficiency,
     format_table,
     knn_probe,
+    label_efficiency,
     linear_probe,
     patient_grouped_splits,
+    plot_label_efficiency,
     probe_report,
     roc_auc_with_ci,
+    select_C,
     site_leakage,
+    summarise_label_efficiency,
 )
 
 N_PATIENTS, ROWS_PER_PATIENT, N_FEATURES = 40, 3, 6
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    """The probes fit hundreds of small models; BLAS threads only add contention on a shared CPU."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield
 
 
 @pytest.fixture()
@@ -102,7 +118,7 @@ def test_split_that_shares_a_patient_is_rejected(cohort):
 # ------------------------------------------------------------------------------------------------------ linear probe
 def test_linear_probe_default_cv_matches_sklearn(cohort):
     x, y, patients, _ = cohort
-    result = linear_probe(x, y, groups=patients, n_splits=5, seed=2)
+    result = linear_probe(x, y, groups=patients, n_splits=5, seed=2, C=1.0)
     splits = patient_grouped_splits(y, patients, n_splits=5, seed=2)
     np.testing.assert_allclose(result.scores, _reference_logreg(x, y, splits), rtol=0, atol=1e-10)
     assert result.evaluated.all()
@@ -125,7 +141,7 @@ def test_linear_probe_explicit_folds_and_C_match_sklearn(cohort):
 def test_linear_probe_train_mask_matches_sklearn(cohort):
     x, y, patients, folds = cohort
     train = folds != 0
-    result = linear_probe(x, y, groups=patients, train_mask=train)
+    result = linear_probe(x, y, groups=patients, train_mask=train, C=1.0)
     ref = _reference_logreg(x, y, [(np.flatnonzero(train), np.flatnonzero(~train))])
     np.testing.assert_allclose(result.scores[~train], ref[~train], rtol=0, atol=1e-10)
     assert np.isnan(result.scores[train]).all() and (result.folds[train] == -1).all()
@@ -144,7 +160,7 @@ def test_label_policy_nan_and_uncertain(cohort):
     raw[uncertain_rows] = -1
     labels = pd.DataFrame({"label_a": raw, "label_b": y})
 
-    result = linear_probe(x, labels, groups=patients, folds=folds)
+    result = linear_probe(x, labels, groups=patients, folds=folds, C=1.0)
     assert set(result) == {"label_a", "label_b"}
     a = result["label_a"]
     keep = ~np.isnan(raw) & (raw != -1)
@@ -159,7 +175,7 @@ def test_label_policy_nan_and_uncertain(cohort):
         mapped = raw.copy()
         mapped[uncertain_rows] = value
         keep = ~np.isnan(mapped)
-        res = linear_probe(x, labels["label_a"], groups=patients, folds=folds, uncertain=policy)
+        res = linear_probe(x, labels["label_a"], groups=patients, folds=folds, uncertain=policy, C=1.0)
         assert np.array_equal(res.y_true[uncertain_rows], np.full(len(uncertain_rows), value))
         assert np.array_equal(res.evaluated, keep)
         ref = _reference_logreg(x, mapped, _pairs_from_folds(folds, keep))
@@ -437,8 +453,10 @@ def test_probe_report_combines_the_probes(cohort):
     x, y, patients, _ = cohort
     site = np.where(np.arange(N_PATIENTS) % 2 == 0, "A", "B")[np.repeat(np.arange(N_PATIENTS), ROWS_PER_PATIENT)]
     meta = pd.DataFrame({"patient_id": patients, "label_y": y, "site": site, "age": 30 + 5 * x[:, 2]})
-    report = probe_report(x, meta, "plain DU", "label_y", age_column="age", n_bootstrap=100, wall_time_s=2.0, seed=1)
-    scores = linear_probe(x, y, groups=patients, n_splits=5, seed=1)
+    report = probe_report(
+        x, meta, "plain DU", "label_y", age_column="age", n_bootstrap=100, wall_time_s=2.0, seed=1, C=0.1
+    )
+    scores = linear_probe(x, y, groups=patients, n_splits=5, seed=1, C=0.1)
     auc, low, high = roc_auc_with_ci(y, scores.scores, n_bootstrap=100, seed=1, groups=patients)
     assert (report.auc, report.auc_low, report.auc_high) == pytest.approx((auc, low, high), abs=1e-12)
     assert report.site_chance == 0.5 and 0.0 <= report.site_leakage <= 1.0
@@ -446,3 +464,252 @@ def test_probe_report_combines_the_probes(cohort):
     assert "plain DU" in format_table([report])
     with pytest.raises(ValueError, match="'scanner'"):
         probe_report(x, meta, "m", "label_y", site_column="scanner")
+
+
+# ---------------------------------------------------------------------------------- C by inner grouped cross-validation
+def _brute_force_C(x, y, groups, Cs, n_folds=5):
+    """Reference C search: loop over C (ascending), GroupKFold by patient, per-fold numpy standardisation, mean
+    Mann-Whitney AUC of the validation margins over the folds holding both classes, first argmax."""
+    Cs = sorted(Cs)
+    splits = list(GroupKFold(n_splits=min(n_folds, len(set(groups)))).split(x, y, groups))
+    curve = []
+    for C in Cs:
+        aucs = []
+        for tr, va in splits:
+            if len(set(y[tr])) < 2 or len(set(y[va])) < 2:
+                continue
+            mean, std = x[tr].mean(axis=0), x[tr].std(axis=0)
+            std[std == 0] = 1.0
+            clf = LogisticRegression(C=C, max_iter=5000).fit((x[tr] - mean) / std, y[tr].astype(int))
+            margin = (x[va] - mean) / std @ clf.coef_[0] + clf.intercept_[0]
+            aucs.append(_mann_whitney_auc(y[va], margin))
+        curve.append(np.mean(aucs))
+    curve = np.asarray(curve)
+    return Cs[int(np.argmax(curve))], curve
+
+
+def _factor_cohort(n_patients, n_features=200, n_factors=10, rows=2, seed=0):
+    """Rows of a patient share latent factors; the label follows factor 0; features are noisy mixtures (F >> N)."""
+    rng = np.random.default_rng(seed)
+    n = n_patients * rows
+    patients = np.repeat(np.arange(n_patients), rows)
+    z = rng.normal(size=(n_patients, n_factors))[patients] + 0.5 * rng.normal(size=(n, n_factors))
+    y = (z[:, 0] + 0.8 * rng.normal(size=n) > 0).astype(float)
+    x = z @ rng.normal(size=(n_factors, n_features)) + rng.normal(size=(n, n_features))
+    return x, y, patients
+
+
+def test_cv_chosen_C_equals_brute_force_grid_search(cohort):
+    x, y, patients, folds = cohort
+    grid = np.logspace(-3, 1, 5)
+    result = linear_probe(x, y, groups=patients, folds=folds, Cs=grid)
+    pairs = _pairs_from_folds(folds)
+    assert result.chosen_C.shape == (len(pairs),)
+    expected_scores = np.full(len(y), np.nan)
+    for k, (tr, te) in enumerate(pairs):
+        best, curve = _brute_force_C(x[tr], y[tr], patients[tr], grid)
+        assert result.chosen_C[k] == best
+        np.testing.assert_allclose(result.c_search[k].mean_auc, curve, rtol=0, atol=1e-9)
+        expected_scores[te] = _reference_logreg(x, y, [(tr, te)], C=best)[te]  # refit on all training rows
+    np.testing.assert_allclose(result.scores, expected_scores, rtol=0, atol=1e-10)
+    # the same through select_C on one training set, with the default grid
+    tr = pairs[0][0]
+    search = select_C(x[tr], y[tr], patients[tr])
+    best, curve = _brute_force_C(x[tr], y[tr], patients[tr], DEFAULT_CS)
+    assert search.C == best and not search.fallback
+    np.testing.assert_allclose(search.mean_auc, curve, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(DEFAULT_CS, np.logspace(-4, 2, 13))
+
+
+def test_cv_prefers_heavy_regularisation_on_noisy_high_dimensional_features():
+    x, y, patients = _factor_cohort(150, seed=5)
+    train = patients < 50  # 100 training rows, 200 features; 100 held-out patients
+    cv = linear_probe(x, y, groups=patients, train_mask=train)
+    fixed = linear_probe(x, y, groups=patients, train_mask=train, C=1.0)
+    assert cv.chosen_C.shape == (1,) and cv.chosen_C[0] < 1.0
+    np.testing.assert_array_equal(fixed.chosen_C, [1.0])
+    assert fixed.c_search is None
+    assert cv.roc_auc(n_bootstrap=0)[0] >= fixed.roc_auc(n_bootstrap=0)[0]
+    best, _ = _brute_force_C(x[train], y[train], patients[train], DEFAULT_CS)
+    assert cv.chosen_C[0] == best
+
+
+def test_inner_splits_never_share_a_patient(cohort):
+    x, y, patients, _ = cohort
+    labels = y.copy()
+    labels[[5, 17, 40]] = np.nan  # dropped rows take part in neither the outer nor the inner splits
+    result = linear_probe(x, labels, groups=patients, n_splits=4, seed=3, Cs=[0.01, 1.0])
+    for k, search in enumerate(result.c_search):
+        outer_train = np.flatnonzero(result.evaluated & (result.folds != k))
+        assert len(search.splits) == 5
+        inner = np.concatenate([va for _, va in search.splits])
+        assert np.array_equal(np.sort(inner), outer_train)  # the inner folds partition the outer training rows
+        for tr, va in search.splits:
+            assert set(patients[tr]).isdisjoint(patients[va])
+            assert not np.isin(np.concatenate([tr, va]), np.flatnonzero(result.folds == k)).any()
+
+
+def test_tiny_training_sets_reduce_folds_or_fall_back():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 3))
+    y = np.array([0, 1, 0, 1, 0, 1, 0, 1.0])  # each patient holds both classes
+    patients = np.repeat(["a", "b", "c", "d"], 2)
+    search = select_C(x, y, patients, Cs=[0.1, 1.0], n_splits=5)
+    assert len(search.splits) == 4 and search.scored.all() and not search.fallback
+    assert search.C == _brute_force_C(x, y, patients, [0.1, 1.0], n_folds=4)[0]
+    # two single-class patients: no inner fold holds both classes on both sides
+    y2 = np.array([0, 0, 0, 0, 1, 1, 1, 1.0])
+    with pytest.warns(UserWarning, match="fallback C=0.01"):
+        search = select_C(x, y2, np.repeat(["a", "b"], 4))
+    assert search.fallback and search.C == 0.01 and np.isnan(search.mean_auc).all()
+    # through linear_probe: the training rows are those two patients, the held-out rows hold both classes
+    y3 = np.array([0, 0, 1, 1, 0, 1, 0, 1.0])
+    train = np.arange(8) < 4
+    with pytest.warns(UserWarning, match="fallback C=0.5"):
+        result = linear_probe(x, y3, groups=patients, train_mask=train, fallback_C=0.5)
+    np.testing.assert_array_equal(result.chosen_C, [0.5])
+    with pytest.raises(ValueError, match="'cv'"):
+        linear_probe(x, y, groups=patients, C="auto")
+    with pytest.raises(ValueError, match="C must be"):
+        linear_probe(x, y, groups=patients, C=-1.0)
+    with pytest.raises(ValueError, match="Cs must be"):
+        linear_probe(x, y, groups=patients, Cs=[0.1, 0.0])
+
+
+# ------------------------------------------------------------------------------------------------- label efficiency
+@pytest.fixture()
+def le_cohort():
+    """100 patients with 1-3 images each: 70 training patients (train_mask), 30 held out; some labels missing."""
+    rng = np.random.default_rng(21)
+    counts = rng.integers(1, 4, size=100)
+    patients = np.repeat([f"q{i:03d}" for i in range(100)], counts)
+    n = len(patients)
+    x = rng.normal(size=(n, 8))
+    y = (x[:, 0] + x[:, 1] + rng.normal(size=n) > 0.8).astype(float)
+    y[rng.choice(n, 12, replace=False)] = np.nan
+    y[rng.choice(np.flatnonzero(~np.isnan(y)), 6, replace=False)] = -1  # uncertain: dropped
+    train = np.isin(patients, [f"q{i:03d}" for i in range(70)])
+    return x, y, patients, train
+
+
+def _direct_auc(x, y, fit_rows, test_rows, C):
+    scaler = StandardScaler().fit(x[fit_rows])
+    clf = LogisticRegression(C=C, max_iter=5000).fit(scaler.transform(x[fit_rows]), y[fit_rows].astype(int))
+    return roc_auc_score(y[test_rows], clf.predict_proba(scaler.transform(x[test_rows]))[:, 1])
+
+
+def test_label_efficiency_draws_training_patients_and_scores_the_fixed_held_out_set(le_cohort):
+    x, y, patients, train = le_cohort
+    labelled = np.isin(y, (0.0, 1.0))
+    train_patients = set(patients[train & labelled])
+    held_out = np.flatnonzero(~train & labelled)
+    with pytest.warns(UserWarning, match=r"skipping n_patients \[500\]"):
+        df = label_efficiency(x, y, patients, train, n_patients=(3, 10, 30, None, 500), n_draws=3, seed=4, C=0.05)
+    assert list(df.columns) == ["n_patients", "draw", "auc", "chosen_C", "n_images", "n_positive", "patients"]
+    n_all = len(train_patients)
+    assert df["n_patients"].tolist() == [3] * 3 + [10] * 3 + [30] * 3 + [n_all]  # all patients: one draw
+    n_test = len(set(patients[held_out]))
+    assert df.attrs == {"n_train_patients": n_all, "n_test_patients": n_test, "n_test_images": held_out.size}
+    for row in df.itertuples(index=False):
+        drawn = set(row.patients)
+        assert len(drawn) == len(row.patients) == row.n_patients
+        assert drawn <= train_patients
+        fit_rows = np.flatnonzero(np.isin(patients, list(drawn)) & labelled)  # every labelled image of them
+        assert row.n_images == fit_rows.size and row.n_positive == y[fit_rows].sum()
+        assert 0 < row.n_positive < row.n_images  # both classes
+        assert row.chosen_C == 0.05
+        assert row.auc == pytest.approx(_direct_auc(x, y, fit_rows, held_out, 0.05), abs=1e-10)
+    assert set(df["patients"].iloc[-1]) == train_patients
+    assert len({row for row in df["patients"].iloc[:3]}) == 3  # draws differ
+    # the draws depend on the labels, patients, mask and seed only: another encoder gets the same patients
+    other = label_efficiency(np.random.default_rng(0).normal(size=x.shape), y, patients, train, (3, 10), 3, 4, 1.0)
+    assert other["patients"].tolist() == df["patients"].iloc[:6].tolist()
+    reseeded = label_efficiency(x, y, patients, train, (3,), 3, seed=5, C=0.05)
+    assert reseeded["patients"].tolist() != df["patients"][:3].tolist()
+
+
+def test_label_efficiency_with_cv_matches_brute_force_and_direct_fit(le_cohort):
+    x, y, patients, train = le_cohort
+    labelled = np.isin(y, (0.0, 1.0))
+    held_out = np.flatnonzero(~train & labelled)
+    grid = [0.01, 0.1, 1.0]
+    df = label_efficiency(x, y, patients, train, n_patients=(20,), n_draws=2, seed=1, Cs=grid)
+    assert len(df) == 2
+    for row in df.itertuples(index=False):
+        fit_rows = np.flatnonzero(np.isin(patients, list(row.patients)) & labelled)
+        best, _ = _brute_force_C(x[fit_rows], y[fit_rows], patients[fit_rows], grid)
+        assert row.chosen_C == best
+        assert row.auc == pytest.approx(_direct_auc(x, y, fit_rows, held_out, best), abs=1e-10)
+
+
+def test_label_efficiency_skips_single_class_draws_and_checks_inputs(le_cohort):
+    x, y, patients, train = le_cohort
+    per_patient = pd.Series(np.nan_to_num(y, nan=0.0)).groupby(patients).transform("max").to_numpy()
+    with pytest.warns(UserWarning, match="single class"):  # every patient's images share one class
+        df = label_efficiency(x, per_patient, patients, train, n_patients=(1,), n_draws=2, C=1.0, max_redraws=3)
+    assert df.empty
+    test_rows = np.flatnonzero(~train & np.isin(y, (0.0, 1.0)))
+    split_patient = next(p for p in patients[test_rows] if (patients[test_rows] == p).sum() > 1)
+    shared = train.copy()
+    shared[np.flatnonzero(patients == split_patient)[0]] = True  # one of its images moves into train_mask
+    with pytest.raises(ValueError, match=f"patient '{split_patient}'"):
+        label_efficiency(x, y, patients, shared, n_patients=(3,), C=1.0)
+    with pytest.raises(ValueError, match="groups"):
+        label_efficiency(x, y, None, train)
+    with pytest.raises(ValueError, match="one label"):
+        label_efficiency(x, np.stack([y, y], axis=1), patients, train)
+
+
+def _brute_summary(df):
+    out = {}
+    for n in sorted(set(df["n_patients"])):
+        aucs = np.array([a for m, a in zip(df["n_patients"], df["auc"]) if m == n and not math.isnan(a)])
+        std = math.sqrt(((aucs - aucs.mean()) ** 2).sum() / (len(aucs) - 1)) if len(aucs) > 1 else math.nan
+        out[n] = (aucs.mean(), std, len(aucs))
+    return out
+
+
+def test_summarise_format_and_plot_label_efficiency(tmp_path):
+    rng = np.random.default_rng(3)
+    draws = [(n, d) for n in (25, 50, 100) for d in range(4)] + [(180, 0)]
+    du = pd.DataFrame(
+        {
+            "n_patients": [n for n, _ in draws],
+            "draw": [d for _, d in draws],
+            "auc": 0.6 + 0.05 * rng.random(len(draws)),
+            "chosen_C": 10.0 ** rng.integers(-4, 2, len(draws)),
+        }
+    )
+    du.loc[1, "auc"] = np.nan  # a failed draw is ignored
+    rand = du[du["n_patients"] != 50].assign(auc=lambda d: d["auc"] - 0.04)
+    summaries = {"plain DU": summarise_label_efficiency(du), "random init": summarise_label_efficiency(rand)}
+    table = summaries["plain DU"]
+    assert list(table.columns) == ["n_patients", "auc_mean", "auc_std", "n_draws", "chosen_C_median"]
+    ref = _brute_summary(du)
+    assert table["n_patients"].tolist() == sorted(ref)
+    for row in table.itertuples(index=False):
+        mean, std, count = ref[row.n_patients]
+        assert row.auc_mean == pytest.approx(mean, abs=1e-12) and row.n_draws == count
+        assert (math.isnan(std) and math.isnan(row.auc_std)) or row.auc_std == pytest.approx(std, abs=1e-12)
+    assert table.loc[0, "n_draws"] == 3  # the NaN draw of 25 patients
+
+    text = format_label_efficiency(summaries)
+    header, rule, first, second = text.splitlines()
+    assert header.split() == ["method", "n=25", "n=50", "n=100", "n=180"]
+    assert set(rule) <= {"-", " "}
+    for n, line, df in [(25, first, du), (100, second, rand)]:
+        mean, std, _ = _brute_summary(df)[n]
+        assert line[header.index(f"n={n}") :].startswith(f"{mean:.3f} ± {std:.3f}")
+    assert second[header.index("n=50") :].startswith("-")  # random init has no 50-patient draws
+    mean_180 = _brute_summary(du)[180][0]
+    assert first[header.index("n=180") :].rstrip() == f"{mean_180:.3f}"  # a single draw: no spread
+    assert first.startswith("plain DU") and second.startswith("random init")
+
+    path = plot_label_efficiency(summaries, tmp_path / "figures" / "label_efficiency.png", title="effusion")
+    assert path == tmp_path / "figures" / "label_efficiency.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+
+    assert imread(path).shape[:2] == (480, 720)  # 6 x 4 inches at 120 dpi
+    with pytest.raises(ValueError, match="auc_mean"):
+        format_label_efficiency({"x": du})
