@@ -1,4 +1,4 @@
-"""Generative-model priors: encode a cohort with a MONAI autoencoder into a prior table keyed by image path.
+"""Prior tables: encode a cohort with a MONAI autoencoder, or with any encoder, into a table keyed by image path.
 
 The paper's first claim is that a generative model, viewed as a prior representation, improves a contrastive one.
 This module provides that prior on any manifest:
@@ -21,6 +21,22 @@ This module provides that prior on any manifest:
 
     monai-du prior --manifest data/manifest.csv --out data/prior_table.csv --epochs 5 --latent-dim 16
 
+The autoencoder is fitted on the **pretraining split** only (the training patients of
+:func:`monai_du.data.splits.select_split` with the bundles' defaults: fractions 0.8 / 0.1 / 0.1, seed 0), and then
+embeds every manifest image, held-out ones included (a frozen encoder's embedding of a held-out image is what a probe
+needs). :func:`ensure_prior_table` caches the table for bundle configs, keyed by every setting that changes it (the
+split included) and by the manifest's content.
+
+A prior from **any encoder** trained elsewhere or earlier (DESIGN §1: an embedding that carries information the
+augmentations cannot create) comes from :func:`encoder_prior_table`; :func:`load_encoder` accepts a TorchScript file,
+a monai_du export (``encoder.pt`` + ``encoder_info.json`` of :class:`monai_du.handlers.PretrainedEncoderExporter`)
+or a MONAI bundle's network (config + network id + checkpoint)::
+
+    monai-du prior --manifest data/manifest.csv --out prior.csv --encoder runs/du/models          # export folder
+    monai-du prior --manifest data/manifest.csv --out prior.csv --encoder encoder.ts --image-size 64
+    monai-du prior --manifest data/manifest.csv --out prior.csv \
+        --bundle-config bundle/configs/train.yaml --network-id network_def --checkpoint bundle/models/ckpt.pt
+
 In Python::
 
     table = load_prior_table("data/prior_table.csv")
@@ -35,9 +51,9 @@ import os
 import posixpath
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -63,6 +79,9 @@ __all__ = [
     "generative_prior_kernel",
     "build_prior_table",
     "ensure_prior_table",
+    "load_encoder",
+    "encoder_prior_table",
+    "build_encoder_prior_table",
 ]
 
 PRIOR_PREFIX = "gen_"
@@ -365,10 +384,9 @@ def make_prior_table(keys: Sequence[Any] | pd.Series, embeddings: Any) -> pd.Dat
     if len(blank):
         raise ValueError(f"make_prior_table: empty image key(s) at row(s) {blank.index[:5].tolist()}.")
     _check_unique(norm, "make_prior_table")
-    table = pd.DataFrame({PRIOR_KEY_COLUMN: norm.to_numpy()})
-    for j in range(emb.shape[1]):
-        table[f"{PRIOR_PREFIX}{j}"] = emb[:, j]
-    return table
+    columns = {PRIOR_KEY_COLUMN: norm.to_numpy()}
+    columns.update({f"{PRIOR_PREFIX}{j}": emb[:, j] for j in range(emb.shape[1])})
+    return pd.DataFrame(columns)
 
 
 def _table_kind(path: Path) -> str:
@@ -547,28 +565,87 @@ def generative_prior_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# from a manifest to a table
+# the pretraining split
+# ---------------------------------------------------------------------------------------------------------------------
+ALL_ROWS = "all"
+"""The ``split`` value that selects every manifest row."""
+
+
+def _split_mask(
+    df: pd.DataFrame,
+    split: str | Sequence[str] | None,
+    fractions: dict[str, float] | None,
+    split_seed: int,
+    where: str,
+) -> np.ndarray:
+    """Positional mask of the rows in the patient-level split ``split`` (``"all"`` or None: every row).
+
+    A manifest ``split`` column is used as it is; otherwise :func:`monai_du.data.splits.select_split` splits the
+    patients with ``fractions`` and ``split_seed``, as the bundles do.
+    """
+    if split is None or (isinstance(split, str) and split == ALL_ROWS):
+        return np.ones(len(df), dtype=bool)
+    names = [split] if isinstance(split, str) else [str(s) for s in split]
+    if not names:
+        raise ValueError(f"{where}: give a split name ('train', 'val', 'test') or {ALL_ROWS!r}, got {split!r}.")
+    what = f"== {names[0]!r}" if len(names) == 1 else f"in {names}"
+    if "split" in df.columns and df["split"].notna().any():
+        mask = df["split"].isin(names).to_numpy()
+        if not mask.any():
+            counts = df["split"].value_counts(dropna=False).to_dict()
+            raise ValueError(f"{where}: no row has split {what}; the manifest's 'split' column counts {counts}.")
+        return mask
+    from monai_du.data.splits import select_split
+
+    try:
+        selected = select_split(df.reset_index(drop=True), names, fractions=fractions, seed=int(split_seed))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    mask = np.zeros(len(df), dtype=bool)
+    mask[selected.index.to_numpy()] = True
+    return mask
+
+
+def _read_manifest_frame(
+    manifest: str | os.PathLike | pd.DataFrame, root: str | os.PathLike | None
+) -> tuple[pd.DataFrame, str]:
+    """The manifest as a DataFrame, and its name for error messages."""
+    if isinstance(manifest, pd.DataFrame):
+        return manifest, "manifest DataFrame"
+    from monai_du.data.manifest import read_manifest
+
+    try:
+        return read_manifest(manifest, root=root), str(manifest)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# from a manifest to a table: the autoencoder
 # ---------------------------------------------------------------------------------------------------------------------
 def load_images(
     df: pd.DataFrame,
     modality: str = "2d",
-    image_size: int = 32,
+    image_size: int | Sequence[int] = 32,
     root: str | os.PathLike | None = None,
+    intensity: str | None = "minmax",
 ) -> np.ndarray:
     """Load every manifest image with :func:`monai_du.data.loading.load_image_transforms`, resized, in row order.
 
     Args:
         df: manifest rows (``image``, resolved against ``root``, or the ``image_path`` column of ``read_manifest``).
         modality: "2d" / "cxr" or "3d" / "brain" (see ``load_image_transforms``).
-        image_size: side of the resized images.
+        image_size: size of the resized images: a side (int) or one value per axis.
         root: folder of relative image paths.
+        intensity: intensity scaling of ``load_image_transforms`` ("minmax", "percentile" or None).
 
     Returns:
-        float32 array (N, 1, *spatial) scaled to [0, 1] per image.
+        float32 array (N, 1, *spatial), scaled to [0, 1] per image (with "minmax" or "percentile").
     """
     from monai_du.data.loading import load_image_transforms, manifest_to_dataset
 
-    transform = load_image_transforms(keys="image", modality=modality, spatial_size=int(image_size))
+    size = int(image_size) if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size]
+    transform = load_image_transforms(keys="image", modality=modality, spatial_size=size, intensity=intensity)
     dataset = manifest_to_dataset(df, root=root, transform=transform, columns=[])
     images = [np.asarray(item["image"], dtype=np.float32) for item in dataset]
     return np.stack(images)
@@ -585,14 +662,21 @@ def build_prior_table(
     batch_size: int = 32,
     learning_rate: float = 1e-3,
     kl_weight: float = 1e-3,
-    train_split: str | None = None,
+    split: str | Sequence[str] | None = "train",
+    fractions: dict[str, float] | None = None,
+    split_seed: int = 0,
     checkpoint: str | os.PathLike | None = None,
     save_checkpoint: str | os.PathLike | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     log: Callable[[str], None] | None = print,
 ) -> Path:
-    """Train (or load) the prior autoencoder on a manifest's images, encode them all, and write the prior table.
+    """Train (or load) the prior autoencoder on the pretraining split, encode every manifest image, write the table.
+
+    The autoencoder sees the images of the pretraining split only (by default the training patients, chosen as the
+    pretraining and fine-tuning bundles choose them), so that nothing fitted on held-out patients reaches the
+    pretrained encoder through its prior. The frozen autoencoder then embeds **every** manifest image: the table
+    covers the held-out images too, as probing and fine-tuning need.
 
     Args:
         manifest: the manifest file (read with :func:`monai_du.data.manifest.read_manifest`).
@@ -601,34 +685,36 @@ def build_prior_table(
         modality: "2d" / "cxr" or "3d" / "brain".
         image_size: side of the images the autoencoder sees (divisible by 8 with the default channels).
         latent_dim, epochs, batch_size, learning_rate, kl_weight, seed, device: see :func:`train_prior_autoencoder`.
-        train_split: train the autoencoder on the rows whose ``split`` column equals this value only (all rows are
-            encoded); None trains on every row.
-        checkpoint: load this autoencoder (:func:`save_prior_autoencoder`) instead of training one.
+        split: the split(s) whose rows train the autoencoder: "train" (default), "val", "test", a list of these,
+            or "all" (every row, held-out patients included). A manifest ``split`` column is used as it is;
+            without one, patients are split with ``fractions`` and ``split_seed``
+            (:func:`monai_du.data.splits.select_split`).
+        fractions: fractions of patients per split (default 0.8 / 0.1 / 0.1, as in the bundles).
+        split_seed: seed of the patient split (default 0, as in the bundles).
+        checkpoint: load this autoencoder (:func:`save_prior_autoencoder`) instead of training one (then ``split``
+            plays no part).
         save_checkpoint: where to save the trained autoencoder.
         log: callable for progress lines, or None.
 
     Returns:
         the path of the table.
-    """
-    from monai_du.data.manifest import read_manifest
 
+    Raises:
+        ValueError: for a missing manifest, or a split with no row (named).
+    """
     started = time.perf_counter()
-    df = read_manifest(manifest, root=root)
+    df, source = _read_manifest_frame(manifest, root)
     if checkpoint is not None:
         model = load_prior_autoencoder(checkpoint, device=device)
         image_size = int(model.prior_config["image_size"][0])
+    else:
+        mask = _split_mask(df, split, fractions, split_seed, source)
     images = load_images(df, modality=modality, image_size=image_size)
     if log:
         log(f"loaded {len(images)} images of shape {tuple(images.shape[1:])} from {manifest}")
     if checkpoint is None:
-        if train_split is not None:
-            if "split" not in df.columns:
-                raise ValueError(f"{manifest}: train_split={train_split!r} but the manifest has no 'split' column.")
-            mask = (df["split"] == train_split).to_numpy()
-            if not mask.any():
-                raise ValueError(f"{manifest}: no row has split == {train_split!r}.")
-        else:
-            mask = np.ones(len(df), dtype=bool)
+        if log:
+            log(f"training the prior autoencoder on {int(mask.sum())} image(s) of split {split!r}")
         model, _ = train_prior_autoencoder(
             images[mask], latent_dim, epochs, batch_size, learning_rate, kl_weight, seed=seed, device=device, log=log
         )
@@ -642,28 +728,582 @@ def build_prior_table(
     return path
 
 
-def ensure_prior_table(
-    manifest: str | os.PathLike, path: str | os.PathLike, rebuild: bool = False, **kwargs: Any
-) -> str:
-    """The prior table at ``path``, built from ``manifest`` with :func:`build_prior_table` when it does not exist.
+# ---------------------------------------------------------------------------------------------------------------------
+# from a manifest to a table: any encoder
+# ---------------------------------------------------------------------------------------------------------------------
+_EXPORT_INFO = "encoder_info.json"
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+_SPEC_KEYS = ("encoder", "bundle_config", "network_id", "checkpoint", "submodule")
 
-    For bundle configs: ``prior_table: $monai_du.priors.ensure_prior_table(@manifest, 'prior_table.csv')``. An
-    existing table is validated (:func:`load_prior_table`) but not compared with the manifest;
+
+class _Encoder(NamedTuple):
+    """A loaded encoder, what it records about its input, and the files that define it."""
+
+    module: torch.nn.Module
+    spatial_size: list[int] | None
+    spatial_dims: int | None
+    source: str
+    files: list[Path]
+
+
+def _spatial_list(value: Any, dims: int | None) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, np.integer)):
+        return [int(value)] * (dims or 2)
+    try:
+        return [int(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+
+
+def _load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        own, given = set(module.state_dict()), set(state)
+        missing, unexpected = sorted(own - given), sorted(given - own)
+        detail = (
+            f"missing keys {_describe(missing)}; unexpected keys {_describe(unexpected)}"
+            if missing or unexpected
+            else str(err).strip().splitlines()[-1].strip()
+        )
+        raise ValueError(
+            f"load_encoder: the weights in {str(source)!r} do not fit the {type(module).__name__} network: {detail}."
+        ) from None
+
+
+def _torchscript_encoder(path: Path) -> _Encoder:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # the caller chose TorchScript; torch's deprecation notice is not theirs
+            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(
+            f"load_encoder: {str(path)!r} is not a TorchScript file ({first}). A monai_du export needs "
+            f"{_EXPORT_INFO} beside its encoder.pt; a bundle network needs its .yaml/.json config, a network id and "
+            "a checkpoint."
+        ) from None
+    return _Encoder(module, None, None, f"the TorchScript file {str(path)!r}", [path])
+
+
+def _export_encoder(folder: Path) -> _Encoder:
+    import json
+
+    from monai_du.networks import build_encoder, encoder_state_dict
+
+    info_path = folder / _EXPORT_INFO
+    if not info_path.is_file():
+        raise ValueError(
+            f"load_encoder: {str(folder)!r} is not a monai_du export: no {_EXPORT_INFO} in it "
+            "(monai_du.handlers.PretrainedEncoderExporter writes encoder.pt and encoder_info.json)."
+        )
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"load_encoder: {str(info_path)!r} is not valid JSON: {err}.") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"load_encoder: {str(info_path)!r} must hold a JSON object, got {type(info).__name__}.")
+    weights = folder / str(info.get("encoder_file", "encoder.pt"))
+    if not weights.is_file():
+        raise ValueError(f"load_encoder: the export {str(folder)!r} has no weights file {weights.name!r}.")
+    backbone, kwargs = info.get("backbone"), info.get("backbone_kwargs") or {}
+    if not isinstance(backbone, str) or not isinstance(kwargs, dict):
+        raise ValueError(
+            f"load_encoder: {str(info_path)!r} needs a 'backbone' name (and optional 'backbone_kwargs' object) for "
+            "monai_du.networks.build_encoder; export with PretrainedEncoderExporter(info={'backbone': ..., "
+            f"'backbone_kwargs': ..., 'spatial_size': ...}}); found backbone={backbone!r}, backbone_kwargs={kwargs!r}."
+        )
+    raw_size = info.get("spatial_size")
+    dims = info.get("spatial_dims")
+    if dims is None:
+        dims = len(raw_size) if isinstance(raw_size, (list, tuple)) else 2
+    try:
+        module, _ = build_encoder(backbone, int(dims), int(info.get("in_channels", 1)), **kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"load_encoder: {str(info_path)!r} does not describe a backbone: {err}") from None
+    _load_weights(module, encoder_state_dict(weights), weights)
+    size = _spatial_list(raw_size, int(dims))
+    return _Encoder(module, size, int(dims), f"the monai_du export {str(folder)!r}", [info_path, weights])
+
+
+def _is_export_weights(path: Path) -> bool:
+    """Whether ``path`` is the weights file named by an ``encoder_info.json`` beside it."""
+    import json
+
+    info_path = path.parent / _EXPORT_INFO
+    if not info_path.is_file():
+        return False
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return path.name == "encoder.pt"
+    return path.name == str(info.get("encoder_file", "encoder.pt")) if isinstance(info, dict) else False
+
+
+def _bundle_encoder(
+    configs: str | os.PathLike | Sequence[str | os.PathLike],
+    network_id: str,
+    checkpoint: str | os.PathLike | None,
+) -> _Encoder:
+    from monai.bundle import ConfigParser
+
+    from monai_du.networks import encoder_state_dict
+
+    files = [Path(configs)] if isinstance(configs, (str, os.PathLike)) else [Path(c) for c in configs]
+    if not files:
+        raise ValueError("load_encoder: give at least one bundle config file.")
+    for file in files:
+        if not file.is_file():
+            raise ValueError(f"load_encoder: no such bundle config file {str(file)!r}.")
+    where = ", ".join(str(f) for f in files)
+    if checkpoint is None:
+        raise ValueError(
+            f"load_encoder: the bundle network {network_id!r} of {where} needs a checkpoint (a state dict file, or a "
+            "checkpoint holding one under 'model')."
+        )
+    ckpt = Path(checkpoint)
+    if not ckpt.is_file():
+        raise ValueError(f"load_encoder: no such checkpoint file {str(ckpt)!r}.")
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files] if len(files) > 1 else str(files[0]))
+    if network_id not in parser:
+        top = parser.get()
+        ids = list(top) if isinstance(top, dict) else []
+        raise ValueError(
+            f"load_encoder: no network id {network_id!r} in the bundle config {where}; its top-level ids are "
+            f"{_describe(ids, limit=20)}."
+        )
+    try:
+        network = parser.get_parsed_content(network_id, instantiate=True)
+    except Exception as err:  # any error of the user's config: report it with the id and the file
+        raise ValueError(f"load_encoder: could not build {network_id!r} of the bundle config {where}: {err}") from err
+    if not isinstance(network, torch.nn.Module):
+        raise ValueError(
+            f"load_encoder: {network_id!r} of the bundle config {where} is a {type(network).__name__}, not a "
+            "torch.nn.Module."
+        )
+    _load_weights(network, encoder_state_dict(ckpt, prefix=""), ckpt)
+    size = None
+    if "spatial_size" in parser:
+        try:
+            size = _spatial_list(parser.get_parsed_content("spatial_size"), None)
+        except Exception:  # a spatial_size that needs the run's context: the caller gives image_size
+            size = None
+    return _Encoder(
+        network, size, len(size) if size else None, f"the bundle network {network_id!r} of {where}", [*files, ckpt]
+    )
+
+
+def _resolve_encoder(
+    spec: Any,
+    network_id: str = "network_def",
+    checkpoint: str | os.PathLike | None = None,
+    submodule: str | None = None,
+) -> _Encoder:
+    if isinstance(spec, _Encoder):
+        return spec
+    if isinstance(spec, Mapping):
+        unknown = [k for k in spec if k not in _SPEC_KEYS]
+        if unknown or ("encoder" in spec) == ("bundle_config" in spec):
+            raise ValueError(
+                f"load_encoder: a mapping spec has the keys {list(_SPEC_KEYS)}, with exactly one of 'encoder' (a "
+                f"TorchScript file or monai_du export) and 'bundle_config'; got keys {list(spec)}."
+            )
+        network_id = str(spec.get("network_id") or network_id)
+        checkpoint = spec.get("checkpoint", checkpoint)
+        submodule = spec.get("submodule", submodule)
+        if "encoder" in spec:
+            return _resolve_encoder(spec["encoder"], network_id=network_id, checkpoint=checkpoint, submodule=submodule)
+        resolved = _bundle_encoder(spec["bundle_config"], network_id, checkpoint)
+    elif isinstance(spec, torch.nn.Module):
+        resolved = _Encoder(spec, None, None, f"the {type(spec).__name__} module", [])
+    elif isinstance(spec, (list, tuple)):
+        resolved = _bundle_encoder(spec, network_id, checkpoint)
+    elif isinstance(spec, (str, os.PathLike)):
+        path = Path(spec)
+        if not path.exists():
+            raise ValueError(f"load_encoder: no such encoder file or folder {str(path)!r}.")
+        if path.is_file() and path.name.lower().endswith(_CONFIG_SUFFIXES) and path.name != _EXPORT_INFO:
+            resolved = _bundle_encoder(path, network_id, checkpoint)
+        else:
+            if checkpoint is not None:
+                raise ValueError(
+                    f"load_encoder: a checkpoint goes with a bundle config; {str(path)!r} holds its own weights."
+                )
+            if path.is_dir():
+                resolved = _export_encoder(path)
+            elif path.name == _EXPORT_INFO or _is_export_weights(path):
+                resolved = _export_encoder(path.parent)
+            else:
+                resolved = _torchscript_encoder(path)
+    else:
+        raise ValueError(
+            "load_encoder: give a TorchScript file, a monai_du export folder (or its encoder.pt), a bundle config "
+            f"(with network_id and checkpoint), a mapping {list(_SPEC_KEYS)} or a torch.nn.Module; got "
+            f"{type(spec).__name__}."
+        )
+    if submodule:
+        module = resolved.module
+        for part in str(submodule).split("."):
+            child = getattr(module, part, None)
+            if not isinstance(child, torch.nn.Module):
+                raise ValueError(f"load_encoder: {resolved.source} has no submodule {submodule!r} (at {part!r}).")
+            module = child
+        resolved = resolved._replace(module=module, source=f"{resolved.source}, submodule {submodule!r}")
+    return resolved
+
+
+def load_encoder(
+    spec: Any,
+    network_id: str = "network_def",
+    checkpoint: str | os.PathLike | None = None,
+    submodule: str | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """Load an encoder mapping images ``(N, C, *spatial)`` to features ``(N, D)`` (or ``(N, D, ...)``).
+
+    ``spec`` is one of:
+
+    - the path of a **TorchScript** file (``torch.jit.load``);
+    - a **monai_du export**: the folder written by :class:`monai_du.handlers.PretrainedEncoderExporter`, or its
+      ``encoder.pt`` or ``encoder_info.json``. The backbone is rebuilt with :func:`monai_du.networks.build_encoder`
+      from the info's ``backbone``, ``backbone_kwargs``, ``spatial_dims`` and ``in_channels``, and the state dict
+      of ``encoder.pt`` is loaded into it;
+    - a **MONAI bundle's network**: the path of a bundle config (``.yaml``, ``.yml``, ``.json``; a list of them is
+      merged as ``monai.bundle`` merges ``--config_file``), read with :class:`monai.bundle.ConfigParser`;
+      ``network_id`` is instantiated and the state dict in ``checkpoint`` loaded into it (a plain state dict, or a
+      checkpoint holding it under ``model``, ``network``, ``net`` or ``state_dict``, as the monai_du bundles'
+      checkpoints do; DDP's ``module.`` prefix is removed). The mapping
+      ``{"bundle_config": ..., "network_id": ..., "checkpoint": ..., "submodule": ...}`` says the same;
+    - a ``torch.nn.Module`` (returned as it is).
+
+    Args:
+        spec: see above.
+        network_id: the bundle config id of the network (default ``network_def``).
+        checkpoint: the bundle network's weights (bundle form only).
+        submodule: a dotted attribute of the loaded network to use instead, e.g. ``"encoder"`` for the backbone of a
+            :class:`monai_du.networks.ContrastiveEncoder` (whose forward gives the projection head's output).
+        device: device of the returned module.
+
+    Returns:
+        the module, in eval mode, on ``device``.
+
+    Raises:
+        ValueError: for a missing file or folder, a file that is none of these forms, an unknown network id, or
+            weights that do not fit, each naming the file or id.
+    """
+    resolved = _resolve_encoder(spec, network_id=network_id, checkpoint=checkpoint, submodule=submodule)
+    if isinstance(spec, torch.nn.Module) and not submodule:
+        return spec
+    return resolved.module.to(device).eval()
+
+
+def _pooled_features(module: torch.nn.Module, x: torch.Tensor, pool: str, where: str) -> torch.Tensor:
+    """Encoder output ``(N, D)``; ``(N, D, ...)`` is averaged over its trailing axes (``"mean"``) or flattened."""
+    out = module(x)
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(
+            f"{where}: the encoder returned a {type(out).__name__}, not a tensor (N, D); pass submodule= to pick a "
+            "part of the network that returns one."
+        )
+    if out.ndim < 2 or out.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{where}: the encoder mapped images {tuple(x.shape)} to {tuple(out.shape)}; expected (N={x.shape[0]}, D) "
+            "or (N, D, ...)."
+        )
+    if out.ndim > 2:
+        out = out.mean(dim=tuple(range(2, out.ndim))) if pool == "mean" else out.flatten(1)
+    return out.detach().float().cpu()
+
+
+def encoder_prior_table(
+    manifest: str | os.PathLike | pd.DataFrame,
+    encoder: Any,
+    *,
+    root: str | os.PathLike | None = None,
+    split: str | Sequence[str] | None = "train",
+    image_size: int | Sequence[int] | None = None,
+    modality: str | None = None,
+    intensity: str | None = "minmax",
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    fractions: dict[str, float] | None = None,
+    split_seed: int = 0,
+    pool: str = "mean",
+    num_workers: int = 0,
+) -> pd.DataFrame:
+    """A prior table from any encoder: the features of the pretraining split's images, keyed by image path.
+
+    Only the rows of ``split`` are encoded, by default the training patients chosen exactly as the pretraining
+    bundles choose them (:func:`monai_du.data.splits.select_split` with fractions 0.8 / 0.1 / 0.1 and seed 0, or the
+    manifest's own ``split`` column). A prior computed on held-out patients leaks nothing about their labels (the
+    encoder never sees a label), but the pretraining run reads only its training rows, and keeping the table to them
+    is the safe default that matches the bundles: nothing about a held-out patient enters pretraining. Pass
+    ``split="all"`` to encode every row (e.g. to attach the table to the whole manifest).
+
+    Images are loaded with the package's MONAI pipeline (:func:`monai_du.data.loading.load_image_transforms`:
+    readers by file type, channel first, intensity scaling, resizing) at the encoder's input size, and encoded in
+    eval mode without gradients, ``batch_size`` at a time.
+
+    Args:
+        manifest: the manifest file (relative paths resolved against ``root`` or its folder) or DataFrame.
+        encoder: what :func:`load_encoder` accepts: a TorchScript file, a monai_du export folder (or its
+            ``encoder.pt``), a mapping ``{"bundle_config", "network_id", "checkpoint", "submodule"}`` for a MONAI
+            bundle's network, or a ``torch.nn.Module`` (put in eval mode for the pass, and moved to ``device``).
+        root: folder of relative image paths.
+        split: the split(s) to encode ("train", "val", "test" or a list of them), or "all".
+        image_size: input size: a side or one value per axis. Default: the export's ``spatial_size``
+            (``encoder_info.json``) or the bundle config's ``spatial_size``; required for TorchScript files and
+            modules.
+        modality: "2d" / "cxr" or "3d" / "brain"; default from the encoder's spatial dims or ``image_size``.
+        intensity: intensity scaling, as in the pipeline the encoder was trained with ("minmax", the 2D bundles;
+            "percentile", the brain MRI bundle; or None).
+        batch_size: images per forward pass.
+        device: device of the forward passes.
+        fractions: fractions of patients per split (default 0.8 / 0.1 / 0.1, as in the bundles).
+        split_seed: seed of the patient split (default 0, as in the bundles).
+        pool: for outputs ``(N, D, ...)``: ``"mean"`` (global average over the trailing axes) or ``"flatten"``.
+        num_workers: ``DataLoader`` workers that load the images.
+
+    Returns:
+        the prior table (:func:`make_prior_table`): ``image`` (the manifest's path of each selected row, in
+        manifest order) and ``gen_0 .. gen_{D-1}``.
+
+    Raises:
+        ValueError: for a missing encoder file, an unknown network id, an unknown input size, an output that is not
+            ``(N, D, ...)``, a split with no row, or non-finite features (naming the images).
+    """
+    from monai.data import DataLoader
+
+    from monai_du.data.loading import load_image_transforms, manifest_to_dataset
+
+    if pool not in ("mean", "flatten"):
+        raise ValueError(f"encoder_prior_table: pool must be 'mean' or 'flatten', got {pool!r}.")
+    if int(batch_size) < 1:
+        raise ValueError(f"encoder_prior_table: batch_size must be >= 1, got {batch_size!r}.")
+    resolved = _resolve_encoder(encoder)
+    df, source = _read_manifest_frame(manifest, root)
+    rows = df.iloc[np.flatnonzero(_split_mask(df, split, fractions, split_seed, source))]
+    if image_size is not None:
+        size: int | list[int] = (
+            int(image_size) if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size]
+        )
+    elif resolved.spatial_size:
+        size = list(resolved.spatial_size)
+    else:
+        raise ValueError(
+            f"encoder_prior_table: {resolved.source} does not record its input size; give image_size (a side, or one "
+            "value per axis)."
+        )
+    if modality is None:
+        dims = len(size) if isinstance(size, list) else (resolved.spatial_dims or 2)
+        modality = "3d" if dims == 3 else "2d"
+    transform = load_image_transforms(keys="image", modality=modality, spatial_size=size, intensity=intensity)
+    dataset = manifest_to_dataset(
+        rows, root=root if isinstance(manifest, pd.DataFrame) else None, transform=transform, columns=[],
+        source=source if not isinstance(manifest, pd.DataFrame) else None,
+    )
+    loader = DataLoader(dataset, batch_size=int(batch_size), shuffle=False, num_workers=int(num_workers))
+    where = f"encoder_prior_table({resolved.source})"
+    module = resolved.module
+    was_training = module.training
+    module.eval().to(device)
+    chunks = []
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                x = batch["image"]
+                x = x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+                chunks.append(_pooled_features(module, x.float().to(device), pool, where))
+    finally:
+        module.train(was_training)
+    features = torch.cat(chunks).numpy().astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if len(bad):
+        raise ValueError(
+            f"{where}: non-finite features for {len(bad)} image(s): {_describe(rows['image'].iloc[bad].tolist())}."
+        )
+    return make_prior_table(rows["image"], features)
+
+
+def build_encoder_prior_table(
+    manifest: str | os.PathLike | pd.DataFrame,
+    out: str | os.PathLike,
+    encoder: Any,
+    log: Callable[[str], None] | None = print,
+    **kwargs: Any,
+) -> Path:
+    """Write :func:`encoder_prior_table` to ``out`` (``.csv``, ``.csv.gz`` or ``.parquet``); it backs
+    ``monai-du prior --encoder`` and ``--bundle-config``.
+
+    Args:
+        manifest: the manifest file or DataFrame.
+        out: the table to write.
+        encoder: see :func:`load_encoder`.
+        log: callable for progress lines, or None.
+        kwargs: the keyword arguments of :func:`encoder_prior_table` (``root``, ``split``, ``image_size``, ...).
+
+    Returns:
+        the path of the table.
+    """
+    started = time.perf_counter()
+    table = encoder_prior_table(manifest, encoder, **kwargs)
+    path = write_prior_table(table, out)
+    if log:
+        log(f"wrote the prior table {path} ({len(table)} images of split {kwargs.get('split', 'train')!r} x "
+            f"{len(prior_columns(table))} columns) in {time.perf_counter() - started:.1f} s")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the cached table of a bundle
+# ---------------------------------------------------------------------------------------------------------------------
+_SETTINGS_FORMAT = "monai_du.prior_table_settings/1"
+# arguments that do not change the table's content
+_UNKEYED = ("out", "log", "device", "save_checkpoint", "num_workers")
+
+
+def _settings_path(path: Path) -> Path:
+    """Where :func:`ensure_prior_table` records the settings that built the table at ``path``."""
+    return path.with_name(path.name + ".settings.json")
+
+
+def _file_key(path: str | os.PathLike) -> dict[str, str]:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": os.path.abspath(path), "sha256": digest.hexdigest()}
+
+
+def _module_key(module: torch.nn.Module) -> dict[str, str]:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"module": type(module).__qualname__, "sha256": digest.hexdigest()}
+
+
+def _cache_settings(manifest: Any, encoder: Any, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The settings that determine a table (JSON-ready), and the encoder spec resolved once for the build."""
+    import inspect
+
+    from monai_du.data.splits import DEFAULT_FRACTIONS
+
+    if not isinstance(manifest, (str, os.PathLike)) or not Path(manifest).is_file():
+        raise ValueError(f"ensure_prior_table: no such manifest file {manifest!r}.")
+    if encoder is None:
+        bound = inspect.signature(build_prior_table).bind(manifest, "<table>", **kwargs)
+        kind = "autoencoder"
+    else:
+        bound = inspect.signature(encoder_prior_table).bind(manifest, encoder, **kwargs)
+        kind = "encoder"
+    bound.apply_defaults()
+    args = {k: v for k, v in bound.arguments.items() if k not in _UNKEYED}
+    args["manifest"] = _file_key(manifest)
+    args["root"] = None if args.get("root") is None else os.path.abspath(args["root"])
+    split = args.get("split")
+    args["split"] = ALL_ROWS if split is None else split if isinstance(split, str) else [str(s) for s in split]
+    fractions = DEFAULT_FRACTIONS if args.get("fractions") is None else args["fractions"]
+    args["fractions"] = {str(k): float(v) for k, v in dict(fractions).items()}
+    if kind == "autoencoder":
+        args["checkpoint"] = None if args.get("checkpoint") is None else _file_key(args["checkpoint"])
+    else:
+        args.pop("batch_size", None)  # eval-mode features do not depend on the batching
+        encoder = _resolve_encoder(encoder)
+        args["encoder"] = {
+            "source": encoder.source,
+            "files": [_file_key(f) for f in encoder.files] if encoder.files else [_module_key(encoder.module)],
+        }
+    for name in ("image_size",):
+        if isinstance(args.get(name), (tuple, list)):
+            args[name] = [int(s) for s in args[name]]
+    return {"kind": kind, **args}, encoder
+
+
+def ensure_prior_table(
+    manifest: str | os.PathLike,
+    path: str | os.PathLike,
+    rebuild: bool = False,
+    encoder: Any = None,
+    **kwargs: Any,
+) -> str:
+    """The prior table at ``path``, built from ``manifest`` when it is missing or was built with other settings.
+
+    For bundle configs::
+
+        # the generative prior: a VAE fitted on the pretraining split, embedding every manifest image
+        prior_table: "$monai_du.priors.ensure_prior_table(@manifest, 'prior_table.csv', root=@dataset_dir,
+                      split=@pretrain_split, fractions=@split_fractions, split_seed=@split_seed)"
+        # any encoder's features of the pretraining split
+        prior_table: "$monai_du.priors.ensure_prior_table(@manifest, 'prior_table.csv', encoder=@prior_encoder_path,
+                      root=@dataset_dir, split=@pretrain_split, fractions=@split_fractions, split_seed=@split_seed)"
+
+    With ``encoder=None`` the table comes from :func:`build_prior_table` (the autoencoder), otherwise from
+    :func:`encoder_prior_table` (see there for ``encoder``). Next to the table, ``<path>.settings.json`` records
+    what built it: every argument that changes the table (the split, its fractions and seed included), a SHA-256 of
+    the manifest file, and of the encoder's or checkpoint's files. A table whose record differs is rebuilt, with a
+    warning naming the changed settings, so that a changed split is never served stale. A table without a record
+    (written by ``monai-du prior`` or by hand) is kept, with a warning that it could not be checked; pass
+    ``rebuild=True`` or delete it to rebuild. An existing table is validated (:func:`load_prior_table`);
     :func:`attach_prior_table` names any image it lacks. In a multi-process run, build the table once beforehand
     (``monai-du prior``): concurrent builds would each write it.
 
     Args:
         manifest: the manifest file.
         path: the table file.
-        rebuild: build even when the table exists.
-        kwargs: arguments of :func:`build_prior_table` (``root``, ``modality``, ``image_size``, ``epochs``, ...).
+        rebuild: build even when an up-to-date table exists.
+        encoder: None (the autoencoder), or an encoder for :func:`encoder_prior_table`.
+        kwargs: arguments of :func:`build_prior_table` (``root``, ``modality``, ``image_size``, ``epochs``,
+            ``split``, ``fractions``, ``split_seed``, ...) or of :func:`encoder_prior_table`.
 
     Returns:
         ``path`` as a string.
     """
+    import json
+    import warnings
+
+    from monai_du.io import write_text_atomic
+
     path = Path(path)
+    settings, resolved = _cache_settings(manifest, encoder, kwargs)
+    record = json.loads(json.dumps({"format": _SETTINGS_FORMAT, "settings": settings}, default=str))
+    sidecar = _settings_path(path)
     if path.is_file() and not rebuild:
-        load_prior_table(path)
-        return str(path)
+        if not sidecar.is_file():
+            load_prior_table(path)
+            warnings.warn(
+                f"ensure_prior_table: kept {path}, which has no settings record {sidecar.name}: it was not built by "
+                "ensure_prior_table, so its split and settings could not be checked. Pass rebuild=True or delete it "
+                "to rebuild it.",
+                stacklevel=2,
+            )
+            return str(path)
+        try:
+            stored = json.loads(sidecar.read_text())
+        except (OSError, json.JSONDecodeError):
+            stored = None
+        if stored == record:
+            load_prior_table(path)
+            return str(path)
+        old = stored.get("settings", {}) if isinstance(stored, dict) else {}
+        old = old if isinstance(old, dict) else {}
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != record["settings"].get(k))
+        warnings.warn(f"ensure_prior_table: rebuilding {path}; changed settings: {changed}.", stacklevel=2)
+    sidecar.unlink(missing_ok=True)  # never leave the record of an older build beside a newer table
     kwargs.setdefault("log", None)
-    return str(build_prior_table(manifest, path, **kwargs))
+    if encoder is None:
+        build_prior_table(manifest, path, **kwargs)
+    else:
+        build_encoder_prior_table(manifest, path, resolved, **kwargs)
+    write_text_atomic(sidecar, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return str(path)

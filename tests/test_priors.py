@@ -1,4 +1,5 @@
-"""Tests of monai_du.priors: the prior table (round trip, joins by key, errors) and the prior autoencoder."""
+"""Tests of monai_du.priors: the prior table (round trip, joins by key, errors), the prior autoencoder (fitted on the
+pretraining split), priors from any encoder (TorchScript, monai_du export, MONAI bundle network) and the table cache."""
 
 from __future__ import annotations
 
@@ -24,6 +25,15 @@ from monai_du.priors import (
 )
 
 N, K = 30, 5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: the CPU is shared, and these networks are too small to gain from more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture()
@@ -214,6 +224,324 @@ def test_build_prior_table_from_a_manifest(tmp_path):
     from monai_du.priors import ensure_prior_table
 
     stamp = out.stat().st_mtime_ns
-    assert ensure_prior_table(manifest, out) == str(out) and out.stat().st_mtime_ns == stamp
+    with pytest.warns(UserWarning, match="no settings record"):  # not built by ensure_prior_table: kept, unchecked
+        assert ensure_prior_table(manifest, out) == str(out) and out.stat().st_mtime_ns == stamp
     built = ensure_prior_table(manifest, tmp_path / "new.csv", checkpoint=tmp_path / "ae.pt")
     pd.testing.assert_frame_equal(load_prior_table(built), table, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the pretraining split, and priors from any encoder
+# ---------------------------------------------------------------------------------------------------------------------
+SIDE = 16  # the cohort's image side: the pipeline's resize is then the identity, and PIL gives the reference pixels
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory):
+    """A 20-image chest X-ray cohort (12 patients, follow-ups included) with no split column."""
+    from monai_du.data.cohorts import make_cxr_cohort
+
+    folder = tmp_path_factory.mktemp("cohort")
+    return make_cxr_cohort(folder, n=20, seed=5, size=SIDE)
+
+
+def _reference_images(manifest, images) -> np.ndarray:
+    """(N, 1, SIDE, SIDE) float64, read with PIL: MONAI's (x, y) axis order (the transpose), min-max to [0, 1]."""
+    from PIL import Image
+
+    out = []
+    for name in images:
+        a = np.asarray(Image.open(manifest.parent / name), dtype=np.float64).T
+        out.append((a - a.min()) / (a.max() - a.min()))
+    return np.stack(out)[:, None]
+
+
+def _patients_by_split(manifest) -> dict[str, set[str]]:
+    from monai_du.data.manifest import read_manifest
+    from monai_du.data.splits import patient_split
+
+    assigned = patient_split(read_manifest(manifest), fractions={"train": 0.8, "val": 0.1, "test": 0.1}, seed=0)
+    return {name: set(group["patient_id"]) for name, group in assigned.groupby("split")}
+
+
+def _patient_of(manifest) -> dict[str, str]:
+    df = pd.read_csv(manifest, dtype=str)
+    return dict(zip(df["image"], df["patient_id"]))
+
+
+def _brute_force_table(manifest, model, images, pool="mean") -> np.ndarray:
+    """One image at a time through a float64 copy of the eager model, pooled by hand."""
+    import copy
+
+    ref = copy.deepcopy(model).double().eval()
+    x = torch.from_numpy(_reference_images(manifest, images))
+    rows = []
+    with torch.no_grad():
+        for i in range(len(x)):
+            out = ref(x[i : i + 1])[0]
+            rows.append((out.reshape(out.shape[0], -1).mean(1) if pool == "mean" else out.reshape(-1)).numpy())
+    return np.stack(rows)
+
+
+class _ConvFeatures(torch.nn.Module):
+    """(N, 1, H, W) -> (N, 3, H/2, W/2): a feature map, so the table is its global average."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 3, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+def _small_contrastive_net(seed: int):
+    from monai_du.networks import ContrastiveEncoder
+
+    torch.manual_seed(seed)
+    net = ContrastiveEncoder("resnet10", spatial_dims=2, projection_dim=8, backbone_kwargs={"widen_factor": 0.125})
+    with torch.no_grad():  # batch-norm statistics away from their initial values, so loading them matters
+        for module in net.modules():
+            if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def _check_train_only(manifest, table):
+    patient = _patient_of(manifest)
+    splits = _patients_by_split(manifest)
+    seen = {patient[name] for name in table["image"]}
+    assert seen == splits["train"]
+    assert not seen & (splits.get("val", set()) | splits.get("test", set()))
+    df = pd.read_csv(manifest, dtype=str)
+    expected = [name for name in df["image"] if patient[name] in splits["train"]]
+    assert table["image"].tolist() == expected  # every training image, in manifest order
+
+
+def test_torchscript_encoder_prior_table(tmp_path, small_cohort):
+    from monai_du.priors import encoder_prior_table, load_encoder
+
+    torch.manual_seed(0)
+    model = _ConvFeatures().eval()
+    path = tmp_path / "features.ts"
+    torch.jit.save(torch.jit.script(model), str(path))
+    assert isinstance(load_encoder(path), torch.jit.ScriptModule)
+
+    table = encoder_prior_table(small_cohort, path, image_size=SIDE, batch_size=7)
+    _check_train_only(small_cohort, table)
+    expected = _brute_force_table(small_cohort, model, table["image"])
+    np.testing.assert_allclose(table[prior_columns(table)].to_numpy(), expected, rtol=1e-4, atol=1e-5)
+
+    every = encoder_prior_table(small_cohort, path, image_size=SIDE, split="all", pool="flatten")
+    assert every["image"].tolist() == pd.read_csv(small_cohort)["image"].tolist()
+    flat = _brute_force_table(small_cohort, model, every["image"], pool="flatten")
+    np.testing.assert_allclose(every[prior_columns(every)].to_numpy(), flat, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="image_size"):  # a TorchScript file does not record its input size
+        encoder_prior_table(small_cohort, path)
+
+
+def test_export_encoder_prior_table(tmp_path, small_cohort):
+    from monai_du.handlers import PretrainedEncoderExporter
+    from monai_du.priors import encoder_prior_table, load_encoder
+
+    net = _small_contrastive_net(seed=1)
+    info = {"backbone": "resnet10", "backbone_kwargs": {"widen_factor": 0.125}, "spatial_size": [SIDE, SIDE]}
+    PretrainedEncoderExporter(tmp_path / "models", net, info=info)()
+    torch.manual_seed(99)  # the rebuilt backbone starts from other weights: only the loaded ones can match
+    loaded = load_encoder(tmp_path / "models")
+    for name, value in net.encoder.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0)
+
+    table = encoder_prior_table(small_cohort, tmp_path / "models")  # the input size comes from encoder_info.json
+    _check_train_only(small_cohort, table)
+    expected = _brute_force_table(small_cohort, net.encoder, table["image"])
+    np.testing.assert_allclose(table[prior_columns(table)].to_numpy(), expected, rtol=1e-4, atol=1e-5)
+    by_file = encoder_prior_table(small_cohort, tmp_path / "models" / "encoder.pt")
+    pd.testing.assert_frame_equal(by_file, table)
+
+
+def _tiny_bundle(tmp_path, net):
+    config = tmp_path / "configs" / "train.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(
+        "imports:\n  - $import monai_du\n"
+        "backbone: resnet10\n"
+        f"spatial_size: [{SIDE}, {SIDE}]\n"
+        "network_def:\n"
+        "  _target_: monai_du.networks.ContrastiveEncoder\n"
+        "  backbone: '@backbone'\n  spatial_dims: 2\n  in_channels: 1\n  projection_dim: 8\n"
+        "  backbone_kwargs: {widen_factor: 0.125}\n"
+        "network: $@network_def\n"
+    )
+    checkpoint = tmp_path / "models" / "checkpoint_epoch=2.pt"
+    checkpoint.parent.mkdir(exist_ok=True)
+    torch.save({"model": net.state_dict(), "epoch": 2}, checkpoint)  # as the bundles' checkpoint saver writes it
+    return config, checkpoint
+
+
+def test_bundle_network_prior_table(tmp_path, small_cohort):
+    from monai_du.priors import encoder_prior_table
+
+    net = _small_contrastive_net(seed=2)
+    config, checkpoint = _tiny_bundle(tmp_path, net)
+    spec = {"bundle_config": str(config), "network_id": "network_def", "checkpoint": str(checkpoint)}
+    table = encoder_prior_table(small_cohort, spec)  # the bundle's spatial_size is the input size
+    _check_train_only(small_cohort, table)
+    assert len(prior_columns(table)) == 8  # the network's forward: the projection head's output
+    expected = _brute_force_table(small_cohort, net, table["image"])
+    np.testing.assert_allclose(table[prior_columns(table)].to_numpy(), expected, rtol=1e-4, atol=1e-5)
+
+    backbone = encoder_prior_table(small_cohort, {**spec, "submodule": "encoder"}, split="all")
+    expected = _brute_force_table(small_cohort, net.encoder, backbone["image"])
+    np.testing.assert_allclose(backbone[prior_columns(backbone)].to_numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_errors_name_the_file_or_id(tmp_path, small_cohort):
+    from monai_du.handlers import PretrainedEncoderExporter
+    from monai_du.priors import load_encoder
+
+    with pytest.raises(ValueError, match="no such encoder file or folder.*absent.ts"):
+        load_encoder(tmp_path / "absent.ts")
+    (tmp_path / "notes.pt").write_text("not a model")
+    with pytest.raises(ValueError, match="notes.pt.*is not a TorchScript file"):
+        load_encoder(tmp_path / "notes.pt")
+    (tmp_path / "empty_export").mkdir()
+    with pytest.raises(ValueError, match="empty_export.*no encoder_info.json"):
+        load_encoder(tmp_path / "empty_export")
+    net = _small_contrastive_net(seed=3)
+    PretrainedEncoderExporter(tmp_path / "export", net, info={"spatial_size": [SIDE, SIDE]})()
+    with pytest.raises(ValueError, match="encoder_info.json.*'backbone'"):
+        load_encoder(tmp_path / "export")
+    (tmp_path / "export" / "encoder.pt").unlink()
+    with pytest.raises(ValueError, match="export.*no weights file 'encoder.pt'"):
+        load_encoder(tmp_path / "export")
+
+    config, checkpoint = _tiny_bundle(tmp_path, net)
+    with pytest.raises(ValueError, match="no network id 'netwrok_def' in the bundle config .*train.yaml"):
+        load_encoder({"bundle_config": config, "network_id": "netwrok_def", "checkpoint": checkpoint})
+    with pytest.raises(ValueError, match="no such checkpoint file .*absent_ckpt.pt"):
+        load_encoder(config, checkpoint=tmp_path / "absent_ckpt.pt")
+    with pytest.raises(ValueError, match="no such bundle config file .*inference.yaml"):
+        load_encoder({"bundle_config": config.parent / "inference.yaml", "checkpoint": checkpoint})
+    with pytest.raises(ValueError, match="needs a checkpoint"):
+        load_encoder(config)
+    torch.save({"model": {"encoder.conv1.weight": torch.zeros(1)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt.*do not fit.*missing keys"):
+        load_encoder(config, checkpoint=tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="no submodule 'backbone'"):
+        load_encoder(config, checkpoint=checkpoint, submodule="backbone")
+
+
+def _spy_on_training(monkeypatch):
+    import monai_du.priors as priors
+
+    seen: list[np.ndarray] = []
+    real = priors.train_prior_autoencoder
+
+    def spy(images, *args, **kwargs):
+        seen.append(np.array(images, dtype=np.float64))
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(priors, "train_prior_autoencoder", spy)
+    return seen
+
+
+def _rows_of(images: np.ndarray, reference: np.ndarray) -> list[int]:
+    """For each image, the one reference row it equals (to 1e-6)."""
+    rows = []
+    for image in images:
+        hits = np.flatnonzero(np.abs(reference - image).reshape(len(reference), -1).max(1) < 1e-6)
+        assert len(hits) == 1
+        rows.append(int(hits[0]))
+    return rows
+
+
+def test_autoencoder_is_fitted_on_the_pretraining_split_only(tmp_path, small_cohort, monkeypatch):
+    seen = _spy_on_training(monkeypatch)
+    kw = dict(image_size=SIDE, latent_dim=3, epochs=1, batch_size=4, log=None)
+    table = load_prior_table(build_prior_table(small_cohort, tmp_path / "t.csv", **kw))
+    df = pd.read_csv(small_cohort, dtype=str)
+    assert table["image"].tolist() == df["image"].tolist()  # the table still covers every manifest image
+
+    reference = _reference_images(small_cohort, df["image"])
+    trained_on = df["patient_id"].iloc[_rows_of(seen[0], reference)]
+    splits = _patients_by_split(small_cohort)
+    assert set(trained_on) == splits["train"] and len(trained_on) == df["patient_id"].isin(splits["train"]).sum()
+    assert not set(trained_on) & (splits["val"] | splits["test"])
+
+    build_prior_table(small_cohort, tmp_path / "all.csv", split="all", **kw)
+    assert sorted(_rows_of(seen[1], reference)) == list(range(len(df)))
+
+
+def test_ensure_prior_table_keys_the_cache_on_the_split(tmp_path, small_cohort, monkeypatch):
+    import json
+    import warnings
+
+    from monai_du.priors import ensure_prior_table
+
+    seen = _spy_on_training(monkeypatch)
+    kw = dict(image_size=SIDE, latent_dim=3, epochs=1, batch_size=4)
+    path = tmp_path / "prior_table.csv"
+    assert ensure_prior_table(small_cohort, path, **kw) == str(path) and len(seen) == 1
+    record = json.loads((tmp_path / "prior_table.csv.settings.json").read_text())
+    assert record["settings"]["split"] == "train" and record["settings"]["split_seed"] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # an up-to-date table is served silently
+        ensure_prior_table(small_cohort, path, **kw)
+        ensure_prior_table(small_cohort, path, fractions={"test": 0.1, "train": 0.8, "val": 0.1}, **kw)  # the default
+    assert len(seen) == 1
+    with pytest.warns(UserWarning, match="split_seed"):
+        ensure_prior_table(small_cohort, path, split_seed=1, **kw)
+    assert len(seen) == 2
+    with pytest.warns(UserWarning, match="fractions"):
+        ensure_prior_table(small_cohort, path, split_seed=1, fractions={"train": 0.5, "val": 0.25, "test": 0.25}, **kw)
+    with pytest.warns(UserWarning, match="'split'"):
+        ensure_prior_table(small_cohort, path, split="all", **kw)
+    assert len(seen) == 4 and len(seen[-1]) == 20
+    assert len(load_prior_table(path)) == 20
+
+    # an encoder's table: rebuilt when the encoder's file changes
+    ts = tmp_path / "features.ts"
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(_ConvFeatures()), str(ts))
+    enc_path = tmp_path / "encoder_prior.csv"
+    ensure_prior_table(small_cohort, enc_path, encoder=ts, image_size=SIDE)
+    first = load_prior_table(enc_path)
+    _check_train_only(small_cohort, first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ensure_prior_table(small_cohort, enc_path, encoder=ts, image_size=SIDE)
+    torch.manual_seed(1)
+    torch.jit.save(torch.jit.script(_ConvFeatures()), str(ts))
+    with pytest.warns(UserWarning, match="encoder"):
+        ensure_prior_table(small_cohort, enc_path, encoder=ts, image_size=SIDE)
+    assert not np.allclose(load_prior_table(enc_path)[prior_columns(first)], first[prior_columns(first)])
+
+
+def test_prior_command_with_an_encoder(tmp_path, small_cohort, capsys):
+    from monai_du.cli import main
+    from monai_du.handlers import PretrainedEncoderExporter
+    from monai_du.priors import encoder_prior_table
+
+    net = _small_contrastive_net(seed=4)
+    info = {"backbone": "resnet10", "backbone_kwargs": {"widen_factor": 0.125}, "spatial_size": [SIDE, SIDE]}
+    PretrainedEncoderExporter(tmp_path / "models", net, info=info)()
+    assert main(["prior", "--manifest", str(small_cohort), "--out", str(tmp_path / "a.csv"),
+                 "--encoder", str(tmp_path / "models")]) == 0
+    assert "wrote the prior table" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(load_prior_table(tmp_path / "a.csv"),
+                                  encoder_prior_table(small_cohort, tmp_path / "models"), atol=1e-6)
+
+    config, checkpoint = _tiny_bundle(tmp_path, net)
+    assert main(["prior", "--manifest", str(small_cohort), "--out", str(tmp_path / "b.csv"), "--bundle-config",
+                 str(config), "--network-id", "network_def", "--checkpoint", str(checkpoint), "--submodule",
+                 "encoder", "--split", "all"]) == 0
+    table = load_prior_table(tmp_path / "b.csv")
+    assert len(table) == 20
+    expected = _brute_force_table(small_cohort, net.encoder, table["image"])
+    np.testing.assert_allclose(table[prior_columns(table)].to_numpy(), expected, rtol=1e-4, atol=1e-5)
+    capsys.readouterr()
+    assert main(["prior", "--manifest", str(small_cohort), "--out", str(tmp_path / "c.csv"), "--bundle-config",
+                 str(config), "--network-id", "net", "--checkpoint", str(checkpoint)]) == 1
+    assert "no network id 'net'" in capsys.readouterr().err
