@@ -131,93 +131,96 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _add_prior(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prior",
-        help="write a prior table keyed by image path: from a MONAI autoencoder, or from any encoder",
+        help="train a MONAI autoencoder on a manifest's images and write the generative prior table",
         description=(
-            "Write a prior table keyed by the manifest's image path: column 'image' plus gen_0 .. gen_{k-1} (.csv, "
-            ".csv.gz, or .parquet with pyarrow). By default a small MONAI VarAutoEncoder is trained on the "
-            "pretraining split (or loaded with --checkpoint) and every manifest image is encoded to its latent mean. "
-            "With --encoder (a TorchScript file, or a monai_du export: a folder with encoder.pt and "
-            "encoder_info.json) or --bundle-config/--network-id/--checkpoint (a MONAI bundle's network), that "
-            "encoder's features of the pretraining split's images are written instead; --split all encodes every "
-            "row. A prior computed on held-out patients leaks nothing about their labels, but keeping to the split "
-            "the pretraining bundles read is the safe default. Use the table as the kernel prior with "
+            "Train a small MONAI VarAutoEncoder on the manifest's images (or load one with --checkpoint), encode every "
+            "image to its latent mean, and write a prior table keyed by the manifest's image path: column 'image' "
+            "plus gen_0 .. gen_{k-1} (.csv, .csv.gz, or .parquet with pyarrow). Use it as the kernel prior with "
             "monai_du.priors.attach_prior_table and generative_prior_kernel, or the pretrain bundle's prior_table id."
         ),
     )
     p.add_argument("--manifest", required=True, help="manifest file (.csv, .csv.gz, .tsv, .parquet)")
     p.add_argument("--out", required=True, help="prior table to write (.csv, .csv.gz or .parquet)")
     p.add_argument("--root", default=None, help="folder of relative image paths (default: the manifest's folder)")
-    p.add_argument("--modality", choices=("2d", "3d", "cxr", "brain"), default=None,
-                   help="2D images or 3D volumes (default: 2d, or the encoder's spatial dims)")
-    p.add_argument("--image-size", type=_positive_int, default=None,
-                   help="side the images are resized to (autoencoder: a multiple of 8, default 32; encoder: default "
-                        "the spatial_size in encoder_info.json or the bundle config)")
-    p.add_argument("--split", "--train-split", dest="split", default="train",
-                   help="patient split used: the autoencoder is fitted on it (all rows are encoded), an encoder "
-                        "encodes it only; 'all' for every row (default: train). A manifest 'split' column is used as "
-                        "it is, otherwise patients are split as the bundles split them")
-    p.add_argument("--split-fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), default=None,
-                   help="fractions of patients per split when the manifest has no 'split' column (default 0.8 0.1 0.1)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient split (default 0, as the bundles)")
-    enc = p.add_argument_group("a prior from any encoder")
-    enc.add_argument("--encoder", default=None,
-                     help="TorchScript file, or monai_du export (folder with encoder.pt + encoder_info.json, or its "
-                          "encoder.pt)")
-    enc.add_argument("--bundle-config", nargs="+", default=None,
-                     help="MONAI bundle config file(s) defining the network (merged in order)")
-    enc.add_argument("--network-id", default="network_def", help="the network's id in the bundle config")
-    enc.add_argument("--submodule", default=None,
-                     help="use this attribute of the network, e.g. 'encoder' for a ContrastiveEncoder's backbone")
-    enc.add_argument("--intensity", choices=("minmax", "percentile"), default="minmax",
-                     help="intensity scaling as the encoder was trained with (2D bundles: minmax; brain: percentile)")
-    enc.add_argument("--pool", choices=("mean", "flatten"), default="mean",
-                     help="how an output (N, D, ...) becomes (N, D)")
-    vae = p.add_argument_group("the autoencoder")
-    vae.add_argument("--latent-dim", type=_positive_int, default=16, help="embedding size k")
-    vae.add_argument("--epochs", type=_non_negative_int, default=5, help="training epochs")
-    vae.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    vae.add_argument("--kl-weight", type=float, default=1e-3, help="weight of the KL term")
-    vae.add_argument("--save-checkpoint", default=None, help="save the trained autoencoder here")
-    vae.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--checkpoint", default=None,
-                   help="with --bundle-config: the network's weights (a state dict, or a checkpoint holding one under "
-                        "'model'); otherwise: load this autoencoder instead of training one")
-    p.add_argument("--batch-size", type=_positive_int, default=None,
-                   help="images per step (autoencoder training: default 32; encoder forward passes: default 64)")
+    p.add_argument("--modality", choices=("2d", "3d", "cxr", "brain"), default="2d", help="2D images or 3D volumes")
+    p.add_argument("--image-size", type=_positive_int, default=32,
+                   help="side the images are resized to (a multiple of 8)")
+    p.add_argument("--latent-dim", type=_positive_int, default=16, help="embedding size k")
+    p.add_argument("--epochs", type=_non_negative_int, default=5, help="training epochs")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="training batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--kl-weight", type=float, default=1e-3, help="weight of the KL term")
+    p.add_argument("--train-split", default=None, help="train on rows whose 'split' equals this (all rows are encoded)")
+    p.add_argument("--checkpoint", default=None, help="load this autoencoder instead of training one")
+    p.add_argument("--save-checkpoint", default=None, help="save the trained autoencoder here")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--device", default="cpu", help="device, e.g. cpu or cuda")
     p.set_defaults(func=_run_prior)
 
 
 def _run_prior(args: argparse.Namespace) -> int:
-    from monai_du.priors import build_encoder_prior_table, build_prior_table
+    from monai_du.priors import build_prior_table
 
-    log = lambda line: print(line, flush=True)  # noqa: E731
-    split = args.split
-    fractions = None
-    if args.split_fractions is not None:
-        fractions = dict(zip(("train", "val", "test"), args.split_fractions))
-    if args.encoder is not None and args.bundle_config is not None:
-        raise ValueError("give --encoder or --bundle-config, not both.")
-    if args.encoder is not None or args.bundle_config is not None:
-        if args.encoder is not None:
-            if args.checkpoint is not None:
-                raise ValueError(f"--checkpoint goes with --bundle-config; {args.encoder} holds its own weights.")
-            encoder = {"encoder": args.encoder, "submodule": args.submodule}
-        else:
-            encoder = {"bundle_config": args.bundle_config, "network_id": args.network_id,
-                       "checkpoint": args.checkpoint, "submodule": args.submodule}
-        build_encoder_prior_table(
-            args.manifest, args.out, encoder, log=log, root=args.root, split=split, image_size=args.image_size,
-            modality=args.modality, intensity=args.intensity, batch_size=args.batch_size or 64, device=args.device,
-            fractions=fractions, split_seed=args.split_seed, pool=args.pool,
-        )
-        return 0
     build_prior_table(
-        args.manifest, args.out, root=args.root, modality=args.modality or "2d", image_size=args.image_size or 32,
-        latent_dim=args.latent_dim, epochs=args.epochs, batch_size=args.batch_size or 32, learning_rate=args.lr,
-        kl_weight=args.kl_weight, split=split, fractions=fractions, split_seed=args.split_seed,
-        checkpoint=args.checkpoint, save_checkpoint=args.save_checkpoint, seed=args.seed, device=args.device,
-        log=log,
+        args.manifest, args.out, root=args.root, modality=args.modality, image_size=args.image_size,
+        latent_dim=args.latent_dim, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        kl_weight=args.kl_weight, train_split=args.train_split, checkpoint=args.checkpoint,
+        save_checkpoint=args.save_checkpoint, seed=args.seed, device=args.device,
+        log=lambda line: print(line, flush=True),
+    )
+    return 0
+
+
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cache",
+        help="decode every manifest image once into a training-size cache",
+        description=(
+            "Decode, normalise and resize every image of the manifest once, with the package's loading pipeline "
+            "(monai_du.data.loading.load_image_transforms), into OUT/<settings key>/, one .npy per image keyed by its "
+            "path; the key hashes the preprocessing settings and versions, so a changed setting never reads old "
+            "images. Restartable (a killed build goes on where it stopped) and parallel (--num-workers). Unreadable "
+            "images are skipped and listed with the reason in OUT/<settings key>/skipped.csv. Train from it with "
+            "monai_du.data.cache.cached_load_transforms(OUT, <the same settings>) in place of load_image_transforms."
+        ),
+    )
+    p.add_argument("--manifest", required=True, help="manifest file (.csv, .csv.gz, .tsv, .parquet)")
+    p.add_argument("--out", required=True, help="cache folder (one subfolder per preprocessing settings)")
+    p.add_argument("--spatial-size", type=_positive_int, nargs="+", required=True,
+                   help="training size: one value for every axis, or one per axis")
+    p.add_argument("--modality", choices=("2d", "3d", "cxr", "brain"), default="2d", help="2D images or 3D volumes")
+    p.add_argument("--num-workers", type=_non_negative_int, default=0, help="worker processes (0: this process)")
+    p.add_argument("--root", default=None, help="folder of relative image paths (default: the manifest's folder)")
+    p.add_argument("--intensity", choices=("minmax", "percentile", "none"), default="minmax",
+                   help="intensity scaling to [0, 1] (the brain bundles use percentile)")
+    p.add_argument("--size-mode", choices=("resize", "longest", "pad_crop"), default="resize",
+                   help="how to reach the size")
+    p.add_argument("--store-dtype", choices=("float32", "float16"), default="float32", help="dtype on disk")
+    p.add_argument("--report", default=None, help="also write the skip report (CSV) here")
+    p.add_argument("--overwrite", action="store_true", help="decode and store every image again")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.set_defaults(func=_run_cache)
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    from monai_du.data.cache import build_image_cache
+
+    size = args.spatial_size[0] if len(args.spatial_size) == 1 else tuple(args.spatial_size)
+    intensity = None if args.intensity == "none" else args.intensity
+    result = build_image_cache(
+        args.manifest, args.out, root=args.root, modality=args.modality, spatial_size=size, size_mode=args.size_mode,
+        intensity=intensity, store_dtype=args.store_dtype, num_workers=args.num_workers, overwrite=args.overwrite,
+        report_path=args.report, progress=args.progress,
+    )
+    print(
+        f"cache {result.folder} (settings key {result.key}): {result.n_cached} of {result.n_images} images cached "
+        f"({result.n_built} built, {result.n_existing} already cached); skipped {len(result.skipped)}, listed in "
+        f"{result.report_path}; {result.seconds:.1f} s"
+    )
+    print(
+        f"train from it: monai_du.data.cache.cached_load_transforms({args.out!r}, modality={args.modality!r}, "
+        f"spatial_size={size!r}, size_mode={args.size_mode!r}, intensity={intensity!r}, "
+        f"store_dtype={args.store_dtype!r})"
     )
     return 0
 
@@ -234,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{demo,prior}")
     _add_demo(sub)
     _add_prior(sub)
+    _add_cache(sub)
     return parser
 
 
