@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +19,8 @@ from sklearn.neighbors import NearestNeighbors
 
 from monai_du.data.samplers import AttributeBatchSampler, attribute_batch_sampler
 from monai_du.prior_encoder import PriorEncoder
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ABIDE_CSV = SHARED_DATA / "abide1_phenotypic.csv"
@@ -254,42 +260,324 @@ def test_neighbourhood_treats_missing_value_as_column_mean():
     assert sorted(sorted(b) for b in batches) == [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
 
 
-# ---------------------------------------------------------------------- distributed
+# ---------------------------------------------------------------------- distributed: R ranks emulated in one process
 
 
-@pytest.mark.parametrize("mode", ["random", "within", "balanced", "neighbourhood"])
-def test_ranks_get_disjoint_batches_of_equal_count(mode):
+def _steps(R: int, epoch: int = 0, **kwargs) -> list[list[list[int]]]:
+    """Every step of an epoch as the R rank parts, from R samplers built with num_replicas=R, rank=r."""
+    samplers = [AttributeBatchSampler(num_replicas=R, rank=r, **kwargs) for r in range(R)]
+    epochs = [_epoch(s, epoch) for s in samplers]
+    assert [len(e) for e in epochs] == [len(s) for s in samplers] == [len(epochs[0])] * R  # equal step counts
+    return [list(parts) for parts in zip(*epochs)]
+
+
+def _gathered(parts: list[list[int]]) -> list[int]:
+    """What an all_gather in rank order puts together."""
+    return [i for part in parts for i in part]
+
+
+def _assert_disjoint(parts: list[list[int]]) -> None:
+    seen: set[int] = set()
+    for part in parts:
+        assert part and not seen & set(part)
+        seen |= set(part)
+
+
+def _pk_patients(groups: np.ndarray, batch: list[int], k: int) -> list[set]:
+    """Patient labels of each consecutive block of k indices."""
+    assert len(batch) % k == 0
+    return [{groups[i] for i in batch[s : s + k]} for s in range(0, len(batch), k)]
+
+
+def test_issue_example_four_sites_two_ranks_gives_pure_global_batches():
+    groups = np.random.default_rng(0).permutation(np.repeat(np.array(["s0", "s1", "s2", "s3"], dtype=object), 64))
+    steps = _steps(2, groups=groups, batch_size=16, mode="within", drop_last=True)
+    assert len(steps) == 8  # 4 sites x 64 / global batch 32
+    for parts in steps:
+        assert [len(p) for p in parts] == [16, 16]
+        assert len({groups[i] for i in _gathered(parts)}) == 1
+        _assert_disjoint(parts)
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+@pytest.mark.parametrize(
+    "small_groups, drop_last", [("merge", True), ("merge", False), ("keep", False), ("drop", True)]
+)
+def test_within_gathered_batches_are_pure_over_uneven_groups(replicas, small_groups, drop_last):
+    groups = _uneven_groups()  # 50, 23, 9, 3
+    size = 4 * replicas
+    small = {g for g, n in Counter(groups).items() if n < size}  # brute-force small groups at the global size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe = AttributeBatchSampler(4, mode="within", groups=groups, small_groups=small_groups, drop_last=drop_last,
+                                      num_replicas=replicas, rank=0)
+        steps = _steps(replicas, epoch=2, batch_size=4, mode="within", groups=groups, small_groups=small_groups,
+                       drop_last=drop_last)
+    assert set(probe.merged_groups) | set(probe.dropped_groups) == (small if small_groups != "keep" else set())
+    seen = Counter()
+    for parts in steps:
+        _assert_disjoint(parts)
+        labels = {groups[i] for i in _gathered(parts)}
+        assert len(labels) == 1 or (small_groups == "merge" and labels <= small)
+        sizes = [len(p) for p in parts]
+        assert max(sizes) - min(sizes) <= 1 and (not drop_last or sizes == [4] * replicas)
+        seen.update(_gathered(parts))
+    expected = [i for i in range(len(groups)) if small_groups != "drop" or groups[i] not in small]
+    if not drop_last:  # every kept index once; a short batch smaller than the ranks may repeat a few
+        assert set(seen) == set(expected) and sum(seen.values()) - len(expected) < replicas * len(steps)
+    assert all(n == 1 for n in seen.values()) or not drop_last
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_balanced_gathered_batch_is_balanced_and_each_rank_part_close_to_it(replicas):
+    groups = np.array(["a"] * 70 + ["b"] * 41 + ["c"] * 17 + ["d"] * 11, dtype=object)
+    for epoch in range(3):
+        for parts in _steps(replicas, epoch=epoch, batch_size=5, mode="balanced", groups=groups, drop_last=True):
+            counts = Counter(groups[i] for i in _gathered(parts))
+            assert sorted(counts) == ["a", "b", "c", "d"]
+            assert max(counts.values()) - min(counts.values()) <= 1 and sum(counts.values()) == 5 * replicas
+            for part in parts:
+                assert len(part) == 5
+                local = Counter(groups[i] for i in part)
+                for g, c in counts.items():
+                    assert local[g] in (c // replicas, -(-c // replicas))
+
+
+def test_neighbourhoods_are_planned_at_the_global_size_and_stay_whole_across_ranks():
+    # 12 well separated clusters of exactly 4 points: every neighbourhood of 4 must be one cluster.
+    centres = np.random.default_rng(3).permutation(12)[:, None] * np.array([[100.0, -50.0]])
+    raw = np.repeat(centres, 4, axis=0) + np.random.default_rng(4).normal(scale=0.1, size=(48, 2))
+    cluster = np.repeat(np.arange(12), 4)
+    # batch_size 2 per rank cannot hold a neighbourhood of 4; the global batch of 2 ranks can.
+    steps = _steps(2, batch_size=2, mode="neighbourhood", features=raw, n_neighbours=3, drop_last=True)
+    assert len(steps) == 12
+    for parts in steps:
+        _assert_disjoint(parts)
+        assert len({cluster[i] for i in _gathered(parts)}) == 1
+    with pytest.raises(ValueError, match="n_neighbours"):
+        AttributeBatchSampler(2, mode="neighbourhood", features=raw, n_neighbours=3)  # one process: global batch 2
+
+
+@pytest.mark.parametrize("mode", ["random", "within", "balanced", "neighbourhood", "pk"])
+@pytest.mark.parametrize("replicas", [2, 3])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_ranks_together_give_the_single_process_batches_at_the_global_size(mode, replicas, drop_last):
     groups = _uneven_groups()
-    features = np.random.default_rng(2).normal(size=(85, 2))
-    kwargs = {"groups": groups} if mode in ("within", "balanced") else {"features": features}
-    full = _epoch(AttributeBatchSampler(8, mode=mode, drop_last=True, **kwargs), 4)
-    ranks = [
-        _epoch(AttributeBatchSampler(8, mode=mode, drop_last=True, num_replicas=2, rank=r, **kwargs), 4) for r in (0, 1)
-    ]
-    assert len(ranks[0]) == len(ranks[1]) == len(full) // 2
-    # Disjoint: no batch, and (outside balanced over-sampling) no index, on both ranks.
-    assert not {tuple(b) for b in ranks[0]} & {tuple(b) for b in ranks[1]}
-    if mode != "balanced":
-        assert not {i for b in ranks[0] for i in b} & {i for b in ranks[1] for i in b}
-    # Together they are the single-process epoch, minus at most one batch.
-    assert {tuple(b) for b in ranks[0] + ranks[1]} <= {tuple(b) for b in full}
+    kwargs = {"within": {"groups": groups}, "balanced": {"groups": groups}, "pk": {"groups": groups},
+              "neighbourhood": {"features": np.random.default_rng(2).normal(size=(85, 2))},
+              "random": {"num_samples": 85}}[mode]
+    if mode == "pk":  # 9 big "patients", many blocks each
+        kwargs = {"groups": np.random.default_rng(5).integers(0, 9, 85), "images_per_group": 2}
+    single = _epoch(AttributeBatchSampler(4 * replicas, mode=mode, drop_last=drop_last, seed=7, **kwargs), 3)
+    steps = _steps(replicas, epoch=3, batch_size=4, mode=mode, drop_last=drop_last, seed=7, **kwargs)
+    assert len(steps) == len(single)
+    unit = 2 if mode == "pk" else 1
+    for parts, batch in zip(steps, single):
+        got = _gathered(parts)
+        if mode == "balanced":  # the ranks take strided parts: the same multiset
+            assert sorted(got) == sorted(batch)
+        else:  # a short batch with fewer units than ranks is completed, so it only starts the same
+            assert got[: len(batch)] == batch and (len(got) == len(batch) or len(batch) < replicas * unit)
+        if mode not in ("balanced", "pk"):
+            _assert_disjoint(parts)
+        assert all(len(p) % unit == 0 and p for p in parts)
 
 
-def test_padding_repeats_whole_batches_so_ranks_have_equal_counts():
-    sampler_full = AttributeBatchSampler(10, mode="random", num_samples=75)  # 8 batches
-    ranks = [AttributeBatchSampler(10, mode="random", num_samples=75, num_replicas=3, rank=r) for r in range(3)]
-    full = _epoch(sampler_full)
-    got = [_epoch(s) for s in ranks]
-    assert [len(g) for g in got] == [3, 3, 3] == [len(s) for s in ranks]
-    dealt = [tuple(b) for g in got for b in g]
-    assert set(dealt) == {tuple(b) for b in full}  # every batch is dealt, the extra one repeats a whole batch
-    assert len(dealt) - len(set(dealt)) == 1
+def test_short_global_batch_is_split_evenly_and_padded_when_smaller_than_ranks():
+    # 61 samples at global batch 3 x 10 = 30: two full batches and one of a single index, which three ranks share.
+    steps = _steps(3, batch_size=10, mode="random", num_samples=61)
+    assert [[len(p) for p in parts] for parts in steps] == [[10, 10, 10], [10, 10, 10], [1, 1, 1]]
+    flat = [i for parts in steps for i in _gathered(parts)]
+    assert sorted(set(flat)) == list(range(61)) and len(flat) == 63  # the padding repeats two indices
+    for parts in steps:
+        _assert_disjoint(parts)
+    # 75 samples: the short batch of 15 is split 5, 5, 5.
+    steps = _steps(3, batch_size=10, mode="random", num_samples=75)
+    assert [len(p) for p in steps[-1]] == [5, 5, 5]
+    assert sorted(i for parts in steps for i in _gathered(parts)) == list(range(75))
+
+
+def test_global_batch_size_reports_ranks_times_batch_size():
+    assert AttributeBatchSampler(8, num_samples=100).global_batch_size == 8
+    sampler = AttributeBatchSampler(8, num_samples=100, num_replicas=4, rank=3)
+    assert sampler.global_batch_size == 32 and len(sampler) == math.ceil(100 / 32)
 
 
 def test_default_replicas_without_process_group():
     assert not torch.distributed.is_initialized()
     sampler = AttributeBatchSampler(4, num_samples=10)
     assert (sampler.num_replicas, sampler.rank) == (1, 0)
+
+
+# ---------------------------------------------------------------------- pk: P patients x K images
+
+
+def _patients(seed: int = 0) -> np.ndarray:
+    """Patient ids of 20 patients with 1 to 13 images (104 rows), in shuffled row order."""
+    sizes = [1, 2, 3, 3, 4, 5, 6, 7, 9, 11, 2, 1, 8, 3, 6, 10, 4, 5, 1, 13]
+    return np.random.default_rng(seed).permutation(np.repeat([f"p{i:02d}" for i in range(20)], sizes).astype(object))
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+@pytest.mark.parametrize("k, batch_size", [(2, 4), (3, 6), (4, 4)])
+def test_pk_batches_hold_whole_blocks_of_distinct_patients(replicas, k, batch_size):
+    pid = _patients()
+    sizes = Counter(pid)
+    for epoch in range(3):
+        steps = _steps(replicas, epoch=epoch, batch_size=batch_size, mode="pk", groups=pid, images_per_group=k,
+                       small_groups="keep", drop_last=True, seed=1)
+        # Brute-force count of blocks: ceil(n / K) per patient; the epoch has floor(blocks / P_global) batches.
+        blocks = sum(-(-n // k) for n in sizes.values())
+        assert len(steps) == blocks // (replicas * batch_size // k)
+        seen = Counter()
+        for parts in steps:
+            for part in parts:  # each rank holds P whole blocks
+                assert len(part) == batch_size
+                assert all(len(p) == 1 for p in _pk_patients(pid, part, k))
+            owners = [next(iter(p)) for p in _pk_patients(pid, _gathered(parts), k)]
+            assert len(owners) == replicas * batch_size // k == len(set(owners))  # R x P distinct patients
+            for s in range(0, len(_gathered(parts)), k):
+                block = _gathered(parts)[s : s + k]
+                assert len(set(block)) == min(k, sizes[pid[block[0]]])  # repeats only for patients under K images
+            seen.update(_gathered(parts))
+        assert set(seen) <= set(range(len(pid)))
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_pk_sees_every_image_each_epoch_and_cycles_big_patients(replicas):
+    pid = _patients()
+    sizes = Counter(pid)
+    k = 3
+    steps = _steps(replicas, epoch=4, batch_size=6, mode="pk", groups=pid, images_per_group=k, small_groups="keep",
+                   drop_last=False)
+    seen = Counter(i for parts in steps for i in _gathered(parts))
+    assert set(seen) == set(range(len(pid)))  # every image, also of patients with more than K images
+    for patient, n in sizes.items():
+        rows = [i for i in range(len(pid)) if pid[i] == patient]
+        draws = sum(seen[i] for i in rows)
+        if n >= k:  # ceil(n / K) blocks: every image once, K - n % K of them twice
+            assert draws == -(-n // k) * k and max(seen[i] for i in rows) <= 2
+        else:  # one block, with replacement
+            assert draws == k and min(seen[i] for i in rows) >= 1
+
+
+def test_pk_small_patient_policies():
+    pid = _patients()
+    sizes = Counter(pid)
+    small = {p for p, n in sizes.items() if n < 4}
+    merged = AttributeBatchSampler(8, mode="pk", groups=pid, images_per_group=4, small_groups="merge")
+    assert set(merged.merged_groups) == small
+    seen = Counter()
+    for batch in _epoch(merged, 1):
+        for patients in _pk_patients(pid, batch, 4):
+            assert len(patients) == 1 or patients <= small  # only pooled blocks mix patients
+        seen.update(batch)
+    assert set(seen) == set(range(len(pid)))
+    with pytest.warns(UserWarning, match="drops"):
+        dropped = AttributeBatchSampler(8, mode="pk", groups=pid, images_per_group=4, small_groups="drop")
+    assert set(dropped.dropped_groups) == small
+    flat = {i for b in _epoch(dropped) for i in b}
+    assert flat == {i for i in range(len(pid)) if pid[i] not in small}
+    kept = AttributeBatchSampler(8, mode="pk", groups=pid, images_per_group=4, small_groups="keep")
+    for batch in _epoch(kept):
+        assert all(len(p) == 1 for p in _pk_patients(pid, batch, 4))
+
+
+def test_pk_missing_patient_ids_are_distinct_patients():
+    pid = ["a"] * 4 + [None] * 3 + [float("nan")] * 3 + ["b"] * 4
+    with pytest.warns(UserWarning, match="drops 6 patients"):
+        sampler = AttributeBatchSampler(4, mode="pk", groups=pid, images_per_group=2, small_groups="drop")
+    assert len(sampler.dropped_groups) == 6  # six patients of one image each, none pooled into a "missing" patient
+    assert {i for b in _epoch(sampler) for i in b} == {0, 1, 2, 3, 10, 11, 12, 13}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": 6, "mode": "pk", "groups": ["a"] * 12}, "needs images_per_group"),
+        ({"batch_size": 6, "mode": "pk", "groups": ["a"] * 12, "images_per_group": 4}, "multiple of images_per_group"),
+        ({"batch_size": 6, "mode": "pk", "groups": ["a"] * 12, "images_per_group": 0}, "positive integer"),
+        ({"batch_size": 6, "mode": "pk", "num_samples": 12, "images_per_group": 3}, "patient ids"),
+        ({"batch_size": 6, "mode": "within", "groups": ["a"] * 12, "images_per_group": 3}, "only used by mode='pk'"),
+    ],
+)
+def test_pk_bad_inputs_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AttributeBatchSampler(**kwargs)
+
+
+def test_attribute_batch_sampler_builds_pk_batches_from_patient_ids():
+    records = [{"image": f"{i}.png", "patient_id": f"P{i // 3}", "site": "x"} for i in range(36)]
+    ds = Dataset(records)
+    sampler = attribute_batch_sampler(ds, batch_size=6, mode="pk", attribute="patient_id", images_per_group=3,
+                                      num_replicas=2, rank=1)
+    assert sampler.global_batch_size == 12 and len(sampler) == 3
+    for batch in sampler:
+        assert len(batch) == 6
+        assert [len({records[i]["patient_id"] for i in batch[s : s + 3]}) for s in (0, 3)] == [1, 1]
+    # images_per_group is ignored outside "pk", so a bundle can always pass it
+    within = attribute_batch_sampler(ds, batch_size=6, mode="within", attribute="site", images_per_group=3)
+    assert within.images_per_group is None
+    with pytest.raises(ValueError, match="needs images_per_group"):
+        attribute_batch_sampler(ds, batch_size=6, mode="pk", attribute="patient_id")
+
+
+# ---------------------------------------------------------------------- distributed: a real 2-process gloo run
+
+
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sampler_ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).parent / "_sampler_ddp_worker.py"), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("name", ["within", "within_keep", "balanced", "pk", "pk_merge", "random"])
+def test_two_gloo_ranks_gather_batches_of_the_single_process_composition(gloo_results, name):
+    from _sampler_ddp_worker import EPOCHS, make_cases
+
+    case = make_cases()[name]
+    groups = case.get("groups")
+    size = 2 * case["batch_size"]
+    ranks = [r[name] for r in gloo_results]
+    assert [r["replicas"] for r in ranks] == [2, 2] and [r["rank"] for r in ranks] == [0, 1]
+    assert [r["global_batch_size"] for r in ranks] == [size, size]
+    for epoch in EPOCHS:
+        counts = ranks[0][epoch]["counts"].tolist()
+        assert counts == [ranks[0]["len"]] * 2 == [ranks[1]["len"]] * 2  # equal step counts on both ranks
+        steps = [s.tolist() for s in ranks[0][epoch]["steps"]]
+        assert steps == [s.tolist() for s in ranks[1][epoch]["steps"]]  # both ranks gathered the same batches
+        seen = Counter()
+        for batch, part_sizes in zip(steps, ranks[0][epoch]["part_sizes"]):
+            n0 = int(part_sizes[0])
+            parts = [batch[:n0], batch[n0:]]
+            if name != "balanced":
+                _assert_disjoint(parts)
+            seen.update(batch)
+            if case.get("drop_last"):
+                assert len(batch) == size and part_sizes.tolist() == [size // 2] * 2
+            if name.startswith("within"):
+                assert len({groups[i] for i in batch}) == 1
+            elif name == "balanced":
+                assert set(Counter(groups[i] for i in batch).values()) == {size // 5}  # 5 groups
+                for part in parts:
+                    assert set(Counter(groups[i] for i in part).values()) == {size // 10}
+            elif name.startswith("pk"):
+                k = case["images_per_group"]
+                assert n0 % k == 0  # the ranks split at a block boundary
+                patients = _pk_patients(groups, batch, k)
+                small = {p for p, n in Counter(groups).items() if n < k}
+                owners = [next(iter(p)) for p in patients if len(p) == 1]
+                assert all(len(p) == 1 or p <= small for p in patients) and len(owners) == len(set(owners))
+                if name == "pk":
+                    assert len(owners) == size // k
+        if name in ("within_keep", "pk_merge", "random"):  # drop_last=False: every index is seen
+            n = len(groups) if groups is not None else case["num_samples"]
+            assert set(seen) == set(range(n))
 
 
 # ---------------------------------------------------------------------- determinism

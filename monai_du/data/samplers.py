@@ -8,6 +8,9 @@ batches of dataset indices with both goals in mind. :class:`AttributeBatchSample
 
 Indices are positions ``0 .. N-1`` in the table the groups and features came from. Build the ``Dataset`` from the same
 rows in the same order.
+
+A multi-GPU run is the single-GPU method at the global batch size: the sampler plans the batches of ``R x batch_size``
+that the loss sees after gathering across ``R`` ranks, and splits each one across the ranks.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ __all__ = ["AttributeBatchSampler", "attribute_batch_sampler", "SAMPLER_MODES", 
 
 logger = logging.getLogger(__name__)
 
-SAMPLER_MODES = ("within", "balanced", "neighbourhood", "random")
+SAMPLER_MODES = ("within", "balanced", "neighbourhood", "random", "pk")
 SMALL_GROUP_POLICIES = ("merge", "drop", "keep")
 _MODE_ALIASES = {"neighborhood": "neighbourhood"}
 # Neighbourhood partitions work in at most this many dimensions (leading principal components beyond it).
@@ -42,79 +45,112 @@ _TAG_EPOCH, _TAG_GROUP_CYCLE, _TAG_GROUP_INTERIOR, _TAG_ROTATION = 0, 1, 2, 3
 class AttributeBatchSampler(Sampler[list[int]]):
     """Batch sampler whose batches are conditioned on a group attribute or on prior features.
 
+    The sampler plans *global* batches of ``global_batch_size = num_replicas * batch_size`` indices, the batches that
+    a loss gathering across ranks sees, and gives each rank its part of every global batch (see "Distributed
+    training" below). With one process the global batch is the batch. The modes describe global batches.
+
     Modes:
 
     - ``"within"``: every batch draws from one group only (for example one site), so the negatives of a batch share
       the nuisance attribute and it cannot be used to tell samples apart. Each epoch shuffles the members of every
-      group, cuts each group into batches of ``batch_size`` and shuffles the order of all batches. The last, shorter
-      batch of a group is kept (still pure) unless ``drop_last``. Every kept index appears exactly once per epoch.
-    - ``"balanced"``: every batch holds ``batch_size // G`` members of each of the ``G`` groups; the
-      ``batch_size % G`` remaining slots go to the groups in a fixed round-robin order that carries on from batch to
-      batch and from epoch to epoch, so counts within a batch differ by at most one. An epoch has as many batches as
-      one pass over the kept samples would (``ceil(N / batch_size)``, or ``N // batch_size`` with ``drop_last``), and
-      every batch is full. Each group is read from its own endless stream of fresh permutations, and epoch ``e``
-      continues the stream where epoch ``e - 1`` stopped: large groups are traversed without replacement across
-      consecutive epochs, small groups are over-sampled (cycled) with no repeat inside one pass over the group.
-    - ``"neighbourhood"``: every batch is made of ``batch_size // (n_neighbours + 1)`` neighbourhoods of
+      group, cuts each group into batches of ``global_batch_size`` and shuffles the order of all batches. The last,
+      shorter batch of a group is kept (still pure) unless ``drop_last``. Every kept index appears exactly once per
+      epoch.
+    - ``"balanced"``: every batch holds ``global_batch_size // G`` members of each of the ``G`` groups; the
+      ``global_batch_size % G`` remaining slots go to the groups in a fixed round-robin order that carries on from
+      batch to batch and from epoch to epoch, so counts within a batch differ by at most one. An epoch has as many
+      batches as one pass over the kept samples would (``ceil(N / global_batch_size)``, or the floor with
+      ``drop_last``), and every batch is full. Each group is read from its own endless stream of fresh permutations,
+      and epoch ``e`` continues the stream where epoch ``e - 1`` stopped: large groups are traversed without
+      replacement across consecutive epochs, small groups are over-sampled (cycled) with no repeat inside one pass
+      over the group.
+    - ``"neighbourhood"``: every batch is made of ``global_batch_size // (n_neighbours + 1)`` neighbourhoods of
       ``n_neighbours + 1`` samples that are close in (standardised) prior space, stored one after another in the
       batch, so that each sample meets ``n_neighbours`` close neighbours in its batch and the batch kernel matrix is
       not nearly the identity. Neighbourhoods are the leaves of a balanced k-d partition of the prior space, rebuilt
       each epoch with a random rotation, random tie-breaking and random odd splits: every index appears exactly once
       per epoch, and one epoch costs a few vectorised sorts (O(N log N)), with no neighbour graph to store. The
       ``N % (n_neighbours + 1)`` samples left over are chosen at random and go last. When ``n_neighbours + 1`` does
-      not divide ``batch_size``, neighbourhoods straddle two batches.
+      not divide ``global_batch_size``, neighbourhoods straddle two batches.
     - ``"random"``: plain shuffled batches, the baseline. ``groups`` and ``features`` only give ``N``.
+    - ``"pk"``: P groups x K images (``groups`` are patient ids, ``images_per_group=K``): every batch holds
+      ``P = global_batch_size // K`` blocks of K images, each block one patient, stored one after another, so that a
+      patient x time kernel sees same-patient pairs. A patient with ``n >= K`` images gives ``ceil(n / K)`` blocks
+      per epoch, cut from a fresh permutation of its images and, when K does not divide ``n``, completing its last
+      block with the first images of that permutation: every image is seen each epoch, and no image twice in one
+      block. Blocks are laid out over the batches so that the blocks of one patient land in different batches (a
+      batch holds P distinct patients) unless a patient has more blocks than the epoch has batches (minus one
+      without ``drop_last``). Missing patient ids (None/NaN) each count as a patient of their own. With
+      ``drop_last=False`` the last batch may hold fewer blocks; with ``drop_last=True`` the blocks that do not
+      fill a batch are left out (random ones, changing every epoch).
 
     Prior features (``neighbourhood`` mode) are standardised column-wise with the mean and standard deviation of the
     observed values (a constant column is only centred); a missing value (NaN) is then imputed at the column mean (0
     after standardisation), so a row missing a column is placed mid-way along it, not at either end. When there are
     more than 8 columns, the partition runs on the 8 leading principal components of the standardised features.
 
-    Groups smaller than a batch (``small_groups``):
+    Small groups (``small_groups``):
 
-    - ``"within"`` mode calls a group small when it has fewer than ``batch_size`` members.
-      ``"merge"`` (default) pools all small groups and cuts the pool into batches of ``batch_size``; the pool is laid
-      out group after group (random group order) so each merged batch spans as few groups as it can. Merged batches
-      are the only impure ones; ``merged_groups`` lists their labels. ``"drop"`` leaves small groups out of every
-      epoch (with a warning; ``dropped_groups`` lists them). ``"keep"`` gives each small group one short batch of its
-      own; it contradicts ``drop_last=True`` and is refused with it.
+    - ``"within"`` mode calls a group small when it has fewer than ``global_batch_size`` members.
+      ``"merge"`` (default) pools all small groups and cuts the pool into batches; the pool is laid out group after
+      group (random group order) so each merged batch spans as few groups as it can. Merged batches are the only
+      impure ones; ``merged_groups`` lists their labels. ``"drop"`` leaves small groups out of every epoch (with a
+      warning; ``dropped_groups`` lists them). ``"keep"`` gives each small group one short batch of its own; it
+      contradicts ``drop_last=True`` and is refused with it.
     - ``"balanced"`` mode calls a group small when it has fewer members than its share of a batch,
-      ``ceil(batch_size / G)``, which would force a repeat inside a batch. ``"merge"`` pools the small groups into one
-      group that takes one share; ``"drop"`` leaves them out; ``"keep"`` keeps them, cycling their members (repeats
-      inside a batch). A pool still smaller than its share is cycled in the same way; a very small pool then fills its
-      share with many repeats, so prefer ``"drop"`` when the small groups are few and tiny.
+      ``ceil(global_batch_size / G)``, which would force a repeat inside a batch. ``"merge"`` pools the small groups
+      into one group that takes one share; ``"drop"`` leaves them out; ``"keep"`` keeps them, cycling their members
+      (repeats inside a batch). A pool still smaller than its share is cycled in the same way; a very small pool then
+      fills its share with many repeats, so prefer ``"drop"`` when the small groups are few and tiny.
+    - ``"pk"`` mode calls a patient small when it has fewer than K images. ``"merge"`` pools the images of all small
+      patients, laid out patient after patient (random order), and cuts the pool into blocks of K like one more
+      patient: every image is still seen, but a pooled block mixes patients (``merged_groups`` lists the small
+      patients). ``"keep"`` samples with replacement: a small patient gets one block that cycles its images (an image
+      repeats inside the block), so every block is one patient. ``"drop"`` leaves small patients out (with a
+      warning; ``dropped_groups`` lists them).
     - ``"neighbourhood"`` and ``"random"`` have no groups; the policy does nothing.
 
-    Distributed training: every rank computes the same global list of batches for ``(seed, epoch)`` and takes every
-    ``num_replicas``-th batch starting at ``rank``, so ranks get disjoint batches. When the number of batches is not a
-    multiple of ``num_replicas``, ``drop_last=True`` drops the last few batches of the (shuffled) list and
-    ``drop_last=False`` pads it by repeating whole batches from its start, so every rank gets the same number of
-    batches. With ``drop_last=True`` every batch also has exactly ``batch_size`` indices, which a cross-rank
-    ``all_gather`` of embeddings needs.
+    Distributed training: every rank computes the same global batches for ``(seed, epoch)`` (pass the same ``seed``
+    on every rank) and takes its part of each, so that the batch that a cross-rank ``all_gather`` puts together in
+    rank order has the composition one process would give at ``global_batch_size``: one group (``"within"``),
+    balanced over the groups (``"balanced"``), whole neighbourhoods and whole patient blocks (``"neighbourhood"``,
+    ``"pk"``). Rank ``r`` takes the ``r``-th of ``num_replicas`` consecutive slices of a global batch (of whole
+    blocks in ``"pk"`` mode), except in ``"balanced"`` mode, where it takes every ``num_replicas``-th index
+    starting at ``r`` of the group-sorted batch, so that every rank's part is itself close to balanced (a per-rank
+    BatchNorm then sees no single-group batch). Ranks get disjoint indices at every step, and every rank has one
+    step per global batch, so the step counts are equal. With ``drop_last=True`` every global batch has
+    ``global_batch_size`` indices and every rank part ``batch_size``. With ``drop_last=False`` a short global batch
+    is split as evenly as possible (parts differ by at most one index, one block in ``"pk"`` mode); when it has
+    fewer indices (blocks) than ranks, it is completed with indices from the start of the same group (``"within"``),
+    of the epoch (``"random"``, ``"neighbourhood"``) or with blocks of other patients from the epoch's first batch
+    (``"pk"``), so that no rank gets an empty part.
 
     Call ``set_epoch(epoch)`` at the start of every epoch (MONAI's workflows only do this for a
     ``DistributedSampler``, not for a batch sampler): without it every epoch repeats the same batches.
 
     Args:
-        batch_size: number of indices per batch; at least 2, since a contrastive batch needs pairs.
-        mode: ``"within"``, ``"balanced"``, ``"neighbourhood"`` (``"neighborhood"`` also accepted) or ``"random"``.
-        groups: length-N sequence of group labels (site, view, ...); required by ``"within"`` and ``"balanced"``.
-            Missing labels (None/NaN) form a group of their own.
+        batch_size: number of indices per batch on this rank; at least 2, since a contrastive batch needs pairs.
+        mode: ``"within"``, ``"balanced"``, ``"neighbourhood"`` (``"neighborhood"`` also accepted), ``"random"`` or
+            ``"pk"``.
+        groups: length-N sequence of group labels (site, view, patient id, ...); required by ``"within"``,
+            ``"balanced"`` and ``"pk"``. Missing labels (None/NaN) form a group of their own (in ``"pk"`` mode: one
+            patient each).
         features: (N, P) array of prior features, NaN for missing; required by ``"neighbourhood"``.
         num_samples: N, needed only when neither ``groups`` nor ``features`` is given; must agree with them otherwise.
-        n_neighbours: neighbours per sample in ``"neighbourhood"`` mode, in ``[1, batch_size - 1]``.
-            Default ``min(7, batch_size - 1)``. ``batch_size - 1`` makes every batch one neighbourhood.
-        drop_last: drop batches shorter than ``batch_size`` (see the modes) and, across ranks, the batches that do not
-            fill a round of ``num_replicas``.
-        small_groups: ``"merge"``, ``"drop"`` or ``"keep"``: policy for groups smaller than a batch (see above).
+        n_neighbours: neighbours per sample in ``"neighbourhood"`` mode, in ``[1, global_batch_size - 1]``.
+            Default ``min(7, global_batch_size - 1)``. ``global_batch_size - 1`` makes every batch one neighbourhood.
+        drop_last: drop global batches shorter than ``global_batch_size`` (see the modes).
+        small_groups: ``"merge"``, ``"drop"`` or ``"keep"``: policy for small groups (see above).
         seed: base seed; batches are a deterministic function of ``(seed, epoch)`` and the inputs.
-        num_replicas: number of ranks; default the world size of an initialised ``torch.distributed`` group, else 1.
+        num_replicas: number of ranks R; default the world size of an initialised ``torch.distributed`` group, else 1.
         rank: this rank; default the rank of an initialised ``torch.distributed`` group, else 0.
+        images_per_group: K, the images of one patient per block in ``"pk"`` mode (required there, and only there);
+            ``batch_size`` must be a multiple of K.
 
     Raises:
         ValueError: on an unknown mode or policy, ``batch_size < 2``, inputs of inconsistent length, ``features`` not
-            of shape (N, P) or holding infinities, a missing required input, or settings that leave a rank with no
-            batch.
+            of shape (N, P) or holding infinities, a missing required input, ``images_per_group`` out of place or not
+            dividing ``batch_size``, or settings that leave no global batch.
 
     Example::
 
@@ -124,6 +160,8 @@ class AttributeBatchSampler(Sampler[list[int]]):
             sampler.set_epoch(epoch)
             for batch in loader:
                 ...
+
+        pk = AttributeBatchSampler(64, mode="pk", groups=manifest["patient_id"], images_per_group=4, drop_last=True)
     """
 
     def __init__(
@@ -139,6 +177,7 @@ class AttributeBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
+        images_per_group: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 2:
@@ -160,14 +199,19 @@ class AttributeBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self.merged_groups: list[Any] = []
         self.dropped_groups: list[Any] = []
+        self.num_replicas, self.rank = _resolve_replicas(num_replicas, rank)
+        self.images_per_group = self._check_images_per_group(images_per_group)
 
         group_codes, self.group_labels = _encode_groups(groups)
+        if mode == "pk" and group_codes is not None:
+            group_codes, self.group_labels = _missing_apart(group_codes, self.group_labels)
         # Only neighbourhood mode uses the features themselves; the other modes only read N from them.
         prior = _standardise_features(features, reduce=mode == "neighbourhood") if features is not None else None
         self.num_samples = _resolve_num_samples(num_samples, group_codes, prior)
 
-        if mode in ("within", "balanced") and group_codes is None:
-            raise ValueError(f"mode={mode!r} needs groups: a length-N sequence of group labels (e.g. the site column).")
+        if mode in ("within", "balanced", "pk") and group_codes is None:
+            what = "patient ids (the patient_id column)" if mode == "pk" else "group labels (e.g. the site column)"
+            raise ValueError(f"mode={mode!r} needs groups: a length-N sequence of {what}.")
         if mode == "neighbourhood":
             if prior is None:
                 raise ValueError("mode='neighbourhood' needs features: an (N, P) array of prior features.")
@@ -177,23 +221,27 @@ class AttributeBatchSampler(Sampler[list[int]]):
         self._group_codes = group_codes
         self._prior = prior if mode == "neighbourhood" else None
 
+        size = self.global_batch_size
         if mode == "within":
             self._num_batches_total = self._prepare_within(group_codes)
         elif mode == "balanced":
             self._num_batches_total = self._prepare_balanced(group_codes)
+        elif mode == "pk":
+            self._num_batches_total = self._prepare_pk(group_codes)
         else:
             n = self.num_samples
-            self._num_batches_total = n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-        self.num_replicas, self.rank = _resolve_replicas(num_replicas, rank)
-        total, replicas = self._num_batches_total, self.num_replicas
-        self._num_batches_rank = total // replicas if self.drop_last else math.ceil(total / replicas)
-        if self._num_batches_rank == 0:
+            self._num_batches_total = n // size if self.drop_last else math.ceil(n / size)
+        if self._num_batches_total == 0:
             raise ValueError(
-                f"mode={mode!r} with batch_size={self.batch_size}, drop_last={self.drop_last} and "
-                f"num_replicas={replicas} leaves rank {self.rank} with no batch ({total} batches over "
-                f"{self.num_samples} samples); lower batch_size or set drop_last=False."
+                f"mode={mode!r} with batch_size={self.batch_size} on each of num_replicas={self.num_replicas} ranks "
+                f"(global batch {size}) and drop_last={self.drop_last} forms no batch from {self.num_samples} "
+                "samples; lower batch_size or set drop_last=False."
             )
+
+    @property
+    def global_batch_size(self) -> int:
+        """Indices per global batch, ``num_replicas * batch_size``: the batch the loss sees after gathering."""
+        return self.batch_size * self.num_replicas
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -235,27 +283,48 @@ class AttributeBatchSampler(Sampler[list[int]]):
         kwargs.setdefault("num_samples", len(manifest))
         return cls(batch_size, mode=mode, groups=groups, features=features, **kwargs)
 
+
     def _check_n_neighbours(self, n_neighbours: int | None) -> int:
+        size = self.global_batch_size
         if n_neighbours is None:
-            return min(_DEFAULT_NEIGHBOURS, self.batch_size - 1)
+            return min(_DEFAULT_NEIGHBOURS, size - 1)
         if isinstance(n_neighbours, bool) or not isinstance(n_neighbours, numbers.Integral):
             raise ValueError(f"n_neighbours must be an integer; got {n_neighbours!r}.")
-        if not 1 <= n_neighbours <= self.batch_size - 1:
+        if not 1 <= n_neighbours <= size - 1:
             raise ValueError(
-                f"n_neighbours must be in [1, batch_size - 1] = [1, {self.batch_size - 1}] so that a neighbourhood "
+                f"n_neighbours must be in [1, global_batch_size - 1] = [1, {size - 1}] so that a neighbourhood "
                 f"fits in a batch; got {n_neighbours}."
             )
         return int(n_neighbours)
 
+    def _check_images_per_group(self, images_per_group: int | None) -> int | None:
+        if self.mode != "pk":
+            if images_per_group is not None:
+                raise ValueError(
+                    f"images_per_group={images_per_group!r} is only used by mode='pk'; got mode={self.mode!r}."
+                )
+            return None
+        if images_per_group is None:
+            raise ValueError("mode='pk' needs images_per_group=K, the images of one patient per block.")
+        k = images_per_group
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"images_per_group must be a positive integer; got {k!r}.")
+        if self.batch_size % k:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of images_per_group={k} (P patients x K images "
+                "per batch)."
+            )
+        return int(k)
+
     def _prepare_within(self, codes: np.ndarray) -> int:
         """Split the groups into batch-able segments and a pool of small groups; return the number of batches."""
-        bs = self.batch_size
+        bs = self.global_batch_size
         sizes = np.bincount(codes, minlength=len(self.group_labels))
         small = sizes < bs
         if self.small_groups == "keep" and self.drop_last and small.any():
             raise ValueError(
-                f"small_groups='keep' gives groups {self._labels(small)} (fewer than batch_size={bs} members) a short "
-                "batch each, which drop_last=True forbids; use small_groups='merge' or 'drop'."
+                f"small_groups='keep' gives groups {self._labels(small)} (fewer than global_batch_size={bs} members) "
+                "a short batch each, which drop_last=True forbids; use small_groups='merge' or 'drop'."
             )
         segment_groups = np.flatnonzero(~small | (self.small_groups == "keep"))
         pool_groups = np.flatnonzero(small) if self.small_groups == "merge" else np.empty(0, dtype=np.int64)
@@ -263,7 +332,7 @@ class AttributeBatchSampler(Sampler[list[int]]):
             self.dropped_groups = self._labels(small)
             warnings.warn(
                 f"AttributeBatchSampler(mode='within') drops groups {self.dropped_groups} "
-                f"({int(sizes[small].sum())} samples): each has fewer than batch_size={bs} members.",
+                f"({int(sizes[small].sum())} samples): each has fewer than global_batch_size={bs} members.",
                 stacklevel=3,
             )
         if self.small_groups == "merge" and small.any():
@@ -285,7 +354,7 @@ class AttributeBatchSampler(Sampler[list[int]]):
 
     def _prepare_balanced(self, codes: np.ndarray) -> int:
         """Form the groups that share each batch (after the small-group policy); return the number of batches."""
-        bs = self.batch_size
+        bs = self.global_batch_size
         sizes = np.bincount(codes, minlength=len(self.group_labels))
         share = math.ceil(bs / len(sizes))
         small = sizes < share
@@ -313,6 +382,43 @@ class AttributeBatchSampler(Sampler[list[int]]):
         n_kept = int(sum(len(m) for m in kept))
         return n_kept // bs if self.drop_last else math.ceil(n_kept / bs)
 
+    def _prepare_pk(self, codes: np.ndarray) -> int:
+        """Form the block units (patients, and the pool of small patients); return the number of batches.
+
+        A unit of ``n`` images gives ``ceil(n / K)`` blocks per epoch. Rows are stored unit after unit in
+        ``_pk_rows``, with their unit (``_pk_unit_of_row``) and patient (``_pk_patient_of_row``).
+        """
+        k = self.images_per_group
+        sizes = np.bincount(codes, minlength=len(self.group_labels))
+        small = (sizes < k) & (sizes > 0)
+        n_small, small_images = int(small.sum()), int(sizes[small].sum())
+        if small.any() and self.small_groups == "drop":
+            self.dropped_groups = self._labels(small)
+            warnings.warn(
+                f"AttributeBatchSampler(mode='pk') drops {n_small} patients ({small_images} images) with fewer "
+                f"than images_per_group={k} images, e.g. {self.dropped_groups[:5]}.",
+                stacklevel=3,
+            )
+        if small.any() and self.small_groups == "merge":
+            self.merged_groups = self._labels(small)
+            logger.info("AttributeBatchSampler(mode='pk') pools %d patients with fewer than %d images (%d images).",
+                        n_small, k, small_images)
+        kept = sizes > 0 if self.small_groups == "keep" else (sizes >= k)
+        # Unit of each patient: its own for kept patients, one shared pool unit for merged small patients.
+        unit_of_patient = np.full(len(sizes), -1, dtype=np.int64)
+        unit_of_patient[kept] = np.arange(int(kept.sum()))
+        if small.any() and self.small_groups == "merge":
+            unit_of_patient[small] = int(kept.sum())
+        rows = np.flatnonzero(unit_of_patient[codes] >= 0)
+        unit_of_row = unit_of_patient[codes[rows]]
+        order = np.argsort(unit_of_row, kind="stable")
+        self._pk_rows, self._pk_unit_of_row = rows[order], unit_of_row[order]
+        self._pk_patient_of_row = codes[self._pk_rows]
+        self._pk_unit_sizes = np.bincount(self._pk_unit_of_row, minlength=int(unit_of_patient.max()) + 1)
+        self._pk_unit_blocks = -(-self._pk_unit_sizes // k)
+        n_blocks, per_batch = int(self._pk_unit_blocks.sum()), self.global_batch_size // k
+        return n_blocks // per_batch if self.drop_last else math.ceil(n_blocks / per_batch)
+
     def _labels(self, mask: np.ndarray) -> list[Any]:
         return [self.group_labels[g] for g in np.flatnonzero(mask)]
 
@@ -320,6 +426,8 @@ class AttributeBatchSampler(Sampler[list[int]]):
         extra = f", groups={len(self.group_labels)}" if self._group_codes is not None else ""
         if self.n_neighbours is not None:
             extra += f", n_neighbours={self.n_neighbours}"
+        if self.images_per_group is not None:
+            extra += f", images_per_group={self.images_per_group}"
         return (
             f"{type(self).__name__}(batch_size={self.batch_size}, mode={self.mode!r}, num_samples={self.num_samples}"
             f"{extra}, drop_last={self.drop_last}, small_groups={self.small_groups!r}, seed={self.seed}, "
@@ -335,70 +443,67 @@ class AttributeBatchSampler(Sampler[list[int]]):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        """Number of batches this rank yields per epoch (the same every epoch and on every rank)."""
-        return self._num_batches_rank
+        """Number of batches (steps) this rank yields per epoch: one per global batch, the same on every rank."""
+        return self._num_batches_total
 
     def __iter__(self) -> Iterator[list[int]]:
-        order, starts, ends = self._global_batches(self.epoch)
-        for b in self._rank_batch_ids(len(starts)):
-            yield order[starts[b] : ends[b]].tolist()
+        for batch in self._global_batches(self.epoch):
+            yield self._rank_part(batch).tolist()
 
-    def _rank_batch_ids(self, total: int) -> np.ndarray:
-        """Batch ids for this rank: equal counts on every rank, by dropping or by padding with whole batches."""
-        replicas = self.num_replicas
-        ids = np.arange(total)
-        remainder = total % replicas
-        if remainder:
-            if self.drop_last:
-                ids = ids[: total - remainder]
-            else:
-                ids = np.concatenate([ids, np.arange(replicas - remainder) % total])
-        return ids[self.rank :: replicas]
+    def _rank_part(self, batch: np.ndarray) -> np.ndarray:
+        """This rank's part of a global batch (see "Distributed training" in the class docstring)."""
+        replicas, rank = self.num_replicas, self.rank
+        if replicas == 1:
+            return batch
+        if self.mode == "balanced":  # full batches, group after group: a strided part is close to balanced
+            return batch[rank::replicas]
+        unit = self.images_per_group or 1  # split at block boundaries in "pk" mode
+        q, r = divmod(len(batch) // unit, replicas)
+        start = rank * q + min(rank, r)
+        return batch[start * unit : (start + q + (rank < r)) * unit]
 
     # ------------------------------------------------------------------ one epoch, all ranks
 
-    def _global_batches(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All batches of an epoch as ``order[starts[b]:ends[b]]``, in the order they are dealt to ranks."""
+    def _global_batches(self, epoch: int) -> list[np.ndarray]:
+        """All global batches of an epoch, in step order; a short one holds at least ``num_replicas`` units."""
         rng = np.random.default_rng([self.seed, _TAG_EPOCH, epoch])
         if self.mode == "random":
-            return self._chunk(rng.permutation(self.num_samples))
+            return self._cut(rng.permutation(self.num_samples))
         if self.mode == "neighbourhood":
-            return self._chunk(self._neighbourhood_order(rng))
+            return self._cut(self._neighbourhood_order(rng))
         if self.mode == "balanced":
-            return self._chunk(self._balanced_order(epoch))
+            return list(self._balanced_order(epoch).reshape(self._num_batches_total, self.global_batch_size))
+        if self.mode == "pk":
+            return self._pk_batches(rng)
         return self._within_batches(rng)
 
-    def _chunk(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n, bs = len(order), self.batch_size
-        n_batches = n // bs if self.drop_last else math.ceil(n / bs)
-        starts = np.arange(n_batches) * bs
-        return order, starts, np.minimum(starts + bs, n)
+    def _cut(self, segment: np.ndarray) -> list[np.ndarray]:
+        """Cut ``segment`` into global batches; a last, short one (kept unless ``drop_last``) that has fewer indices
+        than ranks is completed cyclically from the start of ``segment``."""
+        n, size, replicas = len(segment), self.global_batch_size, self.num_replicas
+        n_full = n // size
+        batches = [segment[i * size : (i + 1) * size] for i in range(n_full)]
+        rest = n - n_full * size
+        if rest and not self.drop_last:
+            tail = segment[n_full * size :]
+            if rest < replicas:
+                tail = np.concatenate([tail, segment[np.arange(replicas - rest) % n]])
+            batches.append(tail)
+        return batches
 
-    def _within_batches(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        bs = self.batch_size
+    def _within_batches(self, rng: np.random.Generator) -> list[np.ndarray]:
         parts = [rng.permutation(members) for members in self._segment_members]  # one pure segment per group
         if self._pool_members:  # small groups, one after another in random group order
             pool_order = rng.permutation(len(self._pool_members))
             parts.append(np.concatenate([rng.permutation(self._pool_members[g]) for g in pool_order]))
-        starts, ends = [], []
-        offset = 0
-        for segment in parts:
-            n = len(segment)
-            n_batches = n // bs if self.drop_last else math.ceil(n / bs)
-            s = offset + np.arange(n_batches) * bs
-            starts.append(s)
-            ends.append(np.minimum(s + bs, offset + n))
-            offset += n
-        order = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-        starts_all = np.concatenate(starts) if starts else np.empty(0, dtype=np.int64)
-        ends_all = np.concatenate(ends) if ends else np.empty(0, dtype=np.int64)
-        perm = rng.permutation(len(starts_all))  # interleave the groups over the epoch
-        return order, starts_all[perm], ends_all[perm]
+        batches = [batch for segment in parts for batch in self._cut(segment)]
+        return [batches[b] for b in rng.permutation(len(batches))]  # interleave the groups over the epoch
 
     def _balanced_order(self, epoch: int) -> np.ndarray:
-        """Indices of all batches of the epoch, batch after batch, each batch ``batch_size`` long."""
+        """Indices of all global batches of the epoch, batch after batch, each ``global_batch_size`` long and sorted by
+        group."""
         members = self._balanced_members
-        n_groups, bs, n_batches = len(members), self.batch_size, self._num_batches_total
+        n_groups, bs, n_batches = len(members), self.global_batch_size, self._num_batches_total
         base, extra = divmod(bs, n_groups)
         slot_rank = np.empty(n_groups, dtype=np.int64)
         slot_rank[self._slot_order] = np.arange(n_groups)
@@ -454,6 +559,52 @@ class AttributeBatchSampler(Sampler[list[int]]):
         return np.concatenate([cliques.ravel(), leftover])
 
 
+    def _pk_batches(self, rng: np.random.Generator) -> list[np.ndarray]:
+        """Global batches of whole patient blocks: blocks of one unit go to different batches where they can."""
+        k, per_batch, n_batches = self.images_per_group, self.global_batch_size // self.images_per_group, len(self)
+        sizes, n_blocks = self._pk_unit_sizes, self._pk_unit_blocks
+        n_units = len(sizes)
+        # Units in random order; rows of a unit shuffled, the pool laid out patient after patient.
+        unit_rank = rng.permutation(n_units)
+        patient_rank = rng.permutation(len(self.group_labels))
+        order = np.lexsort((rng.random(len(self._pk_rows)), patient_rank[self._pk_patient_of_row],
+                            unit_rank[self._pk_unit_of_row]))
+        rows = self._pk_rows[order]
+        units = np.argsort(unit_rank)  # the unit at each list position
+        size_o, blocks_o = sizes[units], n_blocks[units]
+        first_row = np.cumsum(size_o) - size_o
+        # Slot j of a unit's blocks reads its row j mod n: the last block wraps to the unit's first rows.
+        slot_unit = np.repeat(np.arange(n_units), blocks_o * k)
+        slot_j = np.arange(len(slot_unit)) - np.repeat(np.cumsum(blocks_o * k) - blocks_o * k, blocks_o * k)
+        blocks = rows[first_row[slot_unit] + slot_j % size_o[slot_unit]].reshape(-1, k)
+        block_unit = np.repeat(units, blocks_o)
+        # Lay the blocks out column after column over a (batches, per_batch) grid, so that consecutive blocks (those
+        # of one unit) fall in consecutive, hence different, batches. Without drop_last the last batch is the short
+        # one: columns past its length skip it.
+        total = len(blocks)
+        short = 0 if self.drop_last else total - (n_batches - 1) * per_batch  # blocks in the last batch
+        short = 0 if short == per_batch else short
+        lengths = np.full(per_batch, n_batches)
+        if short:
+            lengths[short:] -= 1
+        used = int(lengths.sum())
+        col = np.repeat(np.arange(per_batch), lengths)
+        row = np.arange(used) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        grid = np.full((n_batches, per_batch), -1, dtype=np.int64)
+        grid[row, col] = np.arange(used)
+        n_full = n_batches - (short > 0)
+        full = rng.permuted(grid[:n_full][rng.permutation(n_full)], axis=1)
+        batches = [blocks[ids].ravel() for ids in full]
+        if short:
+            ids = grid[-1, :short][rng.permutation(short)]
+            if short < self.num_replicas:  # complete it with blocks of other units, so every rank gets one
+                source = full[0] if n_full else ids
+                other = source[~np.isin(block_unit[source], block_unit[ids])]
+                ids = np.concatenate([ids, np.resize(np.concatenate([other, source]), self.num_replicas - short)])
+            batches.append(blocks[ids].ravel())
+        return batches
+
+
 # ---------------------------------------------------------------------- module helpers
 
 
@@ -473,6 +624,20 @@ def _encode_groups(groups: Any) -> tuple[np.ndarray | None, list[Any]]:
     except TypeError:  # labels of mixed, unorderable types
         codes, labels = pd.factorize(values, sort=False, use_na_sentinel=False)
     return codes.astype(np.int64), list(labels)
+
+
+def _missing_apart(codes: np.ndarray, labels: list[Any]) -> tuple[np.ndarray, list[Any]]:
+    """Give every row with a missing label (None/NaN) a code of its own (unknown patients are taken as distinct)."""
+    missing = [c for c, label in enumerate(labels) if pd.api.types.is_scalar(label) and pd.isna(label)]
+    if not missing:
+        return codes, labels
+    rows = np.flatnonzero(np.isin(codes, missing))
+    keep = np.setdiff1d(np.arange(len(labels)), missing)
+    recode = np.full(len(labels), -1, dtype=np.int64)
+    recode[keep] = np.arange(len(keep))
+    out = recode[codes]
+    out[rows] = len(keep) + np.arange(len(rows))
+    return out, [labels[c] for c in keep] + [labels[codes[r]] for r in rows]
 
 
 def _standardise_features(features: Any, reduce: bool = True) -> np.ndarray:
@@ -601,6 +766,8 @@ def _balanced_kd_order(points: np.ndarray, size: int, n_cliques: int, rng: np.ra
     return order
 
 
+
+
 def attribute_batch_sampler(
     dataset: Any,
     batch_size: int,
@@ -611,24 +778,29 @@ def attribute_batch_sampler(
     seed: int = 0,
     num_replicas: int | None = None,
     rank: int | None = None,
+    images_per_group: int | None = None,
     **kwargs: Any,
 ) -> Any:
     """An :class:`~monai_du.data.samplers.AttributeBatchSampler` for a dataset of manifest records.
 
-    Groups (``"within"``, ``"balanced"``) are read from the records the dataset actually holds (``dataset.data``),
-    so rows skipped for unreadable images cannot shift the sampler's indices. ``"neighbourhood"`` batches use the
-    records' prior vectors (``prior_encoder.transform_row``); ``"random"`` needs neither.
+    Groups (``"within"``, ``"balanced"``, and the patient ids of ``"pk"``) are read from the records the dataset
+    actually holds (``dataset.data``), so rows skipped for unreadable images cannot shift the sampler's indices.
+    ``"neighbourhood"`` batches use the records' prior vectors (``prior_encoder.transform_row``); ``"random"`` needs
+    neither. The sampler's ``global_batch_size`` (``batch_size`` x ranks) is the batch size the loss sees.
 
     Args:
         dataset: a MONAI dataset whose ``data`` is the list of record dicts (:func:`manifest_to_dataset`).
         batch_size: samples per batch on this rank.
-        mode: "within", "balanced", "neighbourhood" or "random".
-        attribute: record key of the group (e.g. "site") for "within" / "balanced".
+        mode: "within", "balanced", "neighbourhood", "random" or "pk".
+        attribute: record key of the group (e.g. "site") for "within" / "balanced", of the patient id (e.g.
+            "patient_id") for "pk".
         prior_encoder: fitted :class:`~monai_du.prior_encoder.PriorEncoder`, for "neighbourhood".
         drop_last: drop short batches (keeps every rank's batch the same size).
-        seed: sampler seed.
+        seed: sampler seed (the same on every rank).
         num_replicas: number of ranks (default: the process group's world size, else 1).
         rank: this rank (default: the process group's rank, else 0).
+        images_per_group: K images per patient block, for "pk" (ignored by the other modes, so that a bundle can
+            always pass it).
         kwargs: further arguments of ``AttributeBatchSampler`` (``small_groups``, ``n_neighbours``).
     """
     records = getattr(dataset, "data", None)
@@ -636,9 +808,10 @@ def attribute_batch_sampler(
         raise ValueError(f"attribute_batch_sampler: dataset {type(dataset).__name__} has no .data list of records.")
     common = dict(batch_size=int(batch_size), mode=mode, drop_last=drop_last, seed=int(seed),
                   num_replicas=num_replicas, rank=rank, **kwargs)
-    if mode in ("within", "balanced"):
+    if mode in ("within", "balanced", "pk"):
         if not attribute:
-            raise ValueError(f"sampler mode {mode!r} needs an attribute (a manifest column such as 'site').")
+            example = "'patient_id'" if mode == "pk" else "'site'"
+            raise ValueError(f"sampler mode {mode!r} needs an attribute (a manifest column such as {example}).")
         missing = [i for i, r in enumerate(records) if attribute not in r]
         if missing:
             present = sorted(records[missing[0]]) if isinstance(records[missing[0]], Mapping) else []
@@ -646,6 +819,8 @@ def attribute_batch_sampler(
                 f"sampler attribute {attribute!r} is not in the manifest (record {missing[0]} has keys {present}); "
                 "override sampler_attribute or use sampler_mode 'random'."
             )
+        if mode == "pk":
+            common["images_per_group"] = images_per_group
         return AttributeBatchSampler(groups=[r[attribute] for r in records], **common)
     if mode in ("neighbourhood", "neighborhood"):
         if prior_encoder is None:
