@@ -131,42 +131,93 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _add_prior(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prior",
-        help="train a MONAI autoencoder on a manifest's images and write the generative prior table",
+        help="write a prior table keyed by image path: from a MONAI autoencoder, or from any encoder",
         description=(
-            "Train a small MONAI VarAutoEncoder on the manifest's images (or load one with --checkpoint), encode every "
-            "image to its latent mean, and write a prior table keyed by the manifest's image path: column 'image' "
-            "plus gen_0 .. gen_{k-1} (.csv, .csv.gz, or .parquet with pyarrow). Use it as the kernel prior with "
+            "Write a prior table keyed by the manifest's image path: column 'image' plus gen_0 .. gen_{k-1} (.csv, "
+            ".csv.gz, or .parquet with pyarrow). By default a small MONAI VarAutoEncoder is trained on the "
+            "pretraining split (or loaded with --checkpoint) and every manifest image is encoded to its latent mean. "
+            "With --encoder (a TorchScript file, or a monai_du export: a folder with encoder.pt and "
+            "encoder_info.json) or --bundle-config/--network-id/--checkpoint (a MONAI bundle's network), that "
+            "encoder's features of the pretraining split's images are written instead; --split all encodes every "
+            "row. A prior computed on held-out patients leaks nothing about their labels, but keeping to the split "
+            "the pretraining bundles read is the safe default. Use the table as the kernel prior with "
             "monai_du.priors.attach_prior_table and generative_prior_kernel, or the pretrain bundle's prior_table id."
         ),
     )
     p.add_argument("--manifest", required=True, help="manifest file (.csv, .csv.gz, .tsv, .parquet)")
     p.add_argument("--out", required=True, help="prior table to write (.csv, .csv.gz or .parquet)")
     p.add_argument("--root", default=None, help="folder of relative image paths (default: the manifest's folder)")
-    p.add_argument("--modality", choices=("2d", "3d", "cxr", "brain"), default="2d", help="2D images or 3D volumes")
-    p.add_argument("--image-size", type=_positive_int, default=32,
-                   help="side the images are resized to (a multiple of 8)")
-    p.add_argument("--latent-dim", type=_positive_int, default=16, help="embedding size k")
-    p.add_argument("--epochs", type=_non_negative_int, default=5, help="training epochs")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="training batch size")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--kl-weight", type=float, default=1e-3, help="weight of the KL term")
-    p.add_argument("--train-split", default=None, help="train on rows whose 'split' equals this (all rows are encoded)")
-    p.add_argument("--checkpoint", default=None, help="load this autoencoder instead of training one")
-    p.add_argument("--save-checkpoint", default=None, help="save the trained autoencoder here")
-    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--modality", choices=("2d", "3d", "cxr", "brain"), default=None,
+                   help="2D images or 3D volumes (default: 2d, or the encoder's spatial dims)")
+    p.add_argument("--image-size", type=_positive_int, default=None,
+                   help="side the images are resized to (autoencoder: a multiple of 8, default 32; encoder: default "
+                        "the spatial_size in encoder_info.json or the bundle config)")
+    p.add_argument("--split", "--train-split", dest="split", default="train",
+                   help="patient split used: the autoencoder is fitted on it (all rows are encoded), an encoder "
+                        "encodes it only; 'all' for every row (default: train). A manifest 'split' column is used as "
+                        "it is, otherwise patients are split as the bundles split them")
+    p.add_argument("--split-fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), default=None,
+                   help="fractions of patients per split when the manifest has no 'split' column (default 0.8 0.1 0.1)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient split (default 0, as the bundles)")
+    enc = p.add_argument_group("a prior from any encoder")
+    enc.add_argument("--encoder", default=None,
+                     help="TorchScript file, or monai_du export (folder with encoder.pt + encoder_info.json, or its "
+                          "encoder.pt)")
+    enc.add_argument("--bundle-config", nargs="+", default=None,
+                     help="MONAI bundle config file(s) defining the network (merged in order)")
+    enc.add_argument("--network-id", default="network_def", help="the network's id in the bundle config")
+    enc.add_argument("--submodule", default=None,
+                     help="use this attribute of the network, e.g. 'encoder' for a ContrastiveEncoder's backbone")
+    enc.add_argument("--intensity", choices=("minmax", "percentile"), default="minmax",
+                     help="intensity scaling as the encoder was trained with (2D bundles: minmax; brain: percentile)")
+    enc.add_argument("--pool", choices=("mean", "flatten"), default="mean",
+                     help="how an output (N, D, ...) becomes (N, D)")
+    vae = p.add_argument_group("the autoencoder")
+    vae.add_argument("--latent-dim", type=_positive_int, default=16, help="embedding size k")
+    vae.add_argument("--epochs", type=_non_negative_int, default=5, help="training epochs")
+    vae.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    vae.add_argument("--kl-weight", type=float, default=1e-3, help="weight of the KL term")
+    vae.add_argument("--save-checkpoint", default=None, help="save the trained autoencoder here")
+    vae.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--checkpoint", default=None,
+                   help="with --bundle-config: the network's weights (a state dict, or a checkpoint holding one under "
+                        "'model'); otherwise: load this autoencoder instead of training one")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images per step (autoencoder training: default 32; encoder forward passes: default 64)")
     p.add_argument("--device", default="cpu", help="device, e.g. cpu or cuda")
     p.set_defaults(func=_run_prior)
 
 
 def _run_prior(args: argparse.Namespace) -> int:
-    from monai_du.priors import build_prior_table
+    from monai_du.priors import build_encoder_prior_table, build_prior_table
 
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    split = args.split
+    fractions = None
+    if args.split_fractions is not None:
+        fractions = dict(zip(("train", "val", "test"), args.split_fractions))
+    if args.encoder is not None and args.bundle_config is not None:
+        raise ValueError("give --encoder or --bundle-config, not both.")
+    if args.encoder is not None or args.bundle_config is not None:
+        if args.encoder is not None:
+            if args.checkpoint is not None:
+                raise ValueError(f"--checkpoint goes with --bundle-config; {args.encoder} holds its own weights.")
+            encoder = {"encoder": args.encoder, "submodule": args.submodule}
+        else:
+            encoder = {"bundle_config": args.bundle_config, "network_id": args.network_id,
+                       "checkpoint": args.checkpoint, "submodule": args.submodule}
+        build_encoder_prior_table(
+            args.manifest, args.out, encoder, log=log, root=args.root, split=split, image_size=args.image_size,
+            modality=args.modality, intensity=args.intensity, batch_size=args.batch_size or 64, device=args.device,
+            fractions=fractions, split_seed=args.split_seed, pool=args.pool,
+        )
+        return 0
     build_prior_table(
-        args.manifest, args.out, root=args.root, modality=args.modality, image_size=args.image_size,
-        latent_dim=args.latent_dim, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-        kl_weight=args.kl_weight, train_split=args.train_split, checkpoint=args.checkpoint,
-        save_checkpoint=args.save_checkpoint, seed=args.seed, device=args.device,
-        log=lambda line: print(line, flush=True),
+        args.manifest, args.out, root=args.root, modality=args.modality or "2d", image_size=args.image_size or 32,
+        latent_dim=args.latent_dim, epochs=args.epochs, batch_size=args.batch_size or 32, learning_rate=args.lr,
+        kl_weight=args.kl_weight, split=split, fractions=fractions, split_seed=args.split_seed,
+        checkpoint=args.checkpoint, save_checkpoint=args.save_checkpoint, seed=args.seed, device=args.device,
+        log=log,
     )
     return 0
 
