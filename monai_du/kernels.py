@@ -11,22 +11,34 @@ Missing values (NaN) follow one rule for every kernel: an unknown attribute is r
 under the training marginal (the kernel mean embedding). The kernel stays positive semi-definite, the factor of a
 missing attribute discriminates only as much as the population does, and a NaN never reaches the loss:
 
-- ``CategoricalKernel``: ``k(missing, c) = p_c`` (training frequency of ``c``) and ``k(missing, missing) = sum_c p_c^2``.
+- ``CategoricalKernel``: ``k(missing, c) = p_c`` (training frequency of ``c``) and
+  ``k(missing, missing) = sum_c p_c^2``.
+  With ``missing="singleton"`` (identity attributes such as a patient id, see :func:`patient_time_kernel`) a missing
+  code is instead a category of its own: it matches only the sample itself.
 - ``RBFKernel`` (per column, with training mean ``m`` and variance ``v``, bandwidth ``s``):
   ``k(missing, y) = sqrt(s^2 / (s^2 + v)) * exp(-(y - m)^2 / (2 (s^2 + v)))`` and
   ``k(missing, missing) = sqrt(s^2 / (s^2 + 2 v))``. This is exact for a Gaussian marginal.
 - ``CosineKernel``: a missing coordinate takes its training mean before normalisation.
 
 Unfitted kernels use the current batch's statistics for the missing-value rule; bandwidth rules (``"median"``,
-``"scott"``, ``"silverman"``, ``"knn"``) must be fitted on training data with :meth:`PriorKernel.fit`.
+``"scott"``, ``"silverman"``, ``"knn"``, ``"gap"``) must be fitted on training data with :meth:`PriorKernel.fit`.
+:meth:`PriorKernel.to_dict` writes the ``__init__`` arguments and every fitted attribute (names ending in ``_``, as in
+scikit-learn), and :func:`kernel_from_dict` rebuilds the same kernel.
+
+Kernels are computed in float32 or float64 whatever the input: half-precision priors are upcast and autocast is off
+inside the kernel (a bfloat16 Gram matrix is off by 1e-2, which the ridge solve amplifies).
 
 Low-rank feature maps ``F`` (B, r) with ``K = F F^T`` are exact for categorical and cosine kernels, and approximate
 (random Fourier features) for the RBF. Products take row-wise Kronecker products and sums concatenate.
+:func:`nystrom_features` gives a low-rank map of any kernel from a few of its columns (pivoted Cholesky).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,9 +56,13 @@ __all__ = [
     "BANDWIDTH_RULES",
     "kernel_from_dict",
     "kernel_summary",
+    "nystrom_features",
+    "patient_time_kernel",
 ]
 
 BANDWIDTH_RULES = ("median", "scott", "silverman", "knn")
+_GAP_RULE = "gap"  # median gap between a group's consecutive values (needs ``group_column``)
+_OUTLIER_RATIO = 3.0  # a rule's bandwidth above this multiple of its robust counterpart is "dominated by outliers"
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -60,15 +76,49 @@ def _as_tensor(x: Any) -> torch.Tensor:
 def _check_prior(x: torch.Tensor, name: str = "prior") -> torch.Tensor:
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape (B, P), got {tuple(x.shape)}.")
-    if not torch.is_floating_point(x):
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()  # kernels and solves never run in half precision
+    elif not torch.is_floating_point(x):
         x = x.to(torch.get_default_dtype())
     if torch.isinf(x).any():
         raise ValueError(f"{name} holds infinite values; use NaN to mark a missing attribute.")
     return x
 
 
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context in which autocast is disabled on ``device_type`` (a no-op where it is not enabled)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (RuntimeError, TypeError, ValueError):  # a device type without autocast
+        enabled = False
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, PriorKernel):
+        return value.to_dict()
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _init_names(cls: type) -> list[str]:
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
 class PriorKernel:
     """Base class of prior kernels. Subclasses implement ``_gram`` and optionally ``_features`` and ``_fit``.
+
+    ``_gram(x, y, ref)`` computes the kernel between the selected columns of ``x`` (B, p) and ``y`` (B', p); ``ref``
+    holds the rows whose statistics an unfitted kernel uses for missing values (default: ``x`` and ``y``), and
+    ``y is x`` marks the Gram matrix of one batch with itself.
 
     Args:
         columns: indices of the prior columns this kernel reads; ``None`` reads all of them.
@@ -88,10 +138,34 @@ class PriorKernel:
     # -- public API -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Gram matrix between ``x`` (B, P) and ``y`` (B', P) (default ``x``); returns (B, B'). Priors carry no gradient."""
+        """Gram matrix between ``x`` (B, P) and ``y`` (B', P) (default ``x``); returns (B, B'). Priors carry no
+        gradient, and the result is float32 or float64."""
         x = _check_prior(_as_tensor(x))
-        y = x if y is None else _check_prior(_as_tensor(y), "y")
-        return self._gram(self._select(x), self._select(y))
+        with _autocast_off(x.device.type):
+            sx = self._select(x)
+            sy = sx if y is None else self._select(_check_prior(_as_tensor(y), "y"))
+            return self._gram(sx, sy)
+
+    @torch.no_grad()
+    def gram_columns(self, x: torch.Tensor, index: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Columns ``K[:, index]`` (B, len(index)) of the batch kernel ``K = self(x)``, without forming ``K``."""
+        x = _check_prior(_as_tensor(x))
+        index = torch.as_tensor(index, dtype=torch.long, device=x.device)
+        with _autocast_off(x.device.type):
+            sx = self._select(x)
+            return self._gram_columns(sx, index)
+
+    @torch.no_grad()
+    def diagonal(self, x: torch.Tensor) -> torch.Tensor:
+        """The diagonal ``K[i, i]`` (B,) of the batch kernel ``K = self(x)``, in O(B) kernel evaluations."""
+        x = _check_prior(_as_tensor(x))
+        with _autocast_off(x.device.type):
+            sx = self._select(x)
+            parts = []
+            for start in range(0, sx.shape[0], 256):
+                chunk = sx[start : start + 256]
+                parts.append(self._gram(chunk, chunk, sx).diagonal())
+            return torch.cat(parts)
 
     def fit(self, prior: Any, groups: Any = None) -> PriorKernel:
         """Fit bandwidth rules and column statistics on training priors (N, P) (tensor, array or DataFrame).
@@ -106,7 +180,7 @@ class PriorKernel:
             groups = np.asarray(groups.tolist() if hasattr(groups, "tolist") else list(groups), dtype=object)
             if len(groups) != prior.shape[0]:
                 raise ValueError(f"groups has {len(groups)} entries for {prior.shape[0]} prior rows.")
-        self._fit(self._select(prior), groups)
+        self._fit(self._select(prior), groups, prior)
         return self
 
     def feature_map(self, x: torch.Tensor, approximate: bool = False) -> torch.Tensor | None:
@@ -115,7 +189,8 @@ class PriorKernel:
         x = _check_prior(_as_tensor(x))
         if not self.exact_features and not approximate:
             return None
-        return self._features(self._select(x), approximate)
+        with _autocast_off(x.device.type):
+            return self._features(self._select(x), approximate)
 
     def block_ids(self, x: torch.Tensor) -> torch.Tensor | None:
         """Integer group ids (B,) such that ``K[i, j] == 0`` whenever the ids differ, or None if unknown."""
@@ -126,9 +201,21 @@ class PriorKernel:
         """Whether :meth:`fit` has run: then missing values use training statistics, not the batch's."""
         return getattr(self, "mean_", None) is not None
 
+    def get_params(self) -> dict[str, Any]:
+        """The ``__init__`` arguments that rebuild this kernel (component kernels included, as kernels)."""
+        return {name: self._param(name) for name in _init_names(type(self))}
+
+    def fitted_params(self) -> dict[str, Any]:
+        """Every fitted attribute: the public attributes whose name ends with ``_`` (scikit-learn's convention)."""
+        return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
+
     def to_dict(self) -> dict:
-        """JSON-serialisable description, including fitted values (see :func:`kernel_from_dict`)."""
-        return {"type": type(self).__name__, **self._params()}
+        """JSON-serialisable description: the type, the ``__init__`` arguments and every fitted attribute (see
+        :func:`kernel_from_dict`)."""
+        out: dict[str, Any] = {"type": type(self).__name__}
+        out.update({k: _jsonable(v) for k, v in self.get_params().items()})
+        out.update({k: _jsonable(v) for k, v in self.fitted_params().items()})
+        return out
 
     # -- composition --------------------------------------------------------------------------------------------------
     def __mul__(self, other: Any) -> PriorKernel:
@@ -147,10 +234,13 @@ class PriorKernel:
         return SumKernel(self, other)
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self._params().items() if v is not None)
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items() if v is not None)
         return f"{type(self).__name__}({args})"
 
     # -- helpers for subclasses ---------------------------------------------------------------------------------------
+    def _param(self, name: str) -> Any:
+        return getattr(self, name)
+
     def _select(self, x: torch.Tensor) -> torch.Tensor:
         if self.columns is None:
             return x
@@ -160,14 +250,14 @@ class PriorKernel:
             )
         return x[:, self.columns]
 
-    def _params(self) -> dict:
-        return {"columns": self.columns}
-
-    def _fit(self, x: torch.Tensor, groups: np.ndarray | None = None) -> None:
+    def _fit(self, x: torch.Tensor, groups: np.ndarray | None = None, full: torch.Tensor | None = None) -> None:
         pass
 
-    def _gram(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _gram(self, x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def _gram_columns(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self._gram(x, x[index], x)
 
     def _features(self, x: torch.Tensor, approximate: bool) -> torch.Tensor | None:
         return None
@@ -183,15 +273,25 @@ def _column_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
+def _stats_rows(x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
+    """Rows whose statistics an unfitted kernel uses: ``ref`` if given, else ``x`` (and ``y`` unless it is ``x``)."""
+    if ref is not None:
+        return ref
+    return x if y is x else torch.cat([x, y])
+
+
 class RBFKernel(PriorKernel):
     """Gaussian kernel ``k(x, y) = exp(-sum_d (x_d - y_d)^2 / (2 * s_d^2))`` on the selected columns.
 
     Args:
         bandwidth: ``s``: a positive float, one positive float per column, or a rule fitted by :meth:`fit`:
             ``"median"`` (median pairwise distance), ``"scott"`` / ``"silverman"`` (per-column density-estimation
-            rules) or ``"knn"`` (median distance to the ``knn_k``-th nearest neighbour inside random batches of
+            rules), ``"knn"`` (median distance to the ``knn_k``-th nearest neighbour inside random batches of
             ``knn_batch_size`` training samples, so that each sample has about ``knn_k`` effective neighbours in a batch
-            of that size). The density rules are broad for contrastive priors: prefer ``"knn"`` (see DESIGN §1).
+            of that size) or ``"gap"`` (one column of offsets, e.g. days since a patient's first study: the median
+            positive gap between consecutive values of one group, the group read from ``group_column``). The density
+            rules are broad for contrastive priors: prefer ``"knn"`` (see DESIGN §1). ``fit`` warns when a few
+            outlying values dominate a ``"scott"``, ``"silverman"`` or ``"median"`` bandwidth.
         columns: prior columns read by the kernel.
         knn_k: neighbour rank for the ``"knn"`` rule.
         knn_batch_size: batch size the ``"knn"`` rule is fitted for (use the training batch size).
@@ -201,6 +301,7 @@ class RBFKernel(PriorKernel):
             ``"quadrature"`` (one column only): a deterministic trapezoid rule on the Gaussian spectral density, with
             a spacing chosen from the batch's range so that aliasing is below 1e-12; its rank grows with
             ``range / bandwidth``. ``"auto"``: quadrature for one column, random features otherwise.
+        group_column: prior column holding the group (patient) codes of the ``"gap"`` rule.
     """
 
     def __init__(
@@ -212,6 +313,7 @@ class RBFKernel(PriorKernel):
         n_features: int = 256,
         seed: int = 0,
         fourier: str = "auto",
+        group_column: int | None = None,
     ) -> None:
         super().__init__(columns)
         if fourier not in ("auto", "rff", "quadrature"):
@@ -220,8 +322,8 @@ class RBFKernel(PriorKernel):
         self.rule: str | None = None
         self.bandwidth_: list[float] | None = None
         if isinstance(bandwidth, str):
-            if bandwidth not in BANDWIDTH_RULES:
-                raise ValueError(f"bandwidth rule must be one of {BANDWIDTH_RULES}, got {bandwidth!r}.")
+            if bandwidth not in BANDWIDTH_RULES + (_GAP_RULE,):
+                raise ValueError(f"bandwidth rule must be one of {BANDWIDTH_RULES + (_GAP_RULE,)}, got {bandwidth!r}.")
             self.rule = bandwidth
         else:
             values = [float(b) for b in (bandwidth if isinstance(bandwidth, Sequence) else [bandwidth])]
@@ -230,6 +332,16 @@ class RBFKernel(PriorKernel):
             if self.columns is not None and len(values) not in (1, len(self.columns)):
                 raise ValueError(f"got {len(values)} bandwidths for {len(self.columns)} columns {self.columns}.")
             self.bandwidth_ = values
+        if self.rule == _GAP_RULE:
+            if group_column is None or int(group_column) < 0:
+                raise ValueError("bandwidth rule 'gap' needs group_column: the prior column of the patient codes.")
+            if self.columns is None or len(self.columns) != 1:
+                raise ValueError(f"bandwidth rule 'gap' reads one column of offsets, got columns={self.columns}.")
+            if int(group_column) in self.columns:
+                raise ValueError(f"group_column {group_column} is also the offset column {self.columns}.")
+        elif group_column is not None:
+            raise ValueError(f"group_column is read by the 'gap' bandwidth rule only, got bandwidth={bandwidth!r}.")
+        self.group_column = None if group_column is None else int(group_column)
         if knn_k < 1 or knn_batch_size < 2 or knn_k >= knn_batch_size:
             raise ValueError(f"need 1 <= knn_k < knn_batch_size, got knn_k={knn_k}, knn_batch_size={knn_batch_size}.")
         if n_features < 1:
@@ -247,25 +359,27 @@ class RBFKernel(PriorKernel):
             )
         return self.bandwidth_
 
-    def _params(self) -> dict:
-        out: dict[str, Any] = {"bandwidth": self.rule if self.rule else self.bandwidth_, "columns": self.columns}
-        if self.rule == "knn":
-            out.update(knn_k=self.knn_k, knn_batch_size=self.knn_batch_size)
-        if self.fourier != "auto":
-            out["fourier"] = self.fourier
-        if self.rule is not None:
-            out["bandwidth_"] = self.bandwidth_
-        out["mean_"], out["var_"] = self.mean_, self.var_
-        return out
+    def _param(self, name: str) -> Any:
+        if name == "bandwidth":
+            return self.rule if self.rule else self.bandwidth_
+        return super()._param(name)
 
     def __repr__(self) -> str:
         bw = f"{self.rule!r} -> {self.bandwidth_}" if self.rule else repr(self.bandwidth_)
         return f"RBFKernel(bandwidth={bw}, columns={self.columns})"
 
-    def _fit(self, x: torch.Tensor, groups: np.ndarray | None = None) -> None:
+    def _fit(self, x: torch.Tensor, groups: np.ndarray | None = None, full: torch.Tensor | None = None) -> None:
         mean, var = _column_stats(x)
         self.mean_, self.var_ = mean.tolist(), var.tolist()
         if self.rule is None:
+            return
+        if self.rule == _GAP_RULE:
+            if full is None or self.group_column >= full.shape[1]:
+                shape = None if full is None else tuple(full.shape)
+                raise ValueError(
+                    f"the 'gap' rule reads group_column {self.group_column}, but the prior has shape {shape}."
+                )
+            self.bandwidth_ = [self._gap_scale(x[:, 0], full[:, self.group_column])]
             return
         keep = ~torch.isnan(x).any(1)
         complete = x[keep]
@@ -273,6 +387,7 @@ class RBFKernel(PriorKernel):
         if n < 2:
             raise ValueError(f"cannot fit bandwidth rule {self.rule!r}: fewer than 2 rows without missing values.")
         gen = torch.Generator().manual_seed(self.seed)
+        factor = 1.0
         if self.rule in ("scott", "silverman"):
             std = complete.std(0)
             factor = n ** (-1.0 / (d + 4))
@@ -280,10 +395,7 @@ class RBFKernel(PriorKernel):
                 factor *= (4.0 / (d + 2)) ** (1.0 / (d + 4))
             values = (std * factor).tolist()
         elif self.rule == "median":
-            sub = complete[torch.randperm(n, generator=gen)[:2000]]
-            dist = torch.cdist(sub, sub)
-            iu = torch.triu_indices(len(sub), len(sub), 1)
-            values = [float(dist[iu[0], iu[1]].quantile(0.5))] * d
+            values = [self._median_scale(complete, gen)] * d
         else:  # knn: median k-th neighbour distance inside training batches like the sampler's
             values = [self._knn_scale(complete, None if groups is None else groups[keep.numpy()], gen)] * d
         bad = [i for i, v in enumerate(values) if not v > 0]
@@ -293,6 +405,68 @@ class RBFKernel(PriorKernel):
                 f"{[self.columns[i] if self.columns else i for i in bad]}: the training values are (nearly) constant."
             )
         self.bandwidth_ = values
+        if self.rule != "knn":  # the neighbourhood rule is local, so a few far values cannot dominate it
+            self._warn_if_outliers(complete, values, factor)
+
+    @staticmethod
+    def _median_scale(x: torch.Tensor, gen: torch.Generator) -> float:
+        sub = x[torch.randperm(len(x), generator=gen)[:2000]]
+        dist = torch.cdist(sub, sub)
+        iu = torch.triu_indices(len(sub), len(sub), 1)
+        return float(dist[iu[0], iu[1]].quantile(0.5))
+
+    def _warn_if_outliers(self, x: torch.Tensor, values: list[float], factor: float) -> None:
+        """Warn when a density rule's bandwidth is set by a few far values rather than by the bulk of ``x`` (n, d).
+
+        Robust counterparts: ``factor * IQR / 1.349`` per column for Scott and Silverman (the IQR-based scale, equal to
+        the standard deviation for a Gaussian), and the median rule on the rows inside Tukey's far-out fences
+        (``[Q1 - 3 IQR, Q3 + 3 IQR]``) for the median rule.
+        """
+        names = self.columns if self.columns is not None else list(range(x.shape[1]))
+        q1, med, q3 = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype), dim=0)
+        iqr = q3 - q1
+        far = ((x < q1 - 3 * iqr) | (x > q3 + 3 * iqr)) & (iqr > 0)
+        dev = (x - med).abs().max(0).values
+        if self.rule in ("scott", "silverman"):
+            robust = (factor * iqr / 1.349).tolist()
+            how = f"{factor:.3g} * IQR / 1.349"
+            flagged = [
+                (i, robust[i]) for i in range(x.shape[1]) if 0 < robust[i] < values[i] / _OUTLIER_RATIO
+            ]
+        else:
+            inside = ~far.any(1)
+            if bool(inside.all()) or int(inside.sum()) < 2:
+                return
+            robust_value = self._median_scale(x[inside], torch.Generator().manual_seed(self.seed))
+            how = "the median rule on the rows inside Tukey's far-out fences"
+            flagged = []
+            if robust_value > 0 and values[0] > _OUTLIER_RATIO * robust_value:
+                flagged = [(i, robust_value) for i in range(x.shape[1]) if bool(far[:, i].any())]
+        for i, robust_i in flagged:
+            warnings.warn(
+                f"RBFKernel bandwidth rule {self.rule!r}: the bandwidth {values[i]:.6g} fitted for prior column "
+                f"{names[i]} is {values[i] / robust_i:.0f}x its robust scale {robust_i:.6g} ({how}). A few outlying "
+                f"values (up to {float(dev[i]):.6g} from the median) dominate it, so the kernel is nearly constant "
+                f"over the other rows. Check the column for entry or unit errors, or set bandwidth={robust_i:.6g} "
+                f"(or use the 'knn' rule).",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def _gap_scale(self, t: torch.Tensor, group: torch.Tensor) -> float:
+        """Median positive gap between consecutive values of ``t`` (N,) inside each group of ``group`` (N,)."""
+        keep = ~(torch.isnan(t) | torch.isnan(group))
+        t_np, g_np = t[keep].numpy(), group[keep].numpy()
+        order = np.lexsort((t_np, g_np))
+        t_np, g_np = t_np[order], g_np[order]
+        gaps = np.diff(t_np)[g_np[1:] == g_np[:-1]]
+        gaps = gaps[gaps > 0]
+        if len(gaps) == 0:
+            raise ValueError(
+                f"bandwidth rule 'gap': no group (prior column {self.group_column}) has two different values in "
+                f"column {self.columns[0]}; give the bandwidth as a number."
+            )
+        return float(np.median(gaps))
 
     def _knn_scale(self, x: torch.Tensor, groups: np.ndarray | None, gen: torch.Generator) -> float:
         """Median distance to the ``knn_k``-th neighbour inside batches of ``knn_batch_size`` rows of ``x`` (n, d).
@@ -332,7 +506,7 @@ class RBFKernel(PriorKernel):
             raise ValueError(f"RBFKernel has {len(bw)} bandwidths but reads {x.shape[1]} prior columns.")
         return x.new_tensor(bw)
 
-    def _gram(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _gram(self, x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
         s = self._scales(x)
         x_nan, y_nan = torch.isnan(x), torch.isnan(y)
         if not (x_nan.any() or y_nan.any()):
@@ -344,8 +518,7 @@ class RBFKernel(PriorKernel):
                 for d in range(1, x.shape[1]):
                     sq.add_((xs[:, d, None] - ys[None, :, d]).square_())
             return sq.mul_(-0.5).exp_()
-        both = torch.cat([x, y]) if y is not x else x
-        mean, var = self._stats(both)
+        mean, var = self._stats(_stats_rows(x, y, ref))
         log_k = x.new_zeros(x.shape[0], y.shape[0])
         for d in range(x.shape[1]):
             s2, m, v = s[d] ** 2, mean[d], var[d]
@@ -397,29 +570,44 @@ class RBFKernel(PriorKernel):
 class CategoricalKernel(PriorKernel):
     """Equality kernel on integer codes: ``k(x, y) = prod_d [x_d == y_d]`` over the selected columns.
 
-    Its exact feature map is the one-hot code of the joint category, so the kernel DU loss can use Woodbury.
-    ``fit`` stores the training frequency of each code, used for missing values (see the module docstring).
+    Its exact feature map is the one-hot code of the joint category, so the kernel DU loss can use Woodbury, and its
+    batch kernel is block-diagonal (one block per joint category). ``fit`` stores the training frequency of each code.
+
+    Args:
+        columns: prior columns holding the codes.
+        missing: how a missing code (NaN) is compared. ``"expected"`` (default): the expected feature under the
+            training frequencies (see the module docstring); right for attributes such as sex or site, where a missing
+            value is one of the known categories. ``"singleton"``: a missing code is a category of its own that matches
+            only the sample itself (``k = 1`` on the diagonal, 0 elsewhere); right for identity attributes such as a
+            patient id, where an unknown or unseen patient (the prior encoder codes it NaN) matches no one. It keeps the
+            kernel block-diagonal (each such sample is a block), where the expected feature links every block.
     """
 
     exact_features = True
 
-    def __init__(self, columns: Sequence[int] | int | None = None) -> None:
+    def __init__(self, columns: Sequence[int] | int | None = None, missing: str = "expected") -> None:
         super().__init__(columns)
+        if missing not in ("expected", "singleton"):
+            raise ValueError(f"missing must be 'expected' or 'singleton', got {missing!r}.")
+        self.missing = missing
         self.categories_: list[list[float]] | None = None
         self.frequencies_: list[list[float]] | None = None
-
-    def _params(self) -> dict:
-        return {"columns": self.columns, "categories_": self.categories_, "frequencies_": self.frequencies_}
 
     @property
     def is_fitted(self) -> bool:
         return self.categories_ is not None
 
     def __repr__(self) -> str:
-        fitted = "" if self.categories_ is None else f", categories_={self.categories_}"
-        return f"CategoricalKernel(columns={self.columns}{fitted})"
+        mode = "" if self.missing == "expected" else f", missing={self.missing!r}"
+        if self.categories_ is None:
+            fitted = ""
+        elif sum(len(c) for c in self.categories_) > 20:
+            fitted = f", {[len(c) for c in self.categories_]} categories_"
+        else:
+            fitted = f", categories_={self.categories_}"
+        return f"CategoricalKernel(columns={self.columns}{mode}{fitted})"
 
-    def _fit(self, x: torch.Tensor, groups: np.ndarray | None = None) -> None:
+    def _fit(self, x: torch.Tensor, groups: np.ndarray | None = None, full: torch.Tensor | None = None) -> None:
         self.categories_, self.frequencies_ = [], []
         for d in range(x.shape[1]):
             col = x[:, d][~torch.isnan(x[:, d])]
@@ -428,14 +616,28 @@ class CategoricalKernel(PriorKernel):
             self.frequencies_.append((counts / counts.sum().clamp_min(1)).tolist())
 
     def _codebook(self, ref: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Categories (C,) of column ``d`` and their probabilities (C,): fitted, else from the batch ``ref``."""
+        """Sorted categories (C,) of column ``d`` and their probabilities (C,): fitted, else from the batch ``ref``."""
         if self.categories_ is not None:
             if len(self.categories_) != ref.shape[1]:
-                raise ValueError(f"CategoricalKernel was fitted on {len(self.categories_)} columns, got {ref.shape[1]}.")
-            return ref.new_tensor(self.categories_[d]), ref.new_tensor(self.frequencies_[d])
+                raise ValueError(
+                    f"CategoricalKernel was fitted on {len(self.categories_)} columns, got {ref.shape[1]}."
+                )
+            cats, probs = ref.new_tensor(self.categories_[d]), ref.new_tensor(self.frequencies_[d])
+            order = torch.argsort(cats)
+            return cats[order], probs[order]
         col = ref[:, d][~torch.isnan(ref[:, d])]
         values, counts = torch.unique(col, return_counts=True)
         return values, counts.to(ref) / counts.sum().clamp_min(1)
+
+    @staticmethod
+    def _probability(col: torch.Tensor, cats: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Probability (B,) of each code of ``col`` (B,) under the codebook; 0 for codes absent from it (and NaN)."""
+        if len(cats) == 0:
+            return torch.zeros_like(col)
+        filled = torch.where(torch.isnan(col), cats[0], col)
+        pos = torch.searchsorted(cats, filled).clamp_max_(len(cats) - 1)
+        hit = (cats[pos] == filled) & ~torch.isnan(col)
+        return torch.where(hit, probs[pos], torch.zeros_like(col))
 
     @staticmethod
     def _column_features(col: torch.Tensor, cats: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -443,38 +645,66 @@ class CategoricalKernel(PriorKernel):
         onehot = (col[:, None] == cats[None, :]).to(col)
         return torch.where(torch.isnan(col)[:, None], probs[None, :].expand_as(onehot), onehot)
 
-    def _gram(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ref = x if y is x else torch.cat([x, y])
+    def _gram(self, x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
         out = None
         for d in range(x.shape[1]):
-            equal = (x[:, d, None] == y[None, :, d]).to(x)  # also matches codes unseen in training to themselves
-            if torch.isnan(x[:, d]).any() or torch.isnan(y[:, d]).any():
-                cats, probs = self._codebook(ref, d)
-                fx = self._column_features(x[:, d], cats, probs)
-                fy = fx if y is x else self._column_features(y[:, d], cats, probs)
-                known = ~(torch.isnan(x[:, d, None]) | torch.isnan(y[None, :, d]))
-                equal = torch.where(known, equal, fx @ fy.T)
+            xd, yd = x[:, d], y[:, d]
+            equal = (xd[:, None] == yd[None, :]).to(x)  # also matches codes unseen in training to themselves
+            xm, ym = torch.isnan(xd), torch.isnan(yd)
+            if self.missing == "singleton":
+                if y is x and bool(xm.any()):
+                    equal.diagonal().masked_fill_(xm, 1.0)
+            elif bool(xm.any()) or bool(ym.any()):
+                cats, probs = self._codebook(_stats_rows(x, y, ref), d)
+                qx, qy = self._probability(xd, cats, probs), self._probability(yd, cats, probs)
+                both = (probs * probs).sum()
+                one = torch.where(xm[:, None], qy[None, :].expand_as(equal), qx[:, None].expand_as(equal))
+                equal = torch.where(xm[:, None] & ym[None, :], both, torch.where(xm[:, None] | ym[None, :], one, equal))
             out = equal if out is None else out.mul_(equal)
+        return out
+
+    def _gram_columns(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        out = self._gram(x, x[index], x)
+        if self.missing == "singleton":
+            own = torch.isnan(x[index]).any(1)  # a sample with a missing code still matches itself
+            out[index[own], own.nonzero(as_tuple=True)[0]] = 1.0
         return out
 
     def _features(self, x: torch.Tensor, approximate: bool) -> torch.Tensor:
         feats = None
         for d in range(x.shape[1]):
-            cats, probs = self._codebook(x, d)
             col = x[:, d]
-            f = self._column_features(col, cats, probs)
-            observed = col[~torch.isnan(col)]
-            unseen = torch.unique(observed[~torch.isin(observed, cats)])
-            if len(unseen):  # codes absent from training each get their own feature
-                f = torch.cat([f, (col[:, None] == unseen[None, :]).to(x)], 1)
+            missing = torch.isnan(col)
+            if self.missing == "singleton":
+                f = (col[:, None] == torch.unique(col[~missing])[None, :]).to(x)
+                if bool(missing.any()):  # each sample with a missing code gets a feature of its own
+                    own = x.new_zeros(len(col), int(missing.sum()))
+                    own[missing.nonzero(as_tuple=True)[0], torch.arange(own.shape[1], device=x.device)] = 1.0
+                    f = torch.cat([f, own], 1)
+            else:
+                cats, probs = self._codebook(x, d)
+                f = self._column_features(col, cats, probs)
+                observed = col[~missing]
+                unseen = torch.unique(observed[~torch.isin(observed, cats)])
+                if len(unseen):  # codes absent from training each get their own feature
+                    f = torch.cat([f, (col[:, None] == unseen[None, :]).to(x)], 1)
             feats = f if feats is None else _row_kron(feats, f)
         return _drop_zero_columns(feats)
 
     def block_ids(self, x: torch.Tensor) -> torch.Tensor | None:
         x = self._select(_check_prior(_as_tensor(x)))
-        if torch.isnan(x).any():
+        missing = torch.isnan(x).any(1)
+        if not bool(missing.any()):
+            return torch.unique(x, dim=0, return_inverse=True)[1]
+        if self.missing != "singleton":
             return None  # a missing code links its sample to every group
-        return torch.unique(x, dim=0, return_inverse=True)[1]
+        ids = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+        start = 0
+        if bool((~missing).any()):
+            ids[~missing] = torch.unique(x[~missing], dim=0, return_inverse=True)[1]
+            start = int(ids[~missing].max()) + 1
+        ids[missing] = start + torch.arange(int(missing.sum()), device=x.device)
+        return ids
 
 
 class CosineKernel(PriorKernel):
@@ -490,21 +720,25 @@ class CosineKernel(PriorKernel):
         super().__init__(columns)
         self.mean_: list[float] | None = None
 
-    def _params(self) -> dict:
-        return {"columns": self.columns}
-
-    def _fit(self, x: torch.Tensor, groups: np.ndarray | None = None) -> None:
+    def _fit(self, x: torch.Tensor, groups: np.ndarray | None = None, full: torch.Tensor | None = None) -> None:
         self.mean_ = _column_stats(x)[0].tolist()
 
-    def _features(self, x: torch.Tensor, approximate: bool = False) -> torch.Tensor:
-        mean = x.new_tensor(self.mean_) if self.mean_ is not None else _column_stats(x)[0]
-        filled = torch.where(torch.isnan(x), mean.expand_as(x), x)
+    def _unit(self, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        missing = torch.isnan(x)
+        filled = x
+        if bool(missing.any()):
+            mean = x.new_tensor(self.mean_) if self.mean_ is not None else _column_stats(ref)[0]
+            filled = torch.where(missing, mean.expand_as(x), x)
         norm = filled.norm(dim=1, keepdim=True)
         return torch.where(norm > 0, filled / norm.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(filled))
 
-    def _gram(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        fx = self._features(x)
-        fy = fx if y is x else self._features(y)
+    def _features(self, x: torch.Tensor, approximate: bool = False) -> torch.Tensor:
+        return self._unit(x, x)
+
+    def _gram(self, x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+        ref = _stats_rows(x, y, ref)
+        fx = self._unit(x, ref)
+        fy = fx if y is x else self._unit(y, ref)
         return fx @ fy.T
 
 
@@ -525,11 +759,20 @@ class _PairKernel(PriorKernel):
 
     def __init__(self, k1: PriorKernel, k2: PriorKernel) -> None:
         super().__init__(None)
+        if not (isinstance(k1, PriorKernel) and isinstance(k2, PriorKernel)):
+            raise ValueError(f"{type(self).__name__} composes two PriorKernels, got {type(k1).__name__} and "
+                             f"{type(k2).__name__}.")
         self.k1, self.k2 = k1, k2
         self.exact_features = k1.exact_features and k2.exact_features
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self._combine(self.k1(x, y), self.k2(x, y))
+
+    def gram_columns(self, x: torch.Tensor, index: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        return self._combine(self.k1.gram_columns(x, index), self.k2.gram_columns(x, index))
+
+    def diagonal(self, x: torch.Tensor) -> torch.Tensor:
+        return self._combine(self.k1.diagonal(x), self.k2.diagonal(x))
 
     def fit(self, prior: Any, groups: Any = None) -> _PairKernel:
         self.k1.fit(prior, groups)
@@ -537,7 +780,10 @@ class _PairKernel(PriorKernel):
         return self
 
     def feature_map(self, x: torch.Tensor, approximate: bool = False) -> torch.Tensor | None:
-        f1, f2 = self.k1.feature_map(x, approximate), self.k2.feature_map(x, approximate)
+        if not self.exact_features and not approximate:
+            return None
+        f1 = self.k1.feature_map(x, approximate)
+        f2 = None if f1 is None else self.k2.feature_map(x, approximate)
         if f1 is None or f2 is None:
             return None
         return self._combine_features(f1, f2)
@@ -545,9 +791,6 @@ class _PairKernel(PriorKernel):
     @property
     def is_fitted(self) -> bool:
         return self.k1.is_fitted and self.k2.is_fitted
-
-    def to_dict(self) -> dict:
-        return {"type": type(self).__name__, "k1": self.k1.to_dict(), "k2": self.k2.to_dict()}
 
     def __repr__(self) -> str:
         return f"({self.k1!r} {self.symbol} {self.k2!r})"
@@ -594,6 +837,8 @@ class ScaledKernel(PriorKernel):
 
     def __init__(self, base: PriorKernel, weight: float) -> None:
         super().__init__(None)
+        if not isinstance(base, PriorKernel):
+            raise ValueError(f"ScaledKernel scales a PriorKernel, got {type(base).__name__}.")
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"kernel weight must be positive and finite, got {weight}.")
         self.base, self.weight = base, float(weight)
@@ -601,6 +846,12 @@ class ScaledKernel(PriorKernel):
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.weight * self.base(x, y)
+
+    def gram_columns(self, x: torch.Tensor, index: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        return self.weight * self.base.gram_columns(x, index)
+
+    def diagonal(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * self.base.diagonal(x)
 
     def fit(self, prior: Any, groups: Any = None) -> ScaledKernel:
         self.base.fit(prior, groups)
@@ -617,29 +868,137 @@ class ScaledKernel(PriorKernel):
     def is_fitted(self) -> bool:
         return self.base.is_fitted
 
-    def to_dict(self) -> dict:
-        return {"type": "ScaledKernel", "base": self.base.to_dict(), "weight": self.weight}
-
     def __repr__(self) -> str:
         return f"{self.weight!r} * {self.base!r}"
 
 
+def patient_time_kernel(
+    patient_column: int = 0,
+    time_column: int = 1,
+    bandwidth: float | str = "gap",
+    missing_patient: str = "singleton",
+    **rbf_options: Any,
+) -> ProductKernel:
+    """Patient x time prior: ``k((p, t), (p', t')) = 1[p == p'] * exp(-(t - t')^2 / (2 h^2))``.
+
+    ``t`` is a per-patient study offset (days since the patient's first study, or NIH's follow-up number), so images of
+    one patient close in time are similar and images of different patients are not. The batch kernel is
+    block-diagonal with one block per patient, and the kernel DU loss solves each patient's block on its own (the
+    batch sampler must put several images of a patient in a batch for the prior to act).
+
+    Args:
+        patient_column: prior column of the patient codes (e.g. :class:`~monai_du.prior_encoder.PriorEncoder`'s
+            categorical code of ``patient_id``).
+        time_column: prior column of the offsets.
+        bandwidth: ``h``, a positive number, or ``"gap"`` (default): the median positive gap between a patient's
+            consecutive studies on the training priors, so that consecutive studies have ``k = exp(-1/2)``. Any
+            :class:`RBFKernel` rule is accepted too.
+        missing_patient: ``"singleton"`` (default): a missing patient code (a patient unseen when the prior encoder
+            was fitted) matches only its own sample, since a new patient shares images with no known one. See
+            :class:`CategoricalKernel`. A missing offset uses the RBF's expected feature under the training offsets.
+        rbf_options: further :class:`RBFKernel` arguments.
+
+    Returns:
+        ``CategoricalKernel([patient_column], missing=missing_patient) * RBFKernel(bandwidth, [time_column])``; fit it
+        on the training priors.
+    """
+    if int(patient_column) == int(time_column):
+        raise ValueError(f"patient_column and time_column must differ, both are {patient_column}.")
+    group = int(patient_column) if bandwidth == _GAP_RULE else None
+    patient = CategoricalKernel(columns=[int(patient_column)], missing=missing_patient)
+    return patient * RBFKernel(bandwidth, columns=[int(time_column)], group_column=group, **rbf_options)
+
+
+@torch.no_grad()
+def nystrom_features(kernel: PriorKernel, prior: Any, rank: int, tol: float = 1e-10, block: int = 32) -> torch.Tensor:
+    """Nystrom features ``F`` (B, r), ``r <= rank``, with ``K ≈ F F^T`` for any kernel, by greedy pivoted Cholesky.
+
+    Pivots are batch samples taken in blocks of ``block`` by largest residual diagonal ``K[i, i] - ||F[i]||^2``; only
+    ``B r`` kernel values are computed, and the cost is O(B r^2). The residual ``K - F F^T`` is positive semi-definite
+    with trace equal to the summed residual diagonal, which stops the loop once below ``tol * trace(K)``: at full rank
+    (``rank >= B``) the map is exact to that tolerance. Computed in float64.
+
+    Args:
+        kernel: any prior kernel. An unfitted kernel with missing values uses the whole batch's statistics.
+        prior: (B, P) priors.
+        rank: the largest rank r (>= 1).
+        tol: relative trace of the residual kernel at which to stop.
+        block: pivots taken per round (one kernel evaluation of B x block values each).
+    """
+    if int(rank) < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}.")
+    prior = _check_prior(_as_tensor(prior)).to(torch.float64)
+    n = prior.shape[0]
+    rank = min(int(rank), n)
+    d = kernel.diagonal(prior).to(torch.float64).clone()
+    total = float(d.clamp_min(0).sum())
+    f = prior.new_zeros(n, rank)
+    floor = 1e-14 * float(d.max()) if n else 0.0
+    r = 0
+    while r < rank:
+        if float(d.clamp_min(0).sum()) <= tol * total:
+            break
+        cand = torch.topk(d, min(block, rank - r)).indices
+        start = d[cand].clone()
+        cols = kernel.gram_columns(prior, cand).to(torch.float64)
+        if r:
+            cols -= f[:, :r] @ f[cand, :r].T  # residual columns (n, b)
+        taken = 0
+        for j in range(len(cand)):
+            col = cols[:, j]
+            if taken:
+                col = col - f[:, r : r + taken] @ f[cand[j], r : r + taken]
+            pivot = float(col[cand[j]])
+            # skip a near-duplicate of a pivot taken in this round: it goes back to the pool
+            if pivot <= floor or (taken and pivot < 0.1 * float(start[j])):
+                continue
+            f[:, r + taken] = col / math.sqrt(pivot)
+            taken += 1
+        if taken == 0:
+            break
+        d -= (f[:, r : r + taken] ** 2).sum(1)
+        d[cand] = torch.where(d[cand] < floor, torch.zeros_like(d[cand]), d[cand])
+        r += taken
+    return f[:, :r]
+
+
+def _kernel_classes() -> dict[str, type]:
+    """Every public PriorKernel subclass, by name (user-defined subclasses included once imported)."""
+    found, stack = {}, [PriorKernel]
+    while stack:
+        cls = stack.pop()
+        if not cls.__name__.startswith("_"):
+            found[cls.__name__] = cls
+        stack.extend(cls.__subclasses__())
+    return found
+
+
 def kernel_from_dict(spec: dict) -> PriorKernel:
-    """Rebuild a kernel, fitted values included, from :meth:`PriorKernel.to_dict`."""
+    """Rebuild a kernel, fitted values included, from :meth:`PriorKernel.to_dict`.
+
+    The ``__init__`` arguments build the kernel (a nested dict with a ``"type"`` is a component kernel) and the fitted
+    attributes (keys ending with ``_``) are set on it afterwards. Dicts written by earlier versions read the same way.
+    """
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"a kernel description is a dict with a 'type' key, got {spec!r:.200}.")
     spec = dict(spec)
     kind = spec.pop("type")
-    if kind in ("ProductKernel", "SumKernel"):
-        cls = ProductKernel if kind == "ProductKernel" else SumKernel
-        return cls(kernel_from_dict(spec["k1"]), kernel_from_dict(spec["k2"]))
-    if kind == "ScaledKernel":
-        return ScaledKernel(kernel_from_dict(spec["base"]), spec["weight"])
-    fitted = {k: spec.pop(k) for k in list(spec) if k.endswith("_")}
-    classes = {"RBFKernel": RBFKernel, "CategoricalKernel": CategoricalKernel, "CosineKernel": CosineKernel}
-    if kind not in classes:
-        raise ValueError(f"unknown kernel type {kind!r}; expected one of {sorted(classes)} or a composite.")
-    kernel = classes[kind](**spec)
-    for k, v in fitted.items():
-        setattr(kernel, k, v)
+    classes = _kernel_classes()
+    if kind not in classes or kind == "PriorKernel":
+        raise ValueError(f"unknown kernel type {kind!r}; expected one of {sorted(set(classes) - {'PriorKernel'})}.")
+    cls = classes[kind]
+    names = _init_names(cls)
+    init, fitted = {}, {}
+    for key, value in spec.items():
+        if key in names:
+            init[key] = kernel_from_dict(value) if isinstance(value, dict) and "type" in value else value
+        elif key.endswith("_") and not key.startswith("_"):
+            fitted[key] = value
+        else:
+            raise ValueError(f"{kind} has no argument {key!r}: expected {names} or fitted attributes ending in '_'.")
+    kernel = cls(**init)
+    for key, value in fitted.items():
+        setattr(kernel, key, value)
     return kernel
 
 
@@ -650,15 +1009,19 @@ def kernel_summary(gram: torch.Tensor | Sequence[torch.Tensor]) -> dict[str, flo
     equals plain DU), ``G`` for ``G`` equal categorical groups, and 1 for a constant kernel (all centroids averaged).
 
     Args:
-        gram: the (B, B) kernel, or the diagonal blocks of a block-diagonal one (zero between blocks).
+        gram: the (B, B) kernel, or the diagonal blocks of a block-diagonal one (zero between blocks), each (n, n) or
+            a stack (m, n, n) of m blocks of one size.
     """
     blocks = [gram] if isinstance(gram, torch.Tensor) else list(gram)
+    b, trace, total, frob = 0, 0.0, 0.0, 0.0
     for g in blocks:
-        if g.ndim != 2 or g.shape[0] != g.shape[1]:
-            raise ValueError(f"gram must be square (B, B), got {tuple(g.shape)}.")
-    b = sum(g.shape[0] for g in blocks)
-    trace = sum(float(torch.diagonal(g.detach()).sum(dtype=torch.float64)) for g in blocks)
-    total = sum(float(g.detach().sum(dtype=torch.float64)) for g in blocks)
-    frob = sum(float(torch.sum(g.detach() * g.detach(), dtype=torch.float64)) for g in blocks)
+        if g.ndim not in (2, 3) or g.shape[-1] != g.shape[-2]:
+            raise ValueError(f"gram must be square (B, B) or a stack of square blocks (m, n, n), got {tuple(g.shape)}.")
+        g = g.detach()
+        b += g.shape[-1] * (g.shape[0] if g.ndim == 3 else 1)
+        trace += float(torch.diagonal(g, dim1=-2, dim2=-1).sum(dtype=torch.float64))
+        total += float(g.sum(dtype=torch.float64))
+        flat = g.reshape(-1)
+        frob += float(flat @ flat) if flat.dtype == torch.float64 else float(torch.sum(flat.double() ** 2))
     off = (total - trace) / max(b * (b - 1), 1)
     return {"kernel_mean_offdiag": off, "kernel_effective_rank": trace**2 / frob if frob > 0 else 0.0}

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
 from monai_du.distributed import gather_no_grad, gather_with_grad
-from monai_du.kernels import PriorKernel, _drop_zero_columns, kernel_summary
+from monai_du.kernels import PriorKernel, _autocast_off, _drop_zero_columns, nystrom_features
+from monai_du.kernels import _check_prior as _kernel_prior
 
 __all__ = [
     "DecoupledUniformityLoss",
@@ -33,7 +34,9 @@ def _check_views(input: torch.Tensor) -> None:
         raise ValueError(f"input must have shape (B, V, D), got {tuple(input.shape)}.")
     b, v, _ = input.shape
     if b < 2:
-        raise ValueError(f"a contrastive loss needs a batch of at least 2 samples, got input of shape {tuple(input.shape)}.")
+        raise ValueError(
+            f"a contrastive loss needs a batch of at least 2 samples, got input of shape {tuple(input.shape)}."
+        )
     if v < 2:
         raise ValueError(f"need at least 2 views per sample, got input of shape {tuple(input.shape)}.")
     if not torch.isfinite(input).all():
@@ -86,13 +89,30 @@ def uniformity(input: torch.Tensor, t: float = 2.0) -> torch.Tensor:
         x = F.normalize(_float_input(input), dim=-1)
     else:
         raise ValueError(f"input must have shape (B, V, D) or (N, D), got {tuple(input.shape)}.")
-    return _log_mean_exp_pairs(x, t)
+    with _autocast_off(x.device.type):
+        return _log_mean_exp_pairs(x, t)
 
 
 def alignment(input: torch.Tensor) -> torch.Tensor:
     """Alignment ``-mean_i ||mu_i||^2`` of the view centroids of (B, V, D) embeddings; -1 when all views agree."""
     _check_views(input)
     return -(view_centroids(_float_input(input)) ** 2).sum(1).mean()
+
+
+_SOLVERS = ("auto", "cholesky", "mixed", "nystrom")
+_MIXED_MIN_BLOCK = 1024  # "auto": float32 factor refined in float64 for dense blocks from this size on
+_STACK_MAX_BLOCK = 256  # dense blocks up to this size are solved together, stacked by size
+_NYSTROM_MIN_BLOCK = 32  # "nystrom": smaller blocks are solved exactly (their Nystrom map would be full rank)
+_MAX_FEATURE_BLOCKS = 64  # feature maps (Woodbury) are used per block up to this many blocks
+
+
+def _check_solver(solver: str, rank: int, refine_tol: float) -> None:
+    if solver not in _SOLVERS:
+        raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}.")
+    if not (isinstance(rank, int) and rank >= 1):
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}.")
+    if not (0 < refine_tol < 1):
+        raise ValueError(f"refine_tol must be in (0, 1), got {refine_tol!r}.")
 
 
 def conditional_mean_centroids(
@@ -103,12 +123,18 @@ def conditional_mean_centroids(
     instance_weight: float = 0.0,
     low_rank: bool | str = "auto",
     solve_dtype: torch.dtype = torch.float64,
-) -> tuple[torch.Tensor, dict[str, float]]:
+    solver: str = "auto",
+    rank: int = 256,
+    refine_tol: float = 1e-7,
+) -> tuple[torch.Tensor, dict[str, float | str]]:
     """Conditional-mean-embedding centroids ``c = (K + lam I)^-1 K mu`` with ``K = kernel(prior) + instance_weight I``.
 
-    ``alpha = (K + lam I)^-1 K`` depends only on the priors: no gradient flows through it. The solve uses, in order:
-    Each block of a block-diagonal kernel (a product with a categorical kernel) is solved on its own, by Woodbury on
-    its feature map ``F`` (``K = F F^T``) when ``low_rank`` allows it, else by a Cholesky solve.
+    ``alpha = (K + lam I)^-1 K = I - lam (K + lam I)^-1`` depends only on the priors: no gradient flows through it, and
+    it is symmetric, so the backward pass applies it to the incoming gradient. Each block of a block-diagonal kernel (a
+    product with a categorical kernel, e.g. one block per patient) is solved on its own: by Woodbury on a feature map
+    ``F`` (``K = F F^T``) when ``low_rank`` allows it; else small blocks together, stacked by size, by a batched
+    float64 Cholesky; else one dense solve per block chosen by ``solver``. Kernels and solves run with autocast off, in
+    float32 or float64 whatever the input dtype.
 
     Args:
         mu: (B, D) view centroids.
@@ -118,8 +144,18 @@ def conditional_mean_centroids(
         instance_weight: weight ``eta >= 0`` of an identity term added to the kernel. It keeps a share
             ``eta / (eta + lam)`` of the differences between samples that the prior cannot tell apart.
         low_rank: ``"auto"`` uses an exact feature map when its rank is at most B/2; ``True`` also accepts approximate
-            feature maps (random Fourier features of an RBF); ``False`` always solves exactly.
-        solve_dtype: precision of the linear algebra (float64 by default: ``K + lam I`` is ill-conditioned for small lam).
+            feature maps (random Fourier features of an RBF); ``False`` never uses the kernel's feature map.
+        solve_dtype: precision of the linear algebra (float64 by default: ``K + lam I`` is ill-conditioned for small
+            lam). With float32 every dense block is a float32 Cholesky solve (no refinement).
+        solver: dense blocks without a usable feature map. ``"cholesky"``: float64 Cholesky. ``"mixed"``: Cholesky
+            factor in float32, then iterative refinement in float64 until the float64 residual ``R`` of the solve
+            satisfies ``||R||_F <= refine_tol ||c||_F``, which bounds the centroids' relative error by ``refine_tol``
+            (``||lam (K + lam I)^-1|| <= 1``); it falls back to the float64 factor when the float32 factor fails or
+            the refinement stalls. ``"auto"``: ``"mixed"`` for blocks of at least 1024 samples, else ``"cholesky"``.
+            ``"nystrom"``: approximate: Woodbury on :func:`~monai_du.kernels.nystrom_features` of rank ``rank`` (exact
+            when ``rank`` reaches the block size); blocks of at most 32 samples are solved exactly.
+        rank: the Nystrom rank (``solver="nystrom"``).
+        refine_tol: the refinement tolerance (``solver="mixed"`` or ``"auto"``).
 
     Returns:
         centroids (B, D) in the dtype of ``mu``, and a dict of kernel statistics (mean off-diagonal value, effective
@@ -131,69 +167,231 @@ def conditional_mean_centroids(
         raise ValueError(f"instance_weight must be >= 0, got {instance_weight}.")
     if low_rank not in ("auto", True, False):
         raise ValueError(f"low_rank must be 'auto', True or False, got {low_rank!r}.")
+    _check_solver(solver, rank, refine_tol)
+    if mu.ndim != 2 or prior.ndim != 2 or prior.shape[0] != mu.shape[0]:
+        raise ValueError(f"need mu (B, D) and prior (B, P), got {tuple(mu.shape)} and {tuple(prior.shape)}.")
+    with _autocast_off(mu.device.type):
+        prior = _kernel_prior(prior.detach())
+        return _conditional_mean(mu, kernel, prior, float(lam), float(instance_weight), low_rank, solve_dtype, solver,
+                                 rank, refine_tol)
+
+
+def _conditional_mean(mu, kernel, prior, lam, eta, low_rank, solve_dtype, solver, rank, refine_tol):
     b = mu.shape[0]
-    prior = prior.detach()
     rhs = mu.to(solve_dtype)
+    summary = _Summary()
+    parts, order, kinds = [], [], []
     with torch.no_grad():
+        blocks = kernel.block_ids(prior)
+        members = [None] if blocks is None else _split_blocks(blocks)
+        # a block's kernel equals the restriction of the batch kernel unless missing values use batch statistics
+        separable = kernel.is_fitted or not bool(torch.isnan(prior).any())
+        prior_s = prior.to(solve_dtype)
+        full = None if blocks is None or separable else kernel(prior_s)
         feats = None
-        if low_rank is not False:
+        if low_rank is not False and len(members) <= _MAX_FEATURE_BLOCKS:
             feats = kernel.feature_map(prior, approximate=low_rank is True)
             feats = None if feats is None else feats.to(solve_dtype)
-        blocks = kernel.block_ids(prior)
-        members = [None] if blocks is None else [(blocks == g).nonzero(as_tuple=True)[0] for g in torch.unique(blocks)]
-        # a block's kernel equals the restriction of the batch kernel unless missing values use batch statistics
-        per_block = blocks is not None and (kernel.is_fitted or not bool(torch.isnan(prior).any()))
-        plans, full = [], None
+        woodbury, stacks, singles = [], {}, []
         for idx in members:
-            f, gram = None, None
+            size = b if idx is None else len(idx)
+            f, kind = None, None
             if feats is not None:
                 f = feats if idx is None else _drop_zero_columns(feats[idx])
-                size = b if idx is None else len(idx)
+                kind = "woodbury"
                 if low_rank == "auto" and f.shape[1] > size // 2:
                     f = None
-            if f is None:  # kernels in the prior's dtype; cast to solve_dtype when solved
-                if per_block:
-                    gram = kernel(prior[idx])
-                else:
-                    full = kernel(prior) if full is None else full
-                    gram = full if idx is None else full[idx][:, idx]
-                if instance_weight > 0:
-                    gram.diagonal().add_(instance_weight)
-            plans.append((idx, f, gram))
-        if all(f is not None for _, f, _ in plans):
-            stats: dict = _feature_summary(feats, instance_weight)
-        else:  # the kernel is zero between blocks, so the blocks' sums give the batch summary
-            grams = [g if g is not None else f @ f.T + instance_weight * torch.eye(len(f), dtype=f.dtype)
-                     for _, f, g in plans]
-            stats = kernel_summary(grams)
-    parts = []
-    for idx, f, gram in plans:
+            if f is None and solver == "nystrom" and size > _NYSTROM_MIN_BLOCK and (idx is None or separable):
+                f = nystrom_features(kernel, prior_s if idx is None else prior_s[idx], rank).to(solve_dtype)
+                kind = "nystrom"
+            if f is not None:
+                woodbury.append((idx, f, kind))
+                summary.add_features(f, eta)
+            elif idx is not None and size <= _STACK_MAX_BLOCK:
+                stacks.setdefault(size, []).append(idx)
+            else:
+                singles.append(idx)
+    for idx, f, kind in woodbury:
+        parts.append(_woodbury_smooth(f, rhs if idx is None else rhs[idx], lam, eta))
+        order.append(idx)
+        kinds.append(f"{kind}(rank<={f.shape[1]})")
+    for idxs in stacks.values():
+        index = torch.stack(idxs)  # (m, s)
+        with torch.no_grad():
+            grams = _stacked_grams(kernel, prior_s, index, full)
+            summary.add_gram(grams, eta)
+            grams.diagonal(dim1=-2, dim2=-1).add_(eta + lam)
+            chol = torch.linalg.cholesky(grams)
+        sub = rhs[index]
+        parts.append((sub - lam * torch.cholesky_solve(sub, chol)).reshape(-1, rhs.shape[1]))
+        order.append(index.reshape(-1))
+        kinds.append("cholesky")
+    for idx in singles:
+        with torch.no_grad():
+            if idx is None:
+                gram = kernel(prior_s)
+            else:
+                gram = full[idx][:, idx] if full is not None else kernel(prior_s[idx])
+            summary.add_gram(gram, eta)
+            gram.diagonal().add_(eta + lam)  # A = K + (eta + lam) I, in place
+            refine = solve_dtype == torch.float64 and (
+                solver == "mixed" or (solver == "auto" and gram.shape[0] >= _MIXED_MIN_BLOCK)
+            )
+            ridge = _DenseRidge(gram, lam, refine, refine_tol)
         sub = rhs if idx is None else rhs[idx]
-        if f is not None:
-            parts.append(_woodbury_smooth(f, sub, lam, instance_weight))
-        else:
-            parts.append(_ridge_smooth(gram.to(solve_dtype), sub, lam))
+        parts.append(_RefinedSmooth.apply(sub, ridge) if ridge.refined else sub - lam * ridge.solve(sub))
+        order.append(idx)
+        kinds.append(ridge.describe())
     if blocks is None:
         centroids = parts[0]
     else:
-        order = torch.cat(members)
-        centroids = torch.cat(parts)[torch.argsort(order)]
-    ranks = [f.shape[1] for _, f, _ in plans if f is not None]
-    path = f"woodbury(rank<={max(ranks)})" if len(ranks) == len(plans) else "cholesky" if not ranks else "mixed"
-    stats["kernel_path"] = path if blocks is None else f"{path}, blocks={len(plans)}"
+        centroids = torch.cat(parts)[torch.argsort(torch.cat(order))]
+    stats: dict[str, float | str] = summary.result()
+    names = sorted(set(k.split("(")[0] for k in kinds))
+    if len(names) == 1:
+        path = kinds[0] if len(kinds) == 1 else _widest(kinds, names[0])
+    else:
+        path = "mixed(" + "+".join(names) + ")"
+    stats["kernel_path"] = path if blocks is None else f"{path}, blocks={len(members)}"
     return centroids.to(mu.dtype), stats
 
 
-def _feature_summary(f: torch.Tensor, instance_weight: float) -> dict[str, float]:
-    """:func:`kernel_summary` of ``F F^T + eta I`` computed from ``F`` (B, r) in O(B r^2)."""
-    b = f.shape[0]
-    sq_row = (f * f).sum(1)
-    total = f.sum(0)
-    trace = float(sq_row.sum()) + b * instance_weight
-    off = (float(total @ total) - float(sq_row.sum())) / (b * (b - 1))
-    small = f.T @ f
-    frob = float((small**2).sum()) + 2 * instance_weight * float(sq_row.sum()) + b * instance_weight**2
-    return {"kernel_mean_offdiag": off, "kernel_effective_rank": trace**2 / frob if frob > 0 else 0.0}
+def _widest(kinds: list[str], name: str) -> str:
+    """One label for several blocks of one kind: the largest rank for feature maps."""
+    if name in ("woodbury", "nystrom"):
+        return f"{name}(rank<={max(int(k.split('<=')[1].rstrip(')')) for k in kinds)})"
+    return name
+
+
+def _split_blocks(blocks: torch.Tensor) -> list[torch.Tensor]:
+    """Sample indices of each block id, in increasing order of id and of index."""
+    order = torch.argsort(blocks, stable=True)
+    counts = torch.unique_consecutive(blocks[order], return_counts=True)[1]
+    return list(torch.split(order, counts.tolist()))
+
+
+def _stacked_grams(kernel: PriorKernel, prior: torch.Tensor, index: torch.Tensor, full: torch.Tensor | None):
+    """Kernels (m, s, s) of the m blocks ``index`` (m, s); several blocks per kernel call, keeping the diagonal ones."""
+    m, s = index.shape
+    if full is not None:
+        return full[index[:, :, None], index[:, None, :]]
+    per = max(1, 512 // s)
+    out = []
+    for start in range(0, m, per):
+        chunk = index[start : start + per]
+        c = chunk.shape[0]
+        g = kernel(prior[chunk.reshape(-1)]).reshape(c, s, c, s)
+        diag = torch.arange(c, device=g.device)
+        out.append(g[diag, :, diag, :])
+    return torch.cat(out)
+
+
+class _Summary:
+    """Accumulates :func:`~monai_du.kernels.kernel_summary` of ``K + eta I`` over blocks given as grams or features."""
+
+    def __init__(self) -> None:
+        self.n, self.trace, self.total, self.frob = 0, 0.0, 0.0, 0.0
+
+    def add_gram(self, g: torch.Tensor, eta: float) -> None:
+        n = g.shape[-1] * (g.shape[0] if g.ndim == 3 else 1)
+        trace = float(torch.diagonal(g, dim1=-2, dim2=-1).sum(dtype=torch.float64))
+        flat = g.reshape(-1)
+        frob = float(flat @ flat) if flat.dtype == torch.float64 else float(torch.sum(flat.double() ** 2))
+        self._add(n, trace, float(g.sum(dtype=torch.float64)), frob, eta)
+
+    def add_features(self, f: torch.Tensor, eta: float) -> None:
+        sq = float((f * f).sum())
+        col = f.sum(0)
+        small = f.T @ f
+        self._add(f.shape[0], sq, float(col @ col), float((small * small).sum()), eta)
+
+    def _add(self, n: int, trace: float, total: float, frob: float, eta: float) -> None:
+        self.n += n
+        self.trace += trace + n * eta
+        self.total += total + n * eta
+        self.frob += frob + 2 * eta * trace + n * eta**2
+
+    def result(self) -> dict[str, float]:
+        off = (self.total - self.trace) / max(self.n * (self.n - 1), 1)
+        rank = self.trace**2 / self.frob if self.frob > 0 else 0.0
+        return {"kernel_mean_offdiag": off, "kernel_effective_rank": rank}
+
+
+class _DenseRidge:
+    """Solves ``A x = r`` for ``A = K + (eta + lam) I`` (n, n) of one dense block (``A`` is kept, not copied).
+
+    With ``refine`` (``A`` in float64): a float32 Cholesky factor, and float64 iterative refinement of each solve until
+    the float64 residual meets the tolerance; the float64 factor is used when the float32 one fails or a refinement
+    stalls. Else a Cholesky factor in ``A``'s dtype.
+    """
+
+    def __init__(self, a: torch.Tensor, lam: float, refine: bool, tol: float, max_iter: int = 10) -> None:
+        self.a, self.lam, self.tol, self.max_iter = a, lam, tol, max_iter
+        self.l32, self.chol = None, None
+        self.iterations, self.fallback = 0, False
+        if refine and a.dtype == torch.float64:
+            l32, info = torch.linalg.cholesky_ex(a.float())
+            if int(info) == 0:
+                self.l32 = l32
+            else:
+                self.fallback = True
+        self.refined = self.l32 is not None
+        if self.l32 is None:
+            self.chol = torch.linalg.cholesky(a)
+
+    def describe(self) -> str:
+        if not self.refined:
+            return "cholesky"
+        return f"refined({'float64 fallback' if self.fallback else f'iterations={self.iterations}'})"
+
+    def solve(self, r: torch.Tensor) -> torch.Tensor:
+        """``A^-1 r`` (n, D); differentiable in ``r`` on the float64 path (the refined one runs in
+        :class:`_RefinedSmooth`)."""
+        if self.l32 is not None:
+            x = self._refine(r)
+            if x is not None:
+                return x
+            self.fallback, self.l32 = True, None
+            self.chol = torch.linalg.cholesky(self.a)
+        if self.chol is None:
+            self.chol = torch.linalg.cholesky(self.a)
+        return torch.cholesky_solve(r, self.chol)
+
+    def _solve32(self, r: torch.Tensor) -> torch.Tensor:
+        y = torch.linalg.solve_triangular(self.l32, r.float(), upper=False)
+        return torch.linalg.solve_triangular(self.l32.mT, y, upper=True).to(r.dtype)
+
+    def _refine(self, r: torch.Tensor) -> torch.Tensor | None:
+        """``A^-1 r`` refined until ``||r - A x|| <= tol ||r - lam x||``: the smoothed output ``r - lam x`` then has
+        relative error at most ``tol``. None when the refinement stalls (``cond(A) * eps32`` too large)."""
+        x = self._solve32(r)
+        previous = math.inf
+        for it in range(self.max_iter + 1):
+            residual = torch.addmm(r, self.a, x, alpha=-1)  # float64
+            norm = float(torch.linalg.vector_norm(residual))
+            if norm <= self.tol * float(torch.linalg.vector_norm(r - self.lam * x)):
+                self.iterations = max(self.iterations, it)
+                return x
+            if norm > 0.5 * previous or it == self.max_iter:
+                return None
+            previous = norm
+            x += self._solve32(residual)
+        return None
+
+
+class _RefinedSmooth(torch.autograd.Function):
+    """``c = r - lam A^-1 r`` with a refined solve; ``alpha = I - lam A^-1`` is symmetric, so the backward pass is
+    the same map applied to the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, rhs: torch.Tensor, ridge: _DenseRidge) -> torch.Tensor:
+        ctx.ridge = ridge
+        return rhs - ridge.lam * ridge.solve(rhs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ridge = ctx.ridge
+        return grad - ridge.lam * ridge.solve(grad.contiguous()), None
 
 
 def _woodbury_smooth(f: torch.Tensor, rhs: torch.Tensor, lam: float, instance_weight: float) -> torch.Tensor:
@@ -211,19 +409,15 @@ def _woodbury_smooth(f: torch.Tensor, rhs: torch.Tensor, lam: float, instance_we
     return proj
 
 
-def _ridge_smooth(gram: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
-    """``(K + lam I)^-1 K rhs`` by Cholesky; gradient flows through ``rhs`` (n, D) only."""
-    with torch.no_grad():
-        chol = torch.linalg.cholesky(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
-    return torch.cholesky_solve(gram @ rhs, chol)
-
-
 class DecoupledUniformityLoss(_Loss):
     """Decoupled uniformity (Dufumier et al., ICML 2023), plain or with a prior kernel.
 
     ``L = log mean_{i<j} exp(-t ||c_i - c_j||^2)`` where ``c`` are the view centroids ``mu_i = mean_v z_iv/||z_iv||``
     (plain DU) or their conditional-mean estimates ``c = (K + lam I)^-1 K mu`` given the priors (kernel DU). There is
     no explicit alignment term: pushing centroids apart makes their norm grow, which aligns the views.
+
+    The loss runs with autocast off: half-precision embeddings are upcast to float32, and priors, kernels and solves
+    are float32 or float64 (see :func:`conditional_mean_centroids`).
 
     After each call, ``last_alignment`` (``-mean ||mu_i||^2``), ``last_uniformity`` (the loss value) and
     ``last_kernel_stats`` (mean off-diagonal kernel value, effective rank, solver path) hold floats for logging.
@@ -236,6 +430,11 @@ class DecoupledUniformityLoss(_Loss):
             average whole groups; this term keeps a share ``eta / (eta + lam)`` of the within-group differences.
         low_rank: ``"auto"``, True or False; see :func:`conditional_mean_centroids`.
         gather: gather embeddings and priors from all ranks inside a process group.
+        solve_dtype: precision of the linear algebra (float64).
+        solver: dense-block solver: ``"auto"``, ``"cholesky"``, ``"mixed"`` (float32 factor refined in float64, exact
+            to ``refine_tol``) or ``"nystrom"`` (approximate, rank ``rank``); see :func:`conditional_mean_centroids`.
+        rank: rank of the Nystrom path.
+        refine_tol: relative accuracy of the centroids on the refined path.
     """
 
     def __init__(
@@ -247,6 +446,9 @@ class DecoupledUniformityLoss(_Loss):
         low_rank: bool | str = "auto",
         gather: bool = True,
         solve_dtype: torch.dtype = torch.float64,
+        solver: str = "auto",
+        rank: int = 256,
+        refine_tol: float = 1e-7,
     ) -> None:
         super().__init__()
         if not (isinstance(lam, (int, float)) and lam > 0 and math.isfinite(lam)):
@@ -259,8 +461,10 @@ class DecoupledUniformityLoss(_Loss):
             raise ValueError(f"low_rank must be 'auto', True or False, got {low_rank!r}.")
         if kernel is not None and not isinstance(kernel, PriorKernel):
             raise ValueError(f"kernel must be a monai_du.kernels.PriorKernel or None, got {type(kernel).__name__}.")
+        _check_solver(solver, rank, refine_tol)
         self.kernel, self.lam, self.t = kernel, float(lam), float(t)
-        self.instance_weight, self.low_rank, self.gather, self.solve_dtype = float(instance_weight), low_rank, gather, solve_dtype
+        self.instance_weight, self.low_rank, self.gather = float(instance_weight), low_rank, gather
+        self.solve_dtype, self.solver, self.rank, self.refine_tol = solve_dtype, solver, rank, float(refine_tol)
         self.last_alignment: float = float("nan")
         self.last_uniformity: float = float("nan")
         self.last_kernel_stats: dict = {}
@@ -282,15 +486,17 @@ class DecoupledUniformityLoss(_Loss):
         if self.gather:
             input = gather_with_grad(input)
             target = None if target is None or self.kernel is None else gather_no_grad(target)
-        mu = view_centroids(_float_input(input))
-        if self.kernel is None:
-            centroids = mu
-            self.last_kernel_stats = {}
-        else:
-            centroids, self.last_kernel_stats = conditional_mean_centroids(
-                mu, self.kernel, target, self.lam, self.instance_weight, self.low_rank, self.solve_dtype
-            )
-        loss = _log_mean_exp_pairs(centroids, self.t)
+        with _autocast_off(input.device.type):
+            mu = view_centroids(_float_input(input))
+            if self.kernel is None:
+                centroids = mu
+                self.last_kernel_stats = {}
+            else:
+                centroids, self.last_kernel_stats = conditional_mean_centroids(
+                    mu, self.kernel, target, self.lam, self.instance_weight, self.low_rank, self.solve_dtype,
+                    self.solver, self.rank, self.refine_tol,
+                )
+            loss = _log_mean_exp_pairs(centroids, self.t)
         with torch.no_grad():
             self.last_alignment = float(-(mu**2).sum(1).mean())
             self.last_uniformity = float(loss)
@@ -342,20 +548,21 @@ class InfoNCELoss(_Loss):
         _check_views(input)
         if self.gather:
             input = gather_with_grad(input)
-        logits, sample = _view_logits(input, self.temperature)
-        log_prob = logits - torch.logsumexp(logits, 1, keepdim=True)
-        positive = (sample[:, None] == sample[None, :]).fill_diagonal_(False)
-        v = input.shape[1]
-        per_anchor = -torch.where(positive, log_prob, torch.zeros_like(log_prob)).sum(1) / (v - 1)
-        return _reduce(per_anchor, self.reduction)
+        with _autocast_off(input.device.type):
+            logits, sample = _view_logits(input, self.temperature)
+            log_prob = logits - torch.logsumexp(logits, 1, keepdim=True)
+            positive = (sample[:, None] == sample[None, :]).fill_diagonal_(False)
+            v = input.shape[1]
+            per_anchor = -torch.where(positive, log_prob, torch.zeros_like(log_prob)).sum(1) / (v - 1)
+            return _reduce(per_anchor, self.reduction)
 
 
 class YAwareInfoNCELoss(_Loss):
     """y-Aware InfoNCE (Dufumier et al., MICCAI 2021): InfoNCE whose targets are weighted by prior similarity.
 
     Over the N = B*V embeddings, with ``K[a, k] = kernel(prior of a, prior of k)``, the weights are row-normalised:
-    ``w[a, j] = K[a, j] / sum_{k != a} K[a, k]`` and ``l_a = -sum_{j != a} w[a, j] log p(j | a)``. With a kernel that is 1
-    only for identical priors and unique priors per sample, this is :class:`InfoNCELoss`.
+    ``w[a, j] = K[a, j] / sum_{k != a} K[a, k]`` and ``l_a = -sum_{j != a} w[a, j] log p(j | a)``. With a kernel that
+    is 1 only for identical priors and unique priors per sample, this is :class:`InfoNCELoss`.
 
     Args:
         kernel: prior kernel.
@@ -394,8 +601,9 @@ class YAwareInfoNCELoss(_Loss):
         _check_prior(target, input.shape[0])
         if self.gather:
             input, target = gather_with_grad(input), gather_no_grad(target)
-        logits, _ = _view_logits(input, self.temperature)
-        log_prob = logits - torch.logsumexp(logits, 1, keepdim=True)
-        w = self.weights(target, input.shape[1]).to(log_prob.dtype)
-        per_anchor = -(w * log_prob.masked_fill(w == 0, 0.0)).sum(1)
-        return _reduce(per_anchor, self.reduction)
+        with _autocast_off(input.device.type):
+            logits, _ = _view_logits(input, self.temperature)
+            log_prob = logits - torch.logsumexp(logits, 1, keepdim=True)
+            w = self.weights(target, input.shape[1]).to(log_prob.dtype)
+            per_anchor = -(w * log_prob.masked_fill(w == 0, 0.0)).sum(1)
+            return _reduce(per_anchor, self.reduction)
