@@ -355,14 +355,18 @@ def _check_grid(Cs: Any) -> np.ndarray:
     return np.unique(grid)  # ascending: the first of tied C values is the most regularised
 
 
-def _check_C(C: Any, fallback_C: float) -> None:
+def _check_fallback(fallback_C: Any) -> None:
+    if not (isinstance(fallback_C, (int, float, np.number)) and math.isfinite(fallback_C) and fallback_C > 0):
+        raise ValueError(f"fallback_C must be a finite float > 0, got {fallback_C!r}.")
+
+
+def _check_C(C: Any, fallback_C: Any) -> None:
     if isinstance(C, str):
         if C != "cv":
             raise ValueError(f"C must be 'cv' (chosen by inner grouped cross-validation) or a float > 0, got {C!r}.")
     elif not (isinstance(C, (int, float, np.number)) and math.isfinite(C) and C > 0):
         raise ValueError(f"C must be 'cv' or a finite float > 0, got {C!r}.")
-    if not (math.isfinite(fallback_C) and fallback_C > 0):
-        raise ValueError(f"fallback_C must be a finite float > 0, got {fallback_C!r}.")
+    _check_fallback(fallback_C)
 
 
 @dataclass
@@ -436,7 +440,7 @@ def select_C(
         A :class:`CSearch` (its ``splits`` index the N rows given here).
     """
     grid = _check_grid(Cs)
-    _check_C(1.0, fallback_C)
+    _check_fallback(fallback_C)
     if int(n_splits) < 2:
         raise ValueError(f"n_splits (inner folds) must be >= 2, got {n_splits}.")
     x = _check_features(features)
@@ -928,7 +932,7 @@ def label_efficiency(
         labels: (N,) one binary label, 1/0/-1/NaN (policy ``uncertain``; NaN rows are neither drawn nor scored).
         groups: (N,) patient ids (required: draws are of patients).
         train_mask: (N,) bool, True for rows of the patients that may be drawn; the others are the held-out set.
-        n_patients: numbers of training patients to draw; ``None`` for all of them.
+        n_patients: numbers of training patients to draw (or one number); ``None`` for all of them.
         n_draws: draws per size.
         seed: seed of the draws (and of nothing else: the inner ``GroupKFold`` is deterministic).
         C, Cs, inner_splits, fallback_C, standardize, max_iter: the probe, as in :func:`linear_probe`.
@@ -970,6 +974,8 @@ def label_efficiency(
     patients, inverse = np.unique(g[train_rows], return_inverse=True)
     members = [train_rows[inverse == p] for p in range(patients.size)]
     n_avail = patients.size
+    if n_patients is None or isinstance(n_patients, (int, np.integer)):
+        n_patients = (n_patients,)
     sizes: list[int] = []
     too_large: list[int] = []
     for size in n_patients:
