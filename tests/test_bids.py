@@ -84,7 +84,9 @@ def test_rows_metadata_and_report(bids_root):
     skipped = report.loc[report["status"] == "skipped", "item"].tolist()
     assert skipped == ["sub-03"]  # a participant without a T1w image
     warnings = " ".join(report.loc[report["status"] == "warning", ["item", "reason"]].astype(str).agg(" ".join, axis=1))
-    assert "sub-99" in warnings and "'abc'" in warnings and "'200'" in warnings and "sex=q" in warnings
+    assert "sub-99" in warnings and "'abc'" in warnings and "'200'" in warnings
+    sex_rows = report[report["reason"].str.contains("sex=")]
+    assert sex_rows["item"].tolist() == ["sub-05"] and "sex='Q'" in sex_rows["reason"].iloc[0]  # O: no row
 
 
 def test_no_phi_and_valid_schema(bids_root):
@@ -122,3 +124,38 @@ def test_real_template_volume(tmp_path):
     row = manifest.iloc[0]
     assert (row["patient_id"], row["age"], row["sex"], row["site"]) == ("sub-mni", 30.0, "M", "MNI")
     np.testing.assert_array_equal(nibabel.load(row["image"]).shape, template.shape)
+
+
+def _fully_loadable(path: Path) -> bool:
+    """Independent reference: decode the whole image."""
+    try:
+        np.asarray(nibabel.load(path).dataobj)
+    except Exception:
+        return False
+    return True
+
+
+def test_truncated_and_corrupt_images_are_skipped_with_reasons(bids_root):
+    anat = bids_root / "sub-06" / "anat"
+    whole_gz = (bids_root / "sub-01" / "anat" / "sub-01_T1w.nii.gz").read_bytes()
+    whole = ANATOMICAL.read_bytes()
+    (anat / "sub-06_run-2_T1w.nii.gz").write_bytes(whole_gz[: len(whole_gz) // 2])
+    (anat / "sub-06_run-3_T1w.nii").write_bytes(whole[: len(whole) - 100])
+    (anat / "sub-06_run-4_T1w.nii.gz").write_bytes(b"not a gzip file at all")
+    multi = anat / "sub-06_run-5_T1w.nii.gz"  # a valid gzip of two members: the trailer gives only the second's size
+    multi.write_bytes(gzip.compress(whole[:1000]) + gzip.compress(whole[1000:]))
+    manifest, report = manifest_from_bids(bids_root)
+    images = sorted(bids_root.rglob("*T1w.nii*"))
+    assert sorted(manifest["image"]) == sorted(str(p.resolve()) for p in images if _fully_loadable(p))
+    assert str(multi.resolve()) in set(manifest["image"])
+    skipped = report[report["status"] == "skipped"].set_index("item")["reason"]
+    assert "truncated" in skipped[str((anat / "sub-06_run-2_T1w.nii.gz").resolve())]
+    assert "truncated" in skipped[str((anat / "sub-06_run-3_T1w.nii").resolve())]
+    assert "unreadable" in skipped[str((anat / "sub-06_run-4_T1w.nii.gz").resolve())]
+    unchecked, _ = manifest_from_bids(bids_root, check_images=False)
+    assert len(unchecked) == len(images)
+    parallel = manifest_from_bids(bids_root, num_workers=2, chunk_size=1)
+    pd.testing.assert_frame_equal(parallel.manifest, manifest)
+    pd.testing.assert_frame_equal(parallel.report, report)
+    with pytest.raises(ValueError, match="num_workers"):
+        manifest_from_bids(bids_root, num_workers="two")

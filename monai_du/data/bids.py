@@ -1,18 +1,24 @@
-"""Build a manifest from a BIDS folder: ``participants.tsv`` plus the T1-weighted anatomical images."""
+"""Build a manifest from a BIDS folder: ``participants.tsv`` plus the T1-weighted anatomical images (whose headers
+are checked in parallel)."""
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from monai_du.data.crawl import check_num_workers, chunked, map_chunks
 from monai_du.data.manifest import (
     MAX_AGE_YEARS,
     ManifestBuildResult,
     _make_report,
+    _unrecognised_sex,
     normalize_sex,
 )
 
@@ -82,11 +88,86 @@ def _parse_age(raw: pd.Series) -> tuple[pd.Series, np.ndarray]:
     return age.where(~bad), bad.to_numpy()
 
 
+def _uncompressed_size(path: str) -> int:
+    """Bytes of a gzip file once decompressed (streamed); raises for a truncated or corrupt file."""
+    total = 0
+    with gzip.open(path, "rb") as fp:
+        while block := fp.read(1 << 22):
+            total += len(block)
+    return total
+
+
+def _image_problem(path: str) -> str | None:
+    """Why a NIfTI file cannot be used (unreadable header, data cut short), or None. Reads the header only, plus the
+    gzip trailer (the uncompressed size) of a ``.nii.gz``; the file is decompressed only when the trailer disagrees
+    (a truncated file, or a gzip of several members)."""
+    import nibabel
+
+    try:
+        image = nibabel.load(path)
+        header, proxy = image.header, image.dataobj
+        # the proxy's offset: a single-file NIfTI whose vox_offset is unset (0) keeps its data after the header
+        offset = int(getattr(proxy, "offset", header.get_data_offset()))
+        voxels = int(np.prod(header.get_data_shape()))
+        needed = offset + voxels * header.get_data_dtype().itemsize
+    except Exception as error:
+        return f"unreadable NIfTI header ({type(error).__name__}: {error})"
+    if not path.endswith(".gz"):
+        size = os.path.getsize(path)
+        if size < needed:
+            return f"truncated: the image needs {needed} bytes, the file has {size}"
+        return None
+    with open(path, "rb") as fp:
+        fp.seek(0, os.SEEK_END)
+        if fp.tell() >= 4:
+            fp.seek(-4, os.SEEK_END)
+            if int.from_bytes(fp.read(4), "little") == needed % (1 << 32):
+                return None
+    try:
+        size = _uncompressed_size(path)
+    except (EOFError, OSError, zlib.error) as error:
+        return f"truncated or corrupt gzip ({type(error).__name__}: {error})"
+    if size < needed:
+        return f"truncated: the image needs {needed} bytes uncompressed, the file holds {size}"
+    return None
+
+
+def _check_chunk(paths: list[str]) -> list[dict[str, Any]]:
+    """:func:`_image_problem` for each path (the task a worker process runs); never raises."""
+    out = []
+    for path in paths:
+        try:
+            problem = _image_problem(path)
+        except Exception as error:  # one bad file never stops the build
+            problem = f"unexpected error ({type(error).__name__}: {error})"
+        out.append({"file": path, "problem": problem})
+    return out
+
+
+def _lost_check(path: str, reason: str) -> list[dict[str, Any]]:
+    return [{"file": path, "problem": reason}]
+
+
+def _image_problems(paths: list[str], num_workers: int, chunk_size: int, progress: bool) -> dict[str, str | None]:
+    from tqdm.auto import tqdm
+
+    problems: dict[str, str | None] = {}
+    with tqdm(total=len(paths), desc="NIfTI headers", unit="file", disable=None if progress else True) as bar:
+        for chunk in map_chunks(_check_chunk, chunked(paths, chunk_size), num_workers=num_workers, failed=_lost_check):
+            problems.update((record["file"], record["problem"]) for record in chunk)
+            bar.update(len(chunk))
+    return problems
+
+
 def manifest_from_bids(
     root: str | os.PathLike,
     age_column: str | None = None,
     sex_column: str | None = None,
     site_column: str | None = None,
+    check_images: bool = True,
+    num_workers: int | None = 1,
+    chunk_size: int = 32,
+    progress: bool = False,
 ) -> ManifestBuildResult:
     """Build a manifest from a BIDS dataset's ``participants.tsv`` and its T1-weighted images.
 
@@ -103,23 +184,35 @@ def manifest_from_bids(
     ``patient_id`` is the participant label (``sub-01``); ``session`` is the session label or missing;
     ``study_id`` is ``sub-01`` or ``sub-01_ses-1``. Other ``participants.tsv`` columns are not copied.
 
+    With ``check_images``, each image's NIfTI header is read (in a process pool of ``num_workers``, in chunks of
+    ``chunk_size`` files) and its data size checked against the file (for ``.nii.gz``, the gzip trailer's size;
+    the file is decompressed only when that disagrees): unreadable or truncated images are skipped and reported.
+    The result is the same at any number of workers.
+
     Args:
         root: the BIDS dataset folder.
         age_column: use this column for age instead of searching the candidates.
         sex_column: use this column for sex.
         site_column: use this column for site.
+        check_images: read every image's header and skip the unreadable or truncated ones.
+        num_workers: worker processes for the header checks; 0 or 1 checks in this process, None one per CPU.
+        chunk_size: files per worker task.
+        progress: show a tqdm progress bar over the header checks (never when the output is not a terminal).
 
     Returns:
         :class:`~monai_du.data.manifest.ManifestBuildResult` (unpack as ``manifest, report``). The report (columns
         ``item``, ``reason``, ``status``) lists participants without a T1w image (``skipped``), images whose
         participant is not in ``participants.tsv`` (``warning``: kept, with missing metadata), duplicated
-        participant rows (``warning``: the first is used) and values set to missing (``warning``).
+        participant rows (``warning``: the first is used), values set to missing (``warning``, one row per
+        participant and value) and unreadable or truncated images (``skipped``, with ``check_images``).
 
     Raises:
         NotADirectoryError: when ``root`` is not a folder.
         FileNotFoundError: when ``participants.tsv`` is absent.
-        ValueError: when ``participants.tsv`` has no ``participant_id`` column, or a named column is absent.
+        ValueError: when ``participants.tsv`` has no ``participant_id`` column, a named column is absent, or
+            ``num_workers`` / ``chunk_size`` is invalid.
     """
+    workers = check_num_workers(num_workers, chunk_size)
     root = Path(root).expanduser()
     if not root.is_dir():
         raise NotADirectoryError(f"BIDS folder not found: {root}")
@@ -155,20 +248,26 @@ def manifest_from_bids(
         meta["age"] = np.nan
     sex_name = _find_column(columns, SEX_COLUMN_NAMES, sex_column, "sex", tsv)
     if sex_name is not None:
-        meta["sex"], unrecognised = normalize_sex(participants[sex_name])
-        for value, count in unrecognised.items():
-            reason = f"{tsv.name}: {count} participant(s) with an unknown sex code; set to missing"
-            report.append((f"{sex_name}={value}", reason, "warning"))
+        meta["sex"], _ = normalize_sex(participants[sex_name])
+        unknown = _unrecognised_sex(participants[sex_name])
+        for label, value in zip(participants.index[unknown], participants[sex_name][unknown]):
+            reason = (f"{tsv.name}: {sex_name}={value!r} is not a sex code (M/F, male/female, 1 = male, 2 = female); "
+                      "set to missing")
+            report.append((str(label), reason, "warning"))
     else:
         meta["sex"] = np.nan
     site_name = _find_column(columns, SITE_COLUMN_NAMES, site_column, "site", tsv)
     meta["site"] = participants[site_name].str.strip() if site_name is not None else np.nan
 
     images = _find_t1w_images(root)
+    problems = _image_problems([str(p) for _, _, p in images], workers, chunk_size, progress) if check_images else {}
     rows = []
     with_image = set()
     for subject, session, path in images:
         with_image.add(subject)
+        if problems.get(str(path)) is not None:
+            report.append((str(path), str(problems[str(path)]), "skipped"))
+            continue
         if subject not in meta.index:
             reason = f"participant {subject} is not in {tsv.name}; kept with missing age, sex and site"
             report.append((str(path), reason, "warning"))
