@@ -12,18 +12,21 @@ import pytest
 from monai_du.cli import build_parser, main
 
 
-def test_demo_defaults_and_options():
+def test_demo_and_compare_defaults_and_options():
+    from monai_du.compare import DEFAULT_METHODS
+
     args = build_parser().parse_args(["demo"])
-    assert (args.modality, args.seeds, args.sweep, args.bandwidth) == ("cxr", [0, 1, 2], False, "knn")
-    assert args.n is None and args.epochs is None  # the modality's defaults apply
+    assert (args.modality, args.seeds, args.methods) == ("cxr", [0, 1, 2], list(DEFAULT_METHODS))
+    assert args.epochs is None and args.batch_size is None  # the demo's defaults apply
     args = build_parser().parse_args(
-        ["demo", "--modality", "brain", "--n", "50", "--epochs", "2", "--seeds", "3", "4", "--out", "r",
-         "--bandwidth", "2.5", "--instance-weight", "0.1", "--methods", "du", "kdu_attr", "--sweep",
-         "--crop-scale", "0.8", "1.0"]
+        ["compare", "--manifest", "m.csv", "--label", "effusion", "--methods", "du", "kdu_attr", "--seeds", "3", "4",
+         "--epochs", "2", "--method-config", "a.yaml", "b.yaml", "--set", "num_workers=0", "lam=0.1", "--out", "r"]
     )
-    assert args.modality == "brain" and args.n == 50 and args.epochs == 2 and args.seeds == [3, 4]
-    assert args.out == "r" and args.bandwidth == 2.5 and args.instance_weight == 0.1
-    assert args.methods == ["du", "kdu_attr"] and args.sweep and args.crop_scale == [0.8, 1.0]
+    assert args.manifest == "m.csv" and args.label == "effusion" and args.methods == ["du", "kdu_attr"]
+    assert args.seeds == [3, 4] and args.epochs == 2 and args.method_config == ["a.yaml", "b.yaml"]
+    from monai_du.cli import _overrides
+
+    assert _overrides(args.set) == {"num_workers": 0, "lam": 0.1}
 
 
 @pytest.mark.parametrize(
@@ -31,10 +34,9 @@ def test_demo_defaults_and_options():
     [
         ["demo", "--modality", "ct"],
         ["demo", "--epochs", "-1"],
-        ["demo", "--n", "0"],
-        ["demo", "--bandwidth", "wide"],
-        ["demo", "--bandwidth", "-2"],
-        ["demo", "--methods", "simclr"],
+        ["demo", "--batch-size", "0"],
+        ["compare", "--label", "x"],  # --manifest is required
+        ["compare", "--manifest", "m.csv"],  # --label is required
         ["prior", "--out", "t.csv"],  # --manifest is required
     ],
 )
@@ -47,14 +49,13 @@ def test_bad_arguments_exit_with_usage_error(argv, capsys):
 
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
-    assert "{demo,prior}" in capsys.readouterr().out
+    assert "{demo,compare," in capsys.readouterr().out
 
 
 def test_invalid_settings_are_one_line_errors(tmp_path, capsys):
     assert main(["demo", "--test-fraction", "1.5", "--out", str(tmp_path / "r")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("monai-du demo: error:") and "test_fraction" in err
-    assert not (tmp_path / "r").exists()  # nothing was generated
+    assert err.startswith("monai-du demo: error:") and "test_fraction" in err and "Traceback" not in err
 
 
 def test_help_of_the_module_entry_point():
@@ -65,7 +66,9 @@ def test_help_of_the_module_entry_point():
 @pytest.mark.parametrize(
     "command, options",
     [
-        ("demo", ("--modality", "--seeds", "--epochs", "--out", "--sweep", "--instance-weight", "--bandwidth")),
+        ("demo", ("--modality", "--seeds", "--epochs", "--out", "--methods", "--method-config", "--set")),
+        ("compare", ("--manifest", "--dataset-dir", "--label", "--methods", "--method-config", "--seeds", "--epochs",
+                     "--batch-size", "--out", "--bundle")),
         ("prior", ("--manifest", "--out", "--epochs", "--latent-dim", "--checkpoint", "--train-split")),
     ],
 )
