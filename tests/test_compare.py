@@ -1,0 +1,183 @@
+"""Tests of monai_du.compare and monai_du.report: bad input as one clear line, a tiny end-to-end comparison that
+resumes without rerunning, the same encoder as a command-line bundle run, and the verdict against hand computations.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from monai_du.cli import main
+from monai_du.compare import CompareConfig, bundle_path, method_files, run_compare
+from monai_du.data.cohorts import make_cxr_cohort
+from monai_du.report import paired_difference, summarise, verdict
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"spatial_size": [32, 32], "num_workers": 0, "widen_factor": 0.125}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cohort")
+    return make_cxr_cohort(folder, n=48, seed=3, size=32)
+
+
+def _config(manifest, out, **kwargs) -> CompareConfig:
+    settings = dict(manifest=manifest, label="effusion", methods=("random", "du"), seeds=(0,), epochs=1,
+                    batch_size=8, out=out, label_sizes=(5, None), label_draws=2, n_bootstrap=20,
+                    overrides=TINY, plots=True)
+    settings.update(kwargs)
+    return CompareConfig(**settings)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bad input: one line naming the file, column or method
+# ---------------------------------------------------------------------------------------------------------------------
+def test_unknown_method_and_bad_method_file_are_named(tmp_path):
+    bundle = bundle_path("cxr")
+    with pytest.raises(ValueError, match="unknown method 'simclr2'"):
+        method_files(bundle, ["du", "simclr2"])
+    broken = tmp_path / "mine.yaml"
+    broken.write_text("loss: [unclosed\n")
+    with pytest.raises(ValueError, match=f"method file {broken} does not parse"):
+        method_files(bundle, ["du"], [broken])
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="must hold a mapping"):
+        method_files(bundle, [], [listed])
+    files = method_files(bundle, ["du", "kdu_bootstrap"])
+    assert [p.name for p in files["kdu_bootstrap"]] == ["du.yaml", "kdu_encoder.yaml"]
+
+
+def test_bad_manifest_and_labels_are_one_line_cli_errors(cohort, tmp_path, capsys):
+    out = tmp_path / "report"
+    base = ["compare", "--manifest", str(cohort), "--out", str(out), "--seeds", "0", "--epochs", "1"]
+    assert main(base + ["--label", "fracture"]) == 1
+    err = capsys.readouterr().err
+    assert "has no column 'fracture'" in err and str(cohort) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    # a label with one class in a split
+    df = pd.read_csv(cohort)
+    df["label_constant"] = 1.0
+    one_class = tmp_path / "one_class.csv"
+    df.to_csv(one_class, index=False)
+    assert main(["compare", "--manifest", str(one_class), "--dataset-dir", str(Path(cohort).parent), "--label",
+                 "constant", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "has one class" in err and "label_constant" in err and "seed 0" in err
+    assert main(base + ["--label", "effusion", "--methods", "nope"]) == 1
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kernel: {a: [1, 2\n")
+    assert main(base + ["--label", "effusion", "--method-config", str(bad)]) == 1
+    assert f"method file {bad} does not parse" in capsys.readouterr().err
+    assert main(["compare", "--manifest", str(tmp_path / "missing.csv"), "--label", "x", "--out", str(out)]) == 1
+    assert "missing.csv does not exist" in capsys.readouterr().err
+    assert not (out / "runs").exists()  # nothing ran
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# end to end
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    lines: list[str] = []
+    return run_compare(_config(cohort, out), log=lines.append), out, lines
+
+
+def test_tiny_comparison_writes_the_report(tiny):
+    result, out, lines = tiny
+    for name in ("results.csv", "summary.csv", "label_efficiency.csv", "results.json", "report.txt",
+                 "loss_curves.png", "summary.png", "label_efficiency.png"):
+        assert (out / name).is_file(), name
+    results = pd.read_csv(out / "results.csv")
+    assert sorted(results["method_key"]) == ["du", "random"]
+    assert results["auc"].between(0, 1).all() and (results["chosen_C"] > 0).all()
+    assert results.set_index("method_key").loc["random", "steps"] == 0
+    assert results.set_index("method_key").loc["du", "steps"] > 0
+    curve = pd.read_csv(out / "label_efficiency.csv")
+    assert set(curve["method_key"]) == {"du", "random"} and curve["auc"].between(0, 1).all()
+    printed = "\n".join(lines)
+    assert result["table"] in printed and result["efficiency_table"] in printed
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["table"] == result["table"] and payload["config"]["label"] == "label_effusion"
+    # each run is a bundle run with its own bundle_root
+    for key in ("random", "du"):
+        models = out / "runs" / "seed0" / key / "models"
+        assert (models / "encoder.pt").is_file() and (models / "compare_done.json").is_file()
+
+
+def test_a_finished_comparison_resumes_without_rerunning(tiny, cohort):
+    result, out, _ = tiny
+    done = out / "runs" / "seed0" / "du" / "models" / "compare_done.json"
+    stamp = done.stat().st_mtime_ns
+    (out / "runs" / "seed0" / "du" / "eval" / "probe.json").unlink()  # the probe was lost: redo it, not the run
+    lines: list[str] = []
+    again = run_compare(_config(cohort, out), log=lines.append)
+    assert done.stat().st_mtime_ns == stamp
+    assert any("random init: done before" in line for line in lines)
+    pd.testing.assert_frame_equal(again["results"].drop(columns="wall_time_s"),
+                                  result["results"].drop(columns="wall_time_s"), check_exact=False, atol=1e-12)
+
+
+def test_compare_and_the_bundle_command_give_the_same_encoder(tiny, cohort, tmp_path):
+    _, out, _ = tiny
+    root = tmp_path / "cli_run"
+    overrides = {"manifest": str(cohort), "dataset_dir": str(Path(cohort).parent), "seed": 0, "split_seed": 0,
+                 "split_fractions": {"train": 0.7, "test": 0.3}, "pretrain_split": "train", "max_epochs": 1,
+                 "batch_size": 8, **TINY}
+    config = "['{}','{}']".format(REPO / "bundles/cxr_du_pretrain/configs/train.yaml",
+                                  REPO / "bundles/cxr_du_pretrain/configs/methods/du.yaml")
+    argv = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(root)]
+    for key, value in overrides.items():
+        argv += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    subprocess.run(argv, check=True, capture_output=True, cwd=tmp_path)
+    ours = torch.load(out / "runs" / "seed0" / "du" / "models" / "encoder.pt", weights_only=True)
+    theirs = torch.load(root / "models" / "encoder.pt", weights_only=True)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# report: summary and verdict from the numbers
+# ---------------------------------------------------------------------------------------------------------------------
+def _results(values: dict[str, list[float]]) -> pd.DataFrame:
+    rows = []
+    for key, aucs in values.items():
+        for seed, auc in enumerate(aucs):
+            rows.append({"method_key": key, "method": key.upper(), "seed": seed, "auc": auc, "auc_low": auc - 0.05,
+                         "auc_high": auc + 0.05, "knn_auc": auc, "site_leakage": np.nan, "site_chance": np.nan,
+                         "chosen_C": 0.01, "steps": 10, "wall_time_s": 1.0})
+    return pd.DataFrame(rows)
+
+
+def test_summary_and_paired_difference_match_hand_computation():
+    results = _results({"du": [0.70, 0.72, 0.68], "kdu": [0.74, 0.75, 0.71], "random": [0.60, 0.61, 0.59]})
+    summary = summarise(results, ["random", "du", "kdu"])
+    row = summary.set_index("method_key").loc["kdu"]
+    assert row["auc_mean"] == pytest.approx(np.mean([0.74, 0.75, 0.71]))
+    assert row["auc_std"] == pytest.approx(np.std([0.74, 0.75, 0.71], ddof=1))
+    d, s, n = paired_difference(results, "kdu", "du")
+    diffs = np.array([0.04, 0.03, 0.03])
+    assert (d, s, n) == (pytest.approx(diffs.mean()), pytest.approx(diffs.std(ddof=1)), 3)
+    lines = verdict(results, summary, "label_x")
+    assert lines[0].startswith("Best mean linear-probe AUC for label_x: KDU")
+    # +0.033 with a paired std of 0.0058: more than 2 standard errors
+    assert any(line.startswith("KDU is above plain DU") or "KDU is above" in line and "beyond the seed spread" in line
+               for line in lines)
+
+
+def test_verdict_says_within_the_spread_when_it_is():
+    results = _results({"du": [0.70, 0.65, 0.72], "kdu": [0.72, 0.63, 0.73]})
+    lines = verdict(results, summarise(results, ["du", "kdu"]), "y")
+    assert any("within the seed spread" in line for line in lines)
+    assert any("no method wins clearly" in line for line in lines)
