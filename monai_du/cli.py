@@ -17,6 +17,10 @@ Subcommands:
   table keyed by image path (:func:`monai_du.priors.build_prior_table`)::
 
       monai-du prior --manifest data/manifest.csv --out data/prior_table.csv --epochs 5 --latent-dim 16
+      monai-du prior --manifest data/manifest.csv --out enc.csv --encoder runs/du/models   # any encoder
+
+- ``monai-du audit``: which candidate prior will help, before pretraining (:mod:`monai_du.audit`).
+- ``monai-du cache``: decode a manifest's images once into a training-size cache (:mod:`monai_du.data.cache`).
 """
 
 from __future__ import annotations
@@ -378,7 +382,7 @@ def _run_cache(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``monai-du`` with its ``demo`` and ``prior`` subcommands."""
+    """The argument parser of ``monai-du`` and its subcommands."""
     parser = argparse.ArgumentParser(
         prog="monai-du",
         description="Contrastive pretraining with prior knowledge (decoupled uniformity) for medical images, on MONAI.",
@@ -386,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     from monai_du import __version__
 
     parser.add_argument("--version", action="version", version=f"monai_du {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,compare,prior}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,compare,audit,prior,cache}")
     _add_demo(sub)
     _add_compare(sub)
     _add_prior(sub)
