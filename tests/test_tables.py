@@ -57,6 +57,12 @@ def test_chexpert_rows_ids_and_demographics(chexpert):
     assert _same(manifest["view"], reference_view)
     studies = source["Path"].str.extract(r"/(study\d+)/")[0]
     assert manifest["study_id"].tolist() == (reference_ids + "/" + studies).tolist()
+    # follow_up: the study number - 1, read independently by splitting the path
+    numbers = source["Path"].str.split("/").map(lambda parts: int(next(p for p in parts if p.startswith("study"))[5:]))
+    np.testing.assert_array_equal(manifest["follow_up"].to_numpy(), numbers.to_numpy(dtype=float) - 1.0)
+    # the study number orders a patient's studies in time: age never decreases along it
+    ages = source.assign(patient=reference_ids, number=numbers).groupby(["patient", "number"])["Age"].first()
+    assert (ages.groupby(level="patient").diff().dropna() >= 0).all()
 
 
 def test_chexpert_labels_keep_uncertain_as_documented(chexpert):
@@ -159,6 +165,9 @@ def test_mimic_cxr_joins_age_and_labels(tmp_path):
     first = CHEXPERT_LABELS[1]  # -1.0 for the first study, 1.0 for the second
     assert _same(manifest[label_column_name(first)], pd.Series([-1.0, -1.0, 1.0, np.nan]))
     assert "dod" not in manifest.columns and find_phi_columns(manifest.columns) == {}
+    # days since the patient's first study, from the (per-patient shifted) StudyDate; no date column kept
+    offsets = [0.0, 0.0, 0.0, 0.0]
+    assert manifest["study_offset_days"].tolist() == offsets and "StudyDate" not in manifest.columns
     without_labels, _ = manifest_from_table(tmp_path / "metadata.csv", "mimic_cxr",
                                             tables={"patients": tmp_path / "patients.csv"})
     assert not [c for c in without_labels.columns if c.startswith("label_")]
@@ -337,3 +346,64 @@ def test_unknown_adapter_and_missing_source_column(tmp_path):
     pd.DataFrame({"Path": ["x/patient1/study1/a.jpg"]}).to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(ValueError, match="not found"):
         manifest_from_table(tmp_path / "t.csv", "chexpert")
+
+
+def test_mimic_study_offset_days_per_patient_and_bad_dates(tmp_path):
+    dates = {  # subject -> study dates (YYYYMMDD, MIMIC's shifted time line), written by hand
+        101: ["21800506", "21800101", "21810506"],
+        102: ["21900101", "21900101"],
+        103: ["not-a-date", "21950301"],
+    }
+    rows = [(subject, 50000000 + 10 * subject + i, d) for subject, ds in dates.items() for i, d in enumerate(ds)]
+    metadata = pd.DataFrame(
+        {"dicom_id": [f"d{i}" for i in range(len(rows))], "subject_id": [r[0] for r in rows],
+         "study_id": [r[1] for r in rows], "ViewPosition": "PA", "StudyDate": [r[2] for r in rows]}
+    )
+    patients = pd.DataFrame({"subject_id": list(dates), "gender": "F", "anchor_age": 50, "anchor_year": 2180})
+    metadata.to_csv(tmp_path / "metadata.csv", index=False)
+    patients.to_csv(tmp_path / "patients.csv", index=False)
+    manifest, report = manifest_from_table(tmp_path / "metadata.csv", "mimic_cxr",
+                                           tables={"patients": tmp_path / "patients.csv"})
+    expected = []
+    for ds in dates.values():
+        valid = [date(int(d[:4]), int(d[4:6]), int(d[6:])) for d in ds if d.isdigit()]
+        for d in ds:
+            expected.append((date(int(d[:4]), int(d[4:6]), int(d[6:])) - min(valid)).days if d.isdigit() else np.nan)
+    assert _same(manifest["study_offset_days"], pd.Series(expected, dtype=float))
+    assert manifest["study_offset_days"].tolist()[:3] == [126.0, 0.0, 491.0]
+    bad = report[report["reason"].str.contains("not-a-date")]
+    assert bad["item"].tolist() == ["row 5 (line 7)"] and "not a valid date" in bad["reason"].iloc[0]
+
+
+def test_unknown_sex_codes_get_a_report_row_per_row(tmp_path):
+    pd.DataFrame(
+        {"Image Index": ["a.png", "b.png", "c.png", "d.png"], "Patient ID": [1, 2, 3, 4],
+         "Patient Age": [40, 50, 60, 70], "Patient Gender": ["M", "Q", "O", "F"], "View Position": "PA",
+         "Follow-up #": [0, 0, 0, 0], "Finding Labels": "No Finding"}
+    ).to_csv(tmp_path / "nih.csv", index=False)
+    manifest, report = manifest_from_table(tmp_path / "nih.csv", "nih_cxr14")
+    assert _same(manifest["sex"], pd.Series(["M", np.nan, np.nan, "F"]))
+    assert report["item"].tolist() == ["row 1 (line 3)"]  # Q is reported; O (other) is missing by definition
+    assert "'Q'" in report["reason"].iloc[0] and report["status"].iloc[0] == "warning"
+    # through a map (ABIDE's 1/2 coding), an unmapped code is reported on its row too
+    manifest, report = manifest_from_table(_small_abide_like(tmp_path), "abide")
+    sex_rows = report[report["reason"].str.contains("fields.sex")]
+    assert sex_rows["item"].tolist() == ["row 2 (line 4)"] and "'3'" in sex_rows["reason"].iloc[0]
+
+
+def test_fallback_filled_values_are_not_reported(tmp_path):
+    adapter = get_adapter("abide")
+    adapter["fields"]["sex"] = {"column": "SEX", "map": {1: "M", 2: "F"}, "fallback": {"value": "F"}}
+    manifest, report = manifest_from_table(_small_abide_like(tmp_path), adapter)
+    assert manifest["sex"].tolist() == ["M", "F", "F", "F"]
+    assert not report["reason"].str.contains("fields.sex").any()
+
+
+def test_add_and_days_since_first_specs_are_validated():
+    adapter = get_adapter("abide")
+    adapter["extra"] = {"visit": {"column": "SUB_ID", "add": "one"}}
+    with pytest.raises(ValueError, match="add"):
+        validate_adapter(adapter)
+    adapter["extra"] = {"study_offset_days": {"days_since_first": {"date": "D"}}}
+    with pytest.raises(ValueError, match="by"):
+        validate_adapter(adapter)

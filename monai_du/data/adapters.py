@@ -67,8 +67,9 @@ ADAPTERS: dict[str, dict[str, Any]] = {
             "CheXpert (Stanford ML Group) train.csv / valid.csv. One row per image. Patient id from the path "
             "(patientNNNNN), study id patientNNNNN/studyN. Uncertain labels (-1) are kept as -1 by default "
             "(policy 'keep'); blanks (not mentioned) are NaN. view is the AP/PA column, or LATERAL for lateral "
-            "images; projection is frontal/lateral. Image paths are relative to the folder that holds "
-            "CheXpert-v1.0[-small]/ (pass it as root)."
+            "images; projection is frontal/lateral. follow_up is the study number - 1 (study1 -> 0), the patient's "
+            "studies in time order (in the training table a patient's age never decreases with the study number). "
+            "Image paths are relative to the folder that holds CheXpert-v1.0[-small]/ (pass it as root)."
         ),
         "source": "https://stanfordmlgroup.github.io/competitions/chexpert/",
         "fields": {
@@ -83,7 +84,10 @@ ADAPTERS: dict[str, dict[str, Any]] = {
                 "fallback": {"column": "Frontal/Lateral", "map": {"Lateral": "LATERAL", "Frontal": None}},
             },
         },
-        "extra": {"projection": {"column": "Frontal/Lateral", "map": {"Frontal": "frontal", "Lateral": "lateral"}}},
+        "extra": {
+            "projection": {"column": "Frontal/Lateral", "map": {"Frontal": "frontal", "Lateral": "lateral"}},
+            "follow_up": {"column": "Path", "regex": r"patient\d+/study(\d+)/", "add": -1},
+        },
         "labels": [{"kind": "columns", "columns": list(CHEXPERT_LABELS)}],
         "uncertain": "keep",
     },
@@ -92,7 +96,8 @@ ADAPTERS: dict[str, dict[str, Any]] = {
         "description": (
             "NIH ChestX-ray14 Data_Entry_2017(_v2020).csv. One row per image. 'Finding Labels' is split on '|' into "
             "15 binary labels (the 14 findings and No Finding); the labels are text-mined, so there is no uncertain "
-            "value. Image paths are the file names; pass the folder holding all PNGs as root."
+            "value. follow_up is 'Follow-up #' (0 for the patient's first image). Image paths are the file names; "
+            "pass the folder holding all PNGs as root."
         ),
         "source": "https://nihcc.app.box.com/v/ChestXray-NIHCC",
         "fields": {
@@ -116,6 +121,8 @@ ADAPTERS: dict[str, dict[str, Any]] = {
             "(tables={'patients': ...}, required: gender, anchor_age, anchor_year) and optionally "
             "mimic-cxr-2.0.0-chexpert.csv or -negbio.csv (tables={'chexpert': ...}) for the 14 labels. "
             "Age at the study = anchor_age + (year of StudyDate - anchor_year), both on MIMIC's shifted time line. "
+            "study_offset_days = days since the patient's first StudyDate in the table (MIMIC shifts each "
+            "patient's dates by one amount, so intervals are real); no date is kept. "
             "Image paths follow files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg relative to the MIMIC-CXR-JPG root."
         ),
         "source": "https://physionet.org/content/mimic-cxr-jpg/",
@@ -134,6 +141,11 @@ ADAPTERS: dict[str, dict[str, Any]] = {
             "sex": {"column": "gender"},
             "site": {"value": "BIDMC"},
             "view": {"column": "ViewPosition"},
+        },
+        "extra": {
+            "study_offset_days": {
+                "days_since_first": {"date": "StudyDate", "date_format": "%Y%m%d", "by": "subject_id"}
+            },
         },
         "labels": [{"kind": "columns", "columns": list(CHEXPERT_LABELS), "requires_join": "chexpert"}],
         "uncertain": "keep",

@@ -31,6 +31,7 @@ from monai_du.data.manifest import (
     _make_report,
     _per_unique,
     _resolve_images,
+    _unrecognised_sex,
     find_phi_columns,
     label_column_name,
     normalize_sex,
@@ -62,8 +63,9 @@ ADAPTER_FIELDS: tuple[str, ...] = (
 UNCERTAIN_POLICIES: dict[str, float | None] = {"keep": -1.0, "zeros": 0.0, "ones": 1.0, "missing": np.nan}
 """What an uncertain label (-1) becomes: kept as -1, set to 0 (U-Zeros), to 1 (U-Ones) or to NaN."""
 
-_SOURCE_KEYS = ("column", "template", "value", "from_birth")
-_SPEC_KEYS = set(_SOURCE_KEYS) | {"regex", "map", "keep_unmapped", "add_years_since", "fallback", "optional"}
+_SOURCE_KEYS = ("column", "template", "value", "from_birth", "days_since_first")
+_SPEC_KEYS = set(_SOURCE_KEYS) | {"regex", "map", "keep_unmapped", "add", "add_years_since", "fallback", "optional"}
+_ROW_NOTES = "__row_notes__"  # notes key: (where, (N,) mask of rows set to missing, the values before, what)
 _ADAPTER_KEYS = {
     "name", "description", "source", "read", "joins", "files", "derive", "fields", "extra", "labels", "uncertain"
 }
@@ -92,6 +94,10 @@ def _check_spec(spec: Any, where: str) -> None:
         raise ValueError(f"{where}.map: expected a mapping, got {type(spec['map']).__name__}")
     if "from_birth" in spec:
         _check_keys(spec["from_birth"], {"birth", "date"}, {"date_format", "birth_format"}, f"{where}.from_birth")
+    if "days_since_first" in spec:
+        _check_keys(spec["days_since_first"], {"date", "by"}, {"date_format"}, f"{where}.days_since_first")
+    if "add" in spec and (isinstance(spec["add"], bool) or not isinstance(spec["add"], (int, float))):
+        raise ValueError(f"{where}.add: expected a number, got {spec['add']!r}")
     if "add_years_since" in spec:
         _check_keys(spec["add_years_since"], {"year", "date"}, {"date_format"}, f"{where}.add_years_since")
     if "fallback" in spec:
@@ -334,7 +340,20 @@ def _age_from_birth(table: pd.DataFrame, spec: Mapping[str, Any], where: str) ->
     return ((seen - born).dt.days / _DAYS_PER_YEAR).astype(float)
 
 
-def _evaluate(spec: Any, table: pd.DataFrame, where: str, notes: dict[str, dict[str, int]]) -> pd.Series:
+def _days_since_first(table: pd.DataFrame, spec: Mapping[str, Any], where: str, notes: dict) -> pd.Series:
+    """Days from the first date of the row's group (``by``: the patient column) to the row's date; NaN without a
+    date. A present date that does not parse is reported."""
+    raw = _text(table[_column(table, spec["date"], where + ".date")])
+    seen = pd.to_datetime(raw, format=spec.get("date_format"), errors="coerce")
+    invalid = (seen.isna() & raw.notna()).to_numpy()
+    if invalid.any():
+        notes.setdefault(_ROW_NOTES, []).append((where, invalid, raw, "is not a valid date"))
+    group = _text(table[_column(table, spec["by"], where + ".by")])
+    first = seen.groupby(group.to_numpy(), dropna=True).transform("min")
+    return ((seen - first).dt.days).astype(float).where(group.notna())
+
+
+def _evaluate(spec: Any, table: pd.DataFrame, where: str, notes: dict[str, Any]) -> pd.Series:
     """Evaluate a field spec on the table: an (N,) series of text or numbers, NaN where missing."""
     if isinstance(spec, str):
         spec = {"column": spec}
@@ -350,13 +369,21 @@ def _evaluate(spec: Any, table: pd.DataFrame, where: str, notes: dict[str, dict[
         values = _render_template(spec["template"], table, where)
     elif "value" in spec:
         values = pd.Series([spec["value"]] * len(table), index=table.index, dtype=object)
+    elif "days_since_first" in spec:
+        values = _days_since_first(table, spec["days_since_first"], where + ".days_since_first", notes)
     else:
         values = _age_from_birth(table, spec["from_birth"], where + ".from_birth")
     if "regex" in spec:
         values = _text(values).str.extract(spec["regex"], expand=False)
     if "map" in spec:
-        unmapped = notes.setdefault(where, {})
+        unmapped: dict[str, int] = {}
+        before = values
         values = _map_values(values, spec["map"], bool(spec.get("keep_unmapped", False)), unmapped)
+        if unmapped:
+            mask = (before.notna() & before.map(str, na_action="ignore").isin(list(unmapped))).to_numpy()
+            notes.setdefault(_ROW_NOTES, []).append((where, mask, before, "is not in the map"))
+    if "add" in spec:
+        values = pd.to_numeric(values, errors="coerce") + spec["add"]
     if "add_years_since" in spec:
         extra = spec["add_years_since"]
         year_column = _column(table, extra["year"], where + ".add_years_since.year")
@@ -366,6 +393,12 @@ def _evaluate(spec: Any, table: pd.DataFrame, where: str, notes: dict[str, dict[
     if "fallback" in spec:
         other = _evaluate(spec["fallback"], table, where + ".fallback", notes)
         values = values.astype(object).where(values.notna(), other.astype(object))
+        # a value the fallback filled in was not set to missing
+        still_missing = values.isna().to_numpy()
+        notes[_ROW_NOTES] = [
+            (w, mask & still_missing if w == where or w.startswith(where + ".") else mask, before, what)
+            for w, mask, before, what in notes.get(_ROW_NOTES, [])
+        ]
     return values
 
 
@@ -570,7 +603,7 @@ def manifest_from_table(
     if spec.get("files") is not None:
         table = _match_files(table, spec["files"], root_path, source, report)
 
-    notes: dict[str, dict[str, int]] = {}
+    notes: dict[str, Any] = {}
     for derived, derived_spec in (spec.get("derive") or {}).items():
         table[derived] = _evaluate(derived_spec, table, f"{source}: derive.{derived}", notes)
 
@@ -595,15 +628,17 @@ def manifest_from_table(
         out[label_columns] = labels.mask(labels == -1.0, UNCERTAIN_POLICIES[policy])
 
     notes.pop("__text_cache__", None)
-    for where, unmapped in notes.items():
-        for value, count in unmapped.items():
-            reason = f"{count} row(s) with value {value!r} not in the map; set to missing"
-            report.append((where.split(": ", 1)[-1], reason, "warning"))
+    for where, mask, before, what in notes.pop(_ROW_NOTES, []):
+        name = where.split(": ", 1)[-1]
+        for row, value in zip(table.loc[mask, _ROW], before[mask]):
+            report.append((_row_label(row), f"{name}: value {value!r} {what}; set to missing", "warning"))
 
     if "sex" in out.columns:
-        out["sex"], unrecognised = normalize_sex(out["sex"])
-        for value, count in unrecognised.items():
-            report.append(("fields.sex", f"{count} row(s) with unknown sex code {value!r}; set to missing", "warning"))
+        unknown = _unrecognised_sex(out["sex"])
+        for row, value in zip(table.loc[unknown, _ROW], out.loc[unknown, "sex"]):
+            reason = f"fields.sex: {value!r} is not a sex code (M/F, male/female, 1 = male, 2 = female); set to missing"
+            report.append((_row_label(row), reason, "warning"))
+        out["sex"], _ = normalize_sex(out["sex"])
     if "age" in out.columns:
         age = pd.to_numeric(out["age"], errors="coerce").astype(float)
         bad = ((age < 0) | (age > MAX_AGE_YEARS) | np.isinf(age)).to_numpy()
