@@ -16,6 +16,7 @@ from monai_du.data.manifest import (
     find_phi_columns,
     label_column_name,
     normalize_sex,
+    patients_in_several_splits,
     read_manifest,
     validate_manifest,
     write_manifest,
@@ -177,3 +178,68 @@ def test_unknown_extension_and_missing_file(tmp_path):
         write_manifest(_manifest(), tmp_path / "m.xlsx")
     with pytest.raises(FileNotFoundError):
         read_manifest(tmp_path / "nope.csv")
+
+
+# ------------------------------------------------------------------------------------- defects found by bad input
+def test_duplicate_image_paths_are_refused_naming_rows_path_and_patients(tmp_path):
+    df = _manifest()
+    df.loc[3, "image"] = "img/a.png"
+    df.loc[3, "patient_id"] = "p9"  # the same image under another patient
+    with pytest.raises(ValueError) as info:
+        validate_manifest(df)
+    message = str(info.value)
+    assert "'img/a.png'" in message and "row 0 (index 0)" in message and "row 3 (index 3)" in message
+    assert "'00042'" in message and "'p9'" in message
+    df.to_csv(tmp_path / "dup.csv", index=False)
+    with pytest.raises(ValueError, match=r"row 0 \(line 2\), row 3 \(line 5\)"):
+        read_manifest(tmp_path / "dup.csv")
+    with pytest.raises(ValueError, match="same image"):
+        write_manifest(df, tmp_path / "out.csv")
+
+
+def test_the_same_image_written_two_ways_is_refused_on_read(tmp_path):
+    text = f"image,patient_id\nimg/a.png,p1\n./img/a.png,p2\n{tmp_path.resolve()}/img/a.png,p3\nimg/b.png,p4\n"
+    path = _write_csv(tmp_path / "m.csv", text)
+    with pytest.raises(ValueError) as info:
+        read_manifest(path)
+    message = str(info.value)
+    assert "row 0 (line 2), row 1 (line 3), row 2 (line 4)" in message and str(path) in message
+    assert "row 3" not in message
+
+
+def test_a_patient_in_two_splits_is_refused_naming_the_patient():
+    df = _manifest()
+    df.loc[3, "split"] = "test"  # patient 00042 is also in train (row 0)
+    with pytest.raises(ValueError) as info:
+        validate_manifest(df)
+    assert "'00042'" in str(info.value) and "['test', 'train']" in str(info.value)
+    assert patients_in_several_splits(df) == {"00042": ["test", "train"]}
+    assert patients_in_several_splits(_manifest()) == {}  # an unassigned row is no leak
+
+
+@pytest.mark.parametrize("text", ["", "\n", "   \n\n"])
+def test_empty_manifest_file_names_the_file(tmp_path, text):
+    path = _write_csv(tmp_path / "empty.csv", text)
+    with pytest.raises(ValueError, match="empty") as info:
+        read_manifest(path)
+    assert str(path) in str(info.value)
+
+
+def test_header_only_manifest_is_an_empty_valid_manifest(tmp_path):
+    back = read_manifest(_write_csv(tmp_path / "m.csv", "image,patient_id\n"))
+    assert len(back) == 0 and RESOLVED_IMAGE_COLUMN in back.columns
+
+
+def test_time_columns_are_checked_and_numeric(tmp_path):
+    df = _manifest().assign(study_offset_days=[0, 14.5, None, 30], follow_up=["0", "1", "", "2"])
+    out = validate_manifest(df)
+    assert out["study_offset_days"].dtype == np.float64 and out["follow_up"].dtype == np.float64
+    np.testing.assert_array_equal(out["follow_up"].to_numpy(), [0.0, 1.0, np.nan, 2.0])
+    for column, bad, what in [("study_offset_days", -1.0, ">= 0"), ("follow_up", 1.5, "whole number"),
+                              ("follow_up", "two", "not a number")]:
+        broken = df.copy()
+        broken[column] = broken[column].astype(object)
+        broken.loc[2, column] = bad
+        with pytest.raises(ValueError, match=what) as info:
+            validate_manifest(broken)
+        assert f"'{column}'" in str(info.value) and "row 2" in str(info.value)

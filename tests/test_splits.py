@@ -143,3 +143,20 @@ def test_select_split_uses_existing_split_or_patient_level_split():
     assert len(select_split(given, ["train", "val"])) == 59
     with pytest.raises(ValueError, match="no manifest row in split"):
         select_split(given, "test")
+
+
+def test_select_split_refuses_a_hand_set_split_that_puts_a_patient_in_two_splits():
+    df = pd.DataFrame({"patient_id": ["a", "a", "b", "c", "c", "d"], "image": [f"{i}.png" for i in range(6)],
+                       "split": ["train", "test", "train", "val", "train", "test"]})
+    # reference, by brute force: patients with more than one split among their rows
+    leaking = sorted(p for p in set(df.patient_id) if df.loc[df.patient_id == p, "split"].nunique() > 1)
+    assert leaking == ["a", "c"]
+    with pytest.raises(ValueError) as info:
+        select_split(df, "train")
+    message = str(info.value)
+    assert all(f"'{p}'" in message for p in leaking) and "'b'" not in message and "'d'" not in message
+    fixed = df.assign(split=["train", "train", "train", "val", "val", "test"])
+    assert select_split(fixed, "train")["patient_id"].tolist() == ["a", "a", "b"]
+    # an assignment made by patient_split never leaks
+    redone = select_split(df.drop(columns="split"), ["train", "val", "test"])
+    assert redone.groupby("patient_id")["split"].nunique().max() == 1
