@@ -913,9 +913,10 @@ def patient_time_kernel(
 def nystrom_features(kernel: PriorKernel, prior: Any, rank: int, tol: float = 1e-10, block: int = 32) -> torch.Tensor:
     """Nystrom features ``F`` (B, r), ``r <= rank``, with ``K ≈ F F^T`` for any kernel, by greedy pivoted Cholesky.
 
-    Pivots are batch samples taken in blocks of ``block`` by largest residual diagonal ``K[i, i] - ||F[i]||^2``; only
-    ``B r`` kernel values are computed, and the cost is O(B r^2). The residual ``K - F F^T`` is positive semi-definite
-    with trace equal to the summed residual diagonal, which stops the loop once below ``tol * trace(K)``: at full rank
+    Pivots are batch samples taken in rounds of ``block`` by largest residual diagonal ``K[i, i] - ||F[i]||^2``; a
+    candidate whose residual the round's earlier pivots already explain to 90% waits for a later round. Only ``B r``
+    kernel values are computed, and the cost is O(B r^2). The residual ``K - F F^T`` is positive semi-definite with
+    trace equal to the summed residual diagonal, which stops the loop once below ``tol * trace(K)``: at full rank
     (``rank >= B``) the map is exact to that tolerance. Computed in float64.
 
     Args:
@@ -923,10 +924,13 @@ def nystrom_features(kernel: PriorKernel, prior: Any, rank: int, tol: float = 1e
         prior: (B, P) priors.
         rank: the largest rank r (>= 1).
         tol: relative trace of the residual kernel at which to stop.
-        block: pivots taken per round (one kernel evaluation of B x block values each).
+        block: pivots tried per round (one kernel evaluation of B x block values each).
+
+    Returns:
+        (B, r) float64 features.
     """
-    if int(rank) < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}.")
+    if int(rank) < 1 or int(block) < 1:
+        raise ValueError(f"rank and block must be >= 1, got rank={rank}, block={block}.")
     prior = _check_prior(_as_tensor(prior)).to(torch.float64)
     n = prior.shape[0]
     rank = min(int(rank), n)
@@ -935,30 +939,31 @@ def nystrom_features(kernel: PriorKernel, prior: Any, rank: int, tol: float = 1e
     f = prior.new_zeros(n, rank)
     floor = 1e-14 * float(d.max()) if n else 0.0
     r = 0
-    while r < rank:
-        if float(d.clamp_min(0).sum()) <= tol * total:
-            break
-        cand = torch.topk(d, min(block, rank - r)).indices
-        start = d[cand].clone()
+    while r < rank and float(d.clamp_min(0).sum()) > tol * total:
+        cand = torch.topk(d, min(int(block), rank - r)).indices
         cols = kernel.gram_columns(prior, cand).to(torch.float64)
         if r:
-            cols -= f[:, :r] @ f[cand, :r].T  # residual columns (n, b)
-        taken = 0
+            cols -= f[:, :r] @ f[cand, :r].T  # residual columns K[:, cand] - F F[cand]^T, (n, b)
+        # greedy pivoted Cholesky of the round's (b, b) residual block decides which candidates to take
+        sub = cols[cand].clone()
+        start = sub.diagonal().clone()
+        taken: list[int] = []
         for j in range(len(cand)):
-            col = cols[:, j]
-            if taken:
-                col = col - f[:, r : r + taken] @ f[cand[j], r : r + taken]
-            pivot = float(col[cand[j]])
-            # skip a near-duplicate of a pivot taken in this round: it goes back to the pool
+            pivot = float(sub[j, j])
             if pivot <= floor or (taken and pivot < 0.1 * float(start[j])):
                 continue
-            f[:, r + taken] = col / math.sqrt(pivot)
-            taken += 1
-        if taken == 0:
+            v = sub[:, j] / math.sqrt(pivot)
+            sub -= v[:, None] * v[None, :]
+            taken.append(j)
+        if not taken:
             break
-        d -= (f[:, r : r + taken] ** 2).sum(1)
-        d[cand] = torch.where(d[cand] < floor, torch.zeros_like(d[cand]), d[cand])
-        r += taken
+        keep = torch.tensor(taken, device=cols.device)
+        chol = torch.linalg.cholesky(cols[cand[keep]][:, keep])
+        new = torch.linalg.solve_triangular(chol, cols[:, keep].T, upper=False).T  # R[:, S] L^-T, (n, a)
+        f[:, r : r + len(taken)] = new
+        d -= (new * new).sum(1)
+        d[cand[keep]] = 0.0
+        r += len(taken)
     return f[:, :r]
 
 
