@@ -37,7 +37,7 @@ from monai.data.utils import set_rnd
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch.utils.data import DistributedSampler
 
-from monai_du.io import atomic_write, write_text_atomic
+from monai_du.io import atomic_write, remove_stale_temporaries, write_text_atomic
 
 __all__ = [
     "SamplerEpochHandler",
@@ -362,6 +362,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def attach(self, engine: Engine) -> None:
         if self.engine_key is not None:
             self.save_dict[self.engine_key] = engine  # the Checkpoint objects share this dict
+        for path in remove_stale_temporaries(self.save_dir):  # a run killed mid-save left a partial file
+            logger.warning(f"removed the partial checkpoint {path} of an interrupted save")
         super().attach(engine)
 
 

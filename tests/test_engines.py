@@ -276,6 +276,29 @@ def test_atomic_torch_save_leaves_old_file_intact_on_failure(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+_KILLED_SAVE = """
+import os, signal, sys, torch
+from monai_du.io import atomic_write
+with atomic_write(sys.argv[1]) as tmp:
+    torch.save({"w": torch.zeros(1000, 1000)}, tmp)  # a checkpoint-sized partial file
+    os.kill(os.getpid(), signal.SIGKILL)  # killed before the rename
+"""
+
+
+def test_a_save_killed_mid_write_leaves_a_temporary_that_the_resumed_run_removes(tmp_path):
+    import subprocess
+
+    ckpt_dir = tmp_path / "models"
+    ckpt_dir.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(ckpt_dir / "checkpoint_epoch=3.pt")])
+    assert proc.returncode == -9
+    partial = [p for p in ckpt_dir.iterdir()]
+    assert len(partial) == 1 and partial[0].name.endswith(".tmp") and partial[0].stat().st_size > 1e6
+    net = nn.Linear(2, 2)
+    AtomicCheckpointSaver(save_dir=str(ckpt_dir), save_dict={"model": net}).attach(Engine(lambda e, b: None))
+    assert list(ckpt_dir.iterdir()) == []
+
+
 def _saver_and_loader(ckpt_dir, resume=True):
     def handlers(net, opt, sched):
         save_dict = {"model": net, "optimizer": opt, "lr_scheduler": sched}
