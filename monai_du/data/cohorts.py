@@ -769,7 +769,7 @@ def _sample_brain_table(n: int, seed: int, profiles: list[dict], lesion_logit: t
     rows = []
     b0, b1 = lesion_logit
     qs = np.linspace(0.0, 1.0, 11)
-    for i in range(n):
+    for _ in range(n):
         k = int(rng.choice(len(profiles), p=w / w.sum()))
         p = profiles[k]
         age = float(np.interp(rng.random(), qs, p["age_quantiles"]))
