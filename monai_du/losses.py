@@ -340,9 +340,9 @@ class _DenseRidge:
             self.chol = torch.linalg.cholesky(a)
 
     def describe(self) -> str:
-        if not self.refined:
-            return "cholesky"
-        return f"refined({'float64 fallback' if self.fallback else f'iterations={self.iterations}'})"
+        if self.fallback:
+            return "refined(float64 fallback)"
+        return f"refined(iterations={self.iterations})" if self.refined else "cholesky"
 
     def solve(self, r: torch.Tensor) -> torch.Tensor:
         """``A^-1 r`` (n, D); differentiable in ``r`` on the float64 path (the refined one runs in

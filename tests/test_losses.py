@@ -7,12 +7,20 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
 
 import monai_du
-from monai_du.kernels import CategoricalKernel, CosineKernel, RBFKernel, kernel_summary
-from monai_du.losses import DecoupledUniformityLoss, InfoNCELoss, YAwareInfoNCELoss, alignment, uniformity
+from monai_du.kernels import CategoricalKernel, CosineKernel, RBFKernel, kernel_summary, patient_time_kernel
+from monai_du.losses import (
+    DecoupledUniformityLoss,
+    InfoNCELoss,
+    YAwareInfoNCELoss,
+    alignment,
+    conditional_mean_centroids,
+    uniformity,
+)
 
 
 def _data(b=24, v=2, d=8, seed=0, dtype=torch.float64):
@@ -142,7 +150,8 @@ def test_instance_weight_interpolates_between_kernel_and_plain_du():
     kernel = CategoricalKernel(columns=[1])
     plain = float(DecoupledUniformityLoss()(z))
     coarse = float(DecoupledUniformityLoss(kernel=kernel)(z, prior))
-    values = [float(DecoupledUniformityLoss(kernel=kernel, instance_weight=w)(z, prior)) for w in (1e-3, 1e-2, 1e-1, 1e3)]
+    weights = (1e-3, 1e-2, 1e-1, 1e3)
+    values = [float(DecoupledUniformityLoss(kernel=kernel, instance_weight=w)(z, prior)) for w in weights]
     # with the within-group differences removed, only the two sex centroids remain: the loss differs from plain DU,
     # and the instance term brings it back monotonically towards plain DU
     assert abs(coarse - plain) > 0.1
@@ -348,3 +357,150 @@ def test_no_component_name_clashes_with_monai():
         module = locator.get_component_module_name(name)
         assert isinstance(module, str) and module.startswith("monai_du."), (name, module)
         assert getattr(monai_du, name) is not None
+
+
+# -- precision: half-precision priors and autocast --------------------------------------------------------------------
+
+
+def _vector_du(c, t=2.0):
+    """DU of centroids (B, D) from the explicit float64 distance matrix (for batches too large for a Python loop)."""
+    c = c.double()
+    sq = ((c[:, None, :] - c[None, :, :]) ** 2).sum(-1)
+    iu = torch.triu_indices(len(c), len(c), 1)
+    return torch.log(torch.exp(-t * sq[iu[0], iu[1]]).mean())
+
+
+def test_bf16_prior_gives_the_float64_loss():
+    z, prior = _data(b=48)
+    half = prior.to(torch.bfloat16)
+    s = 6.0
+    gram = _loop_gram(lambda a, b: math.exp(-((a[0] - b[0]) ** 2) / (2 * s * s)), half.double()[:, :1])
+    loss = DecoupledUniformityLoss(kernel=RBFKernel(bandwidth=s, columns=[0]))
+    got = loss(z.float(), half)
+    assert float(got) == pytest.approx(float(_reference_du(z.float(), gram)), rel=1e-5)
+
+
+def test_autocast_does_not_reach_the_kernel_step():
+    z, prior = _data(b=64, d=16)
+    emb = torch.randn(64, 12, generator=torch.Generator().manual_seed(3))
+    prior = torch.cat([prior, emb.double()], 1)
+    kernel = CosineKernel(columns=list(range(3, 15))) + RBFKernel(3.0, columns=list(range(3, 15)))
+    unit = emb.double() / emb.double().norm(dim=1, keepdim=True)
+    sq = ((emb.double()[:, None] - emb.double()[None]) ** 2).sum(-1)
+    gram = unit @ unit.T + torch.exp(-sq / 18.0)
+    mu = F.normalize(z.float(), dim=-1).mean(1)
+    want = torch.linalg.solve(gram + 0.01 * torch.eye(64, dtype=torch.float64), gram @ mu.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (mu @ mu.T).dtype == torch.bfloat16  # the premise: autocast runs matrix products in bf16
+        centroids, _ = conditional_mean_centroids(mu, kernel, prior.float())
+        loss = DecoupledUniformityLoss(kernel=kernel)
+        value = loss(z.float().requires_grad_(True), prior.float())
+    assert centroids.dtype == torch.float32 and value.dtype == torch.float32
+    torch.testing.assert_close(centroids.double(), want, rtol=1e-5, atol=1e-6)
+    assert float(value.detach()) == pytest.approx(float(_reference_du(z.float(), gram)), rel=1e-5)
+
+
+# -- dense solvers: refinement and Nystrom -----------------------------------------------------------------------------
+
+
+def _dense(b, seed=0):
+    z, prior = _data(b=b, seed=seed)
+    prior[:, 1] = 10 * torch.rand(b, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    return z, prior, RBFKernel([8.0, 2.0, 1.5], columns=[0, 1, 2])
+
+
+@pytest.mark.parametrize("lam", [0.01, 1e-4])
+def test_refined_solve_matches_float64_solve_and_gradient(lam):
+    torch.set_num_threads(1)
+    z, prior, kernel = _dense(300)
+    gram = kernel(prior)
+    mu = F.normalize(z, dim=-1).mean(1).requires_grad_(True)
+    want = torch.linalg.solve(gram + lam * torch.eye(300, dtype=torch.float64), gram @ mu)
+    weights = torch.randn_like(want)
+    (g_want,) = torch.autograd.grad((want * weights).sum(), mu)
+    got, stats = conditional_mean_centroids(mu, kernel, prior.float(), lam, solver="mixed", refine_tol=1e-8)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), mu)
+    got, want = got.detach(), want.detach()
+    assert stats["kernel_path"].startswith("refined(")
+    assert float((got - want).norm() / want.norm()) < 1e-6
+    assert float((g_got - g_want).norm() / g_want.norm()) < 1e-6
+
+
+def test_refinement_falls_back_to_float64_when_float32_cannot_factor():
+    z, prior, kernel = _dense(200)
+    kernel = RBFKernel(60.0, columns=[0])  # smooth: K + lam I is singular in float32 for lam = 1e-6
+    gram = kernel(prior)
+    mu = F.normalize(z, dim=-1).mean(1)
+    want = torch.linalg.solve(gram + 1e-6 * torch.eye(200, dtype=torch.float64), gram @ mu)
+    got, stats = conditional_mean_centroids(mu, kernel, prior, 1e-6, solver="mixed")
+    assert "fallback" in stats["kernel_path"]
+    assert float((got - want).norm() / want.norm()) < 1e-6
+
+
+def test_nystrom_at_full_rank_equals_exact_path():
+    z, prior, kernel = _dense(96)
+    prior[::7, 0] = float("nan")
+    kernel.fit(_dense(300, seed=4)[1])
+    gram = kernel(prior)
+    nystrom = DecoupledUniformityLoss(kernel=kernel, solver="nystrom", rank=96)
+    exact = DecoupledUniformityLoss(kernel=kernel, solver="cholesky")
+    got, g_got = _grad(lambda x: nystrom(x, prior), z)
+    ex, g_exact = _grad(lambda x: exact(x, prior), z)
+    assert nystrom.last_kernel_stats["kernel_path"].startswith("nystrom(rank<=")
+    assert float(got) == pytest.approx(float(_reference_du(z, gram)), rel=1e-8)
+    assert float(got) == pytest.approx(float(ex), rel=1e-8)
+    torch.testing.assert_close(g_got, g_exact, rtol=1e-6, atol=1e-9)
+    for key in ("kernel_mean_offdiag", "kernel_effective_rank"):
+        assert nystrom.last_kernel_stats[key] == pytest.approx(kernel_summary(gram)[key], rel=1e-7)
+    smooth = RBFKernel([30.0, 8.0, 6.0], columns=[0, 1, 2]).fit(_dense(300, seed=4)[1])
+    full = float(_reference_du(z, smooth(prior)))
+    errors = [abs(float(DecoupledUniformityLoss(kernel=smooth, solver="nystrom", rank=r)(z, prior)) - full) / abs(full)
+              for r in (16, 32, 64)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-5  # the error falls fast with the rank
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"solver": "qr"}, "solver"), ({"rank": 0}, "rank"), ({"refine_tol": 0.0}, "refine_tol")],
+)
+def test_bad_solver_settings_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DecoupledUniformityLoss(kernel=RBFKernel(1.0), **kwargs)
+
+
+# -- patient x time prior ----------------------------------------------------------------------------------------------
+
+
+def test_patient_time_loss_with_thousands_of_patients_matches_float64_formula():
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(8)
+    train_patients = np.repeat(np.arange(3000), 3).astype(float)
+    train = np.stack([train_patients, rng.integers(0, 1500, len(train_patients)).astype(float)], 1)
+    kernel = patient_time_kernel(patient_column=0, time_column=1).fit(train)
+    b = 1500
+    patients = rng.choice(3000, 700, replace=False)
+    prior = np.stack([rng.choice(patients, b).astype(float), rng.integers(0, 1500, b).astype(float)], 1)
+    prior[::50, 0] = np.nan  # patients unknown to the prior encoder: each its own block
+    prior[3::40, 1] = np.nan  # missing offsets: expected feature under the training offsets
+    h2, m, v = kernel.k2.bandwidth[0] ** 2, train[:, 1].mean(), train[:, 1].var()
+    p, t = prior[:, 0], prior[:, 1]
+    same = (p[:, None] == p[None, :]) | np.eye(b, dtype=bool)
+    tm = np.isnan(t)
+    one = np.sqrt(h2 / (h2 + v)) * np.exp(-((np.where(tm, m, t) - m) ** 2) / (2 * (h2 + v)))
+    rbf = np.exp(-((t[:, None] - t[None, :]) ** 2) / (2 * h2))
+    rbf = np.where(tm[:, None] & ~tm[None, :], one[None, :], rbf)
+    rbf = np.where(~tm[:, None] & tm[None, :], one[:, None], rbf)
+    rbf = np.where(tm[:, None] & tm[None, :], np.sqrt(h2 / (h2 + 2 * v)), rbf)
+    gram = torch.tensor(np.where(same, rbf, 0.0))
+    z = torch.randn(b, 2, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    loss = DecoupledUniformityLoss(kernel=kernel, instance_weight=0.05)
+    value = loss(z, torch.tensor(prior, dtype=torch.float32))
+    u = z / z.norm(dim=-1, keepdim=True)
+    mu = u.mean(1)
+    a = gram + 0.05 * torch.eye(b, dtype=torch.float64)
+    c = torch.linalg.inv(a + 0.01 * torch.eye(b, dtype=torch.float64)) @ a @ mu
+    assert float(value) == pytest.approx(float(_vector_du(c)), rel=1e-8)
+    blocks = len(set(p[~np.isnan(p)])) + int(np.isnan(p).sum())
+    assert loss.last_kernel_stats["kernel_path"] == f"cholesky, blocks={blocks}" and blocks > 500
+    for key, want in kernel_summary(a).items():
+        assert loss.last_kernel_stats[key] == pytest.approx(want, rel=1e-9)
