@@ -23,7 +23,10 @@ manifest and the few labels a user has. For each candidate prior this module rep
     follow the patient, and single images are permuted (column ``null`` says which);
   - the patient-grouped cross-validated AUC of predicting the label from the prior alone: out-of-fold
     Nadaraya-Watson scores ``sum_j K_ij y_j / sum_j K_ij`` over the training folds' rows (negative kernel values
-    clipped to 0), folds from :func:`~monai_du.evaluation.patient_grouped_splits` (stratified, grouped by patient).
+    clipped to 0), folds from :func:`~monai_du.evaluation.patient_grouped_splits` grouped by patient
+    (:func:`grouped_cv_auc`), and its chance level ``auc_chance``: the ``AUC_CHANCE_QUANTILE`` quantile of the same
+    CV AUC under the permutations of the p-value (:func:`cv_auc_chance_level`). With a few hundred patients a prior
+    that knows nothing reaches a CV AUC of 0.6 by chance now and then; the chance level says how far chance goes.
 
 A verdict follows (:func:`audit_verdict`), tested in this order with the documented thresholds below:
 
@@ -31,8 +34,8 @@ A verdict follows (:func:`audit_verdict`), tested in this order with the documen
   off-diagonal above ``COARSE_MEAN_OFFDIAG``: kernel DU pulls whole groups of centroids to their mean;
 - ``"near identity: equals plain DU"``: effective rank at least ``IDENTITY_RANK_FRACTION`` of the batch size and
   mean off-diagonal at most ``IDENTITY_MEAN_OFFDIAG``;
-- ``"uninformative of your labels"``: p-value above ``P_VALUE_ALPHA`` and CV AUC at most
-  ``0.5 + CHANCE_AUC_MARGIN``;
+- ``"uninformative of your labels"``: p-value above ``P_VALUE_ALPHA`` and CV AUC near 0.5: at most
+  ``0.5 + CHANCE_AUC_MARGIN`` or at most its chance level ``auc_chance``;
 - ``"informative"`` otherwise.
 
 Candidates (:func:`default_candidates`): each attribute among age (RBF, neighbourhood-scale ``"knn"`` bandwidth fitted
@@ -63,6 +66,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 from monai_du.data.manifest import LABEL_PREFIX, label_column_name, read_manifest
@@ -80,6 +84,7 @@ __all__ = [
     "IDENTITY_MEAN_OFFDIAG",
     "P_VALUE_ALPHA",
     "CHANCE_AUC_MARGIN",
+    "AUC_CHANCE_QUANTILE",
     "MAX_LABELLED_ROWS",
     "CV_FOLDS",
     "TIME_COLUMNS",
@@ -95,6 +100,7 @@ __all__ = [
     "hsic",
     "permutation_pvalue",
     "grouped_cv_auc",
+    "cv_auc_chance_level",
     "audit_priors",
     "audit_verdict",
     "format_audit",
@@ -123,7 +129,12 @@ P_VALUE_ALPHA = 0.05
 
 CHANCE_AUC_MARGIN = 0.05
 """A patient-grouped CV AUC at most ``0.5 + CHANCE_AUC_MARGIN`` counts as chance (a prior does not predict the label
-from other patients). AUCs below 0.5 count as chance too: out-of-fold kernel smoothers dip below 0.5 under the null."""
+from other patients), whatever the sample size. AUCs below 0.5 count as chance too: out-of-fold kernel smoothers dip
+below 0.5 under the null."""
+
+AUC_CHANCE_QUANTILE = 0.95
+"""A CV AUC at most this quantile of its permutation distribution (``auc_chance``) also counts as chance: at the
+p-value's level ``1 - AUC_CHANCE_QUANTILE``, the AUC is beyond what a prior independent of the label reaches."""
 
 MAX_LABELLED_ROWS = 2000
 """At most this many labelled rows enter the label statistics (whole patients drawn at random beyond it): the label
@@ -231,6 +242,8 @@ def _patient_codes(groups: Any, n: int) -> np.ndarray:
     values = np.asarray(groups.tolist() if hasattr(groups, "tolist") else list(groups), dtype=object)
     if len(values) != n:
         raise ValueError(f"groups has {len(values)} entries for {n} rows.")
+    if all(isinstance(v, (int, np.integer)) for v in values):  # codes already: keep their order
+        return np.unique(values.astype(np.int64), return_inverse=True)[1].reshape(-1)
     return np.unique(values.astype(str), return_inverse=True)[1].reshape(-1)
 
 
@@ -297,24 +310,46 @@ def permutation_pvalue(gram: Any, y: Any, groups: Any = None, n_permutations: in
 
 
 def _nw_oof_scores(k: np.ndarray, y: np.ndarray, splits: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    scores = np.full(len(y), np.nan)
+    """Out-of-fold Nadaraya-Watson scores for labels ``y`` (n,) or label vectors (m, n); same shape as ``y``."""
+    labels = np.atleast_2d(y)
+    scores = np.full(labels.shape, np.nan)
     weights_all = np.clip(k, 0.0, None)
+    # a row with no weight on the training folds gets one score shared by all such rows, whatever their fold (a
+    # fold's own prevalence would anti-correlate with the held-out labels and push the AUC below 0.5)
+    prevalence = labels.mean(1, keepdims=True)
     for train, test in splits:
-        w = weights_all[np.ix_(test, train)]
+        w = weights_all[np.ix_(test, train)]  # (t, r)
         den = w.sum(1)
-        prevalence = float(y[train].mean())
         ok = den > 1e-300
-        scores[test] = np.where(ok, (w @ y[train]) / np.where(ok, den, 1.0), prevalence)
-    return scores
+        num = labels[:, train] @ w.T  # (m, t)
+        scores[:, test] = np.where(ok[None, :], num / np.where(ok, den, 1.0)[None, :], prevalence)
+    return scores if np.ndim(y) == 2 else scores[0]
+
+
+def _row_aucs(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """ROC AUC of every row of (m, n) binary ``labels`` against (m, n) ``scores`` (ties count one half)."""
+    ranks = rankdata(scores, axis=1)  # average ranks of ties
+    n_pos = labels.sum(1)
+    n_neg = labels.shape[1] - n_pos
+    return ((ranks * labels).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def _cv_splits(y: np.ndarray, codes: np.ndarray, n_splits: int, seed: int) -> list | None:
+    n_patients = len(np.unique(codes))
+    if n_patients < 2 or len(np.unique(y)) < 2:
+        return None
+    folds = min(int(n_splits), n_patients)
+    return patient_grouped_splits(None, groups=codes, n_splits=folds, seed=seed)
 
 
 def grouped_cv_auc(gram: Any, y: Any, groups: Any = None, n_splits: int = CV_FOLDS, seed: int = 0) -> float:
     """Patient-grouped cross-validated AUC of predicting ``y`` from the prior kernel alone.
 
     Each held-out row is scored by the kernel-weighted label mean of the training folds' rows (Nadaraya-Watson;
-    negative kernel values are clipped to 0, a row with no weight gets the training prevalence). Folds are
-    :func:`~monai_du.evaluation.patient_grouped_splits` (stratified by label, grouped by patient); the AUC is computed
-    once on the pooled out-of-fold scores.
+    negative kernel values are clipped to 0; rows with no weight on the training rows all get the label's mean).
+    Folds are :func:`~monai_du.evaluation.patient_grouped_splits` grouped by patient and not stratified: folds that
+    do not depend on the labels treat permuted labels exactly as the observed ones, so the chance level
+    (:func:`cv_auc_chance_level`) is exact. The AUC is computed once on the pooled out-of-fold scores.
 
     Args:
         gram: (n, n) prior kernel matrix.
@@ -328,13 +363,45 @@ def grouped_cv_auc(gram: Any, y: Any, groups: Any = None, n_splits: int = CV_FOL
     """
     k = _as_gram(gram)
     y = _as_binary(y, len(k))
-    codes = _patient_codes(groups, len(k))
-    n_patients = len(np.unique(codes))
-    if n_patients < 2 or len(np.unique(y)) < 2:
+    splits = _cv_splits(y, _patient_codes(groups, len(k)), n_splits, seed)
+    return math.nan if splits is None else float(roc_auc_score(y, _nw_oof_scores(k, y, splits)))
+
+
+def _auc_chance(k: np.ndarray, y: np.ndarray, splits: list | None, idx: np.ndarray) -> float:
+    if splits is None:
         return math.nan
-    folds = min(int(n_splits), n_patients)
-    splits = patient_grouped_splits(y.astype(np.int64), groups=codes, n_splits=folds, seed=seed)
-    return float(roc_auc_score(y, _nw_oof_scores(k, y, splits)))
+    labels = y[idx]
+    return float(np.quantile(_row_aucs(labels, _nw_oof_scores(k, labels, splits)), AUC_CHANCE_QUANTILE))
+
+
+def cv_auc_chance_level(
+    gram: Any, y: Any, groups: Any = None, n_splits: int = CV_FOLDS, n_permutations: int = 999, seed: int = 0
+) -> float:
+    """The ``AUC_CHANCE_QUANTILE`` quantile of :func:`grouped_cv_auc` under the permutations of
+    :func:`permutation_pvalue` (same folds, permuted labels): how high the CV AUC of a prior independent of the label
+    goes by chance.
+
+    Args:
+        gram: (n, n) prior kernel matrix.
+        y: (n,) binary labels.
+        groups: (n,) patient ids (None: each row is its own patient).
+        n_splits: number of folds.
+        n_permutations: permutations (>= 1).
+        seed: seed of the folds and of the permutations.
+
+    Returns:
+        the chance level, or NaN when the CV AUC is undefined.
+    """
+    k = _as_gram(gram)
+    y = _as_binary(y, len(k))
+    if int(n_permutations) < 1:
+        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}.")
+    codes = _patient_codes(groups, len(k))
+    splits = _cv_splits(y, codes, n_splits, seed)
+    if _within_patient_only(k, codes):
+        codes = np.arange(len(k))
+    idx = _permutation_indices(codes, int(n_permutations), np.random.default_rng(seed))
+    return _auc_chance(k, y, splits, idx)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -622,8 +689,9 @@ def audit_priors(
         one row per (prior, label), ranked within each label (column ``rank``, best first): ``prior``, ``label``,
         ``kernel``, ``batch_size``, ``sampler``, ``eff_rank``, ``eff_rank_fraction``, ``mean_offdiag``,
         ``centroid_dof``, ``n_labelled``, ``n_positive``, ``n_patients``, ``kta``, ``hsic``, ``p_value``, ``null``
-        (``"patient"`` or ``"image"`` permutations), ``cv_auc``, ``verdict``. ``attrs["settings"]`` holds the
-        settings and ``attrs["skipped"]`` the default candidates that could not be fitted, with the reason.
+        (``"patient"`` or ``"image"`` permutations), ``cv_auc``, ``auc_chance``, ``verdict``.
+        ``attrs["settings"]`` holds the settings and ``attrs["skipped"]`` the default candidates that could not be
+        fitted, with the reason.
 
     Raises:
         ValueError: for a missing label column, a label with one class, a missing sampler attribute, a batch size
@@ -697,7 +765,7 @@ def audit_priors(
         codes = np.unique(patients[rows], return_inverse=True)[1].reshape(-1)
         perm_rng = np.random.default_rng([seed, len(label_plans)])
         label_plans[column] = dict(
-            rows=rows, y=y, codes=codes,
+            rows=rows, y=y, codes=codes, splits=_cv_splits(y, codes, CV_FOLDS, seed),
             patient_idx=_permutation_indices(codes, int(n_permutations), perm_rng),
             image_idx=_permutation_indices(np.arange(len(rows)), int(n_permutations), perm_rng),
         )
@@ -725,6 +793,8 @@ def audit_priors(
             rows, y, codes = plan["rows"], plan["y"], plan["codes"]
             k = kernel(torch.as_tensor(prior[rows])).to(torch.float64).numpy()
             within = _within_patient_only(k, codes)
+            idx = plan["image_idx"] if within else plan["patient_idx"]
+            splits = plan["splits"]
             records.append({
                 "prior": name,
                 "label": column,
@@ -737,13 +807,14 @@ def audit_priors(
                 "n_patients": int(len(np.unique(codes))),
                 "kta": centred_kta(k, y),
                 "hsic": hsic(k, y),
-                "p_value": _pvalue(k, y, plan["image_idx"] if within else plan["patient_idx"]),
+                "p_value": _pvalue(k, y, idx),
                 "null": "image" if within else "patient",
-                "cv_auc": grouped_cv_auc(k, y, groups=codes, seed=seed),
+                "cv_auc": math.nan if splits is None else float(roc_auc_score(y, _nw_oof_scores(k, y, splits))),
+                "auc_chance": _auc_chance(k, y, splits, idx),
             })
     columns = ["rank", "prior", "label", "kernel", "batch_size", "sampler", "eff_rank", "eff_rank_fraction",
                "mean_offdiag", "centroid_dof", "n_labelled", "n_positive", "n_patients", "kta", "hsic", "p_value",
-               "null", "cv_auc", "verdict"]
+               "null", "cv_auc", "auc_chance", "verdict"]
     out = pd.DataFrame.from_records(records)
     if len(out):
         out["verdict"] = [audit_verdict(row) for row in out.to_dict("records")]
@@ -770,7 +841,7 @@ def audit_verdict(row: Mapping[str, Any]) -> str:
 
     Args:
         row: a mapping (or ``pandas.Series``) with ``eff_rank_fraction`` (or ``eff_rank`` and ``batch_size``),
-            ``mean_offdiag``, ``p_value`` and ``cv_auc``.
+            ``mean_offdiag``, ``p_value``, ``cv_auc`` and optionally ``auc_chance``.
     """
     fraction = row.get("eff_rank_fraction")
     if fraction is None or (isinstance(fraction, float) and math.isnan(fraction)):
@@ -782,7 +853,10 @@ def audit_verdict(row: Mapping[str, Any]) -> str:
         return VERDICT_IDENTITY
     p, auc = float(row["p_value"]), float(row["cv_auc"])
     significant = not math.isnan(p) and p <= P_VALUE_ALPHA
-    predictive = not math.isnan(auc) and auc > 0.5 + CHANCE_AUC_MARGIN
+    chance = 0.5 + CHANCE_AUC_MARGIN
+    if row.get("auc_chance") is not None and not math.isnan(float(row["auc_chance"])):
+        chance = max(chance, float(row["auc_chance"]))
+    predictive = not math.isnan(auc) and auc > chance
     return VERDICT_INFORMATIVE if significant or predictive else VERDICT_UNINFORMATIVE
 
 
@@ -795,7 +869,7 @@ def _reason(row: Mapping[str, Any]) -> str:
     if verdict == VERDICT_IDENTITY:
         return f"effective rank {rank:.1f} of {b}, mean off-diagonal {off:.3f}: the batch kernel is ~ the identity"
     info = f"KTA {float(row['kta']):.3f}, p = {float(row['p_value']):.3f} ({row['null']} permutations), " \
-           f"CV AUC {float(row['cv_auc']):.2f}"
+           f"CV AUC {float(row['cv_auc']):.2f} (chance up to {float(row.get('auc_chance', math.nan)):.2f})"
     if verdict == VERDICT_UNINFORMATIVE:
         return f"{info}: its similarities do not follow {row['label']}"
     return f"{info}; effective rank {rank:.1f} of {b}"
@@ -812,8 +886,8 @@ def format_audit(df: pd.DataFrame) -> str:
             f"sampler {settings.get('sampler')}, {settings.get('n_batches')} batches, lam {settings.get('lam'):g}, "
             f"instance weight {settings.get('instance_weight'):g}, {settings.get('n_permutations')} permutations."
         )
-    header = (f"{'#':>2}  {'prior':<16} {'eff.rank':>9} {'offdiag':>8} {'KTA':>7} {'HSIC':>8} {'p':>6} {'AUC':>5}"
-              "  verdict")
+    header = (f"{'#':>2}  {'prior':<16} {'eff.rank':>9} {'offdiag':>8} {'KTA':>7} {'HSIC':>8} {'p':>6} {'AUC':>5} "
+              f"{'chance':>6}  verdict")
     for label, part in df.groupby("label", sort=False):
         first = part.iloc[0]
         lines += ["", f"{label}: {first['n_labelled']} labelled rows ({first['n_positive']} positive), "
@@ -822,7 +896,7 @@ def format_audit(df: pd.DataFrame) -> str:
             lines.append(
                 f"{row['rank']:>2}  {str(row['prior'])[:16]:<16} {row['eff_rank']:>5.1f}/{row['batch_size']:<3d} "
                 f"{row['mean_offdiag']:>8.3f} {row['kta']:>7.3f} {row['hsic']:>8.4f} {row['p_value']:>6.3f} "
-                f"{row['cv_auc']:>5.2f}  {row['verdict']}"
+                f"{row['cv_auc']:>5.2f} {row['auc_chance']:>6.2f}  {row['verdict']}"
             )
         lines.append("")
         lines += [f"- {row['prior']}: {row['verdict']} ({_reason(row)})" for row in part.to_dict("records")]
