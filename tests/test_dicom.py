@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import multiprocessing
 import shutil
 import warnings
 from datetime import date
@@ -447,6 +448,7 @@ def test_killed_build_resumes_to_the_fresh_result(longitudinal, tmp_path, monkey
         with pytest.raises(_Killed):
             manifest_from_dicom(longitudinal, progress=False, pseudonymize_salt="s", checkpoint=checkpoint,
                                 chunk_size=4, num_workers=2)
+    assert multiprocessing.active_children() == []  # the interrupted build stopped its workers
     assert len(checkpoint.read_text().splitlines()) == 3  # header + 2 chunks
     text = checkpoint.read_text()
     assert "Doe^" not in text and not [d for dates in STUDIES.values() for d in dates if d and d in text]

@@ -3,6 +3,7 @@ are checked in parallel)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import re
@@ -152,8 +153,10 @@ def _image_problems(paths: list[str], num_workers: int, chunk_size: int, progres
     from tqdm.auto import tqdm
 
     problems: dict[str, str | None] = {}
-    with tqdm(total=len(paths), desc="NIfTI headers", unit="file", disable=None if progress else True) as bar:
-        for chunk in map_chunks(_check_chunk, chunked(paths, chunk_size), num_workers=num_workers, failed=_lost_check):
+    results = map_chunks(_check_chunk, chunked(paths, chunk_size), num_workers=num_workers, failed=_lost_check)
+    bar = tqdm(total=len(paths), desc="NIfTI headers", unit="file", disable=None if progress else True)
+    with bar, contextlib.closing(results):  # closing: an interrupted build stops its workers at once
+        for chunk in results:
             problems.update((record["file"], record["problem"]) for record in chunk)
             bar.update(len(chunk))
     return problems
