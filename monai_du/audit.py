@@ -73,7 +73,7 @@ from monai_du.data.manifest import LABEL_PREFIX, label_column_name, read_manifes
 from monai_du.data.samplers import AttributeBatchSampler
 from monai_du.evaluation import patient_grouped_splits
 from monai_du.io import write_text_atomic
-from monai_du.kernels import CategoricalKernel, PriorKernel, RBFKernel, kernel_summary
+from monai_du.kernels import CategoricalKernel, PriorKernel, RBFKernel, kernel_summary, patient_time_kernel
 from monai_du.prior_encoder import PriorEncoder
 from monai_du.priors import attach_prior_table, generative_prior_kernel, load_prior_table, prior_columns
 
@@ -312,17 +312,17 @@ def permutation_pvalue(gram: Any, y: Any, groups: Any = None, n_permutations: in
 def _nw_oof_scores(k: np.ndarray, y: np.ndarray, splits: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """Out-of-fold Nadaraya-Watson scores for labels ``y`` (n,) or label vectors (m, n); same shape as ``y``."""
     labels = np.atleast_2d(y)
-    scores = np.full(labels.shape, np.nan)
-    weights_all = np.clip(k, 0.0, None)
+    fold = np.full(k.shape[0], -1)
+    for f, (_, test) in enumerate(splits):
+        fold[test] = f
+    # row i weighs the rows of the other folds only: its fold's training rows
+    weights = np.where(fold[:, None] != fold[None, :], np.clip(k, 0.0, None), 0.0)
+    den = weights.sum(1)
+    ok = den > 1e-300
     # a row with no weight on the training folds gets one score shared by all such rows, whatever their fold (a
     # fold's own prevalence would anti-correlate with the held-out labels and push the AUC below 0.5)
     prevalence = labels.mean(1, keepdims=True)
-    for train, test in splits:
-        w = weights_all[np.ix_(test, train)]  # (t, r)
-        den = w.sum(1)
-        ok = den > 1e-300
-        num = labels[:, train] @ w.T  # (m, t)
-        scores[:, test] = np.where(ok[None, :], num / np.where(ok, den, 1.0)[None, :], prevalence)
+    scores = np.where(ok[None, :], (labels @ weights.T) / np.where(ok, den, 1.0)[None, :], prevalence)
     return scores if np.ndim(y) == 2 else scores[0]
 
 
@@ -484,12 +484,10 @@ def _numeric(df: pd.DataFrame, column: str) -> pd.Series:
     return pd.to_numeric(df[column], errors="coerce").astype(float)
 
 
-def _time_bandwidth(patients: np.ndarray, times: np.ndarray) -> float:
-    """Median gap between a patient's consecutive distinct times (1.0 when no patient has two distinct times)."""
-    frame = pd.DataFrame({"p": patients, "t": times}).dropna().drop_duplicates()
-    gaps = frame.sort_values(["p", "t"]).groupby("p")["t"].diff().dropna().to_numpy()
-    gaps = gaps[gaps > 0]
-    return float(np.median(gaps)) if len(gaps) else 1.0
+def _has_repeat_times(patients: np.ndarray, times: np.ndarray) -> bool:
+    """Whether some patient has two different (non-missing) times."""
+    frame = pd.DataFrame({"p": patients, "t": times}).dropna()
+    return bool((frame.groupby("p")["t"].nunique() > 1).any())
 
 
 def default_candidates(
@@ -504,9 +502,9 @@ def default_candidates(
     - each attribute of ``attributes`` present with at least two distinct values: ``age`` as an RBF with the
       ``"knn"`` bandwidth (``knn_k``-th neighbour in batches of ``batch_size``), the others as categorical kernels;
     - ``"age x sex"``: their product (the pretrain bundles' default prior);
-    - ``"patient x time"`` when the manifest has ``patient_id`` and a time column (:data:`TIME_COLUMNS`): a categorical
-      kernel on the patient times an RBF on the time, with the median gap between a patient's consecutive times as
-      bandwidth (an adjacent visit weighs ``exp(-1/2)``);
+    - ``"patient x time"`` when the manifest has ``patient_id`` and a time column (:data:`TIME_COLUMNS`):
+      :func:`~monai_du.kernels.patient_time_kernel` with the ``"gap"`` bandwidth (the median gap between a patient's
+      consecutive times: an adjacent visit weighs ``exp(-1/2)``; 1 time unit when no patient has two times);
     - one candidate per prior table (``name -> table or path``; ``image`` + ``gen_*`` columns, matched to the
       manifest's ``image`` column): an RBF on the embedding with the ``"knn"`` bandwidth.
 
@@ -540,11 +538,10 @@ def default_candidates(
     if "patient_id" in df.columns and time_column is not None:
         patients = PriorEncoder(categorical=["patient_id"]).fit(df).transform(df)[:, 0].astype(np.float64)
         times = _numeric(df, time_column).to_numpy()
-        bandwidth = _time_bandwidth(patients, times)
-        kernel = CategoricalKernel(columns=[0]) * RBFKernel(bandwidth, columns=[1])
+        bandwidth: float | str = "gap" if _has_repeat_times(patients, times) else 1.0
         out["patient x time"] = PriorCandidate(
-            kernel, np.stack([patients, times], 1), fit_groups=None,
-            description=f"Cat[patient_id] * RBF({bandwidth:g})[{time_column}]",
+            patient_time_kernel(0, 1, bandwidth=bandwidth), np.stack([patients, times], 1), fit_groups=None,
+            description=f"Cat[patient_id] * RBF({bandwidth})[{time_column}]",
         )
     for name, table in (prior_tables or {}).items():
         if name in out:
