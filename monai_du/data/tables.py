@@ -357,6 +357,7 @@ def _evaluate(spec: Any, table: pd.DataFrame, where: str, notes: dict[str, Any])
     """Evaluate a field spec on the table: an (N,) series of text or numbers, NaN where missing."""
     if isinstance(spec, str):
         spec = {"column": spec}
+    stripped = False  # values are already _text output
     if "column" in spec:
         name = _column(table, spec["column"], where)
         values = table[name]
@@ -364,7 +365,7 @@ def _evaluate(spec: Any, table: pd.DataFrame, where: str, notes: dict[str, Any])
             cache = notes.setdefault("__text_cache__", {})
             if name not in cache:
                 cache[name] = _text(values)
-            values = cache[name]
+            values, stripped = cache[name], True
     elif "template" in spec:
         values = _render_template(spec["template"], table, where)
     elif "value" in spec:
@@ -374,7 +375,7 @@ def _evaluate(spec: Any, table: pd.DataFrame, where: str, notes: dict[str, Any])
     else:
         values = _age_from_birth(table, spec["from_birth"], where + ".from_birth")
     if "regex" in spec:
-        values = _text(values).str.extract(spec["regex"], expand=False)
+        values = (values if stripped else _text(values)).str.extract(spec["regex"], expand=False)
     if "map" in spec:
         unmapped: dict[str, int] = {}
         before = values
