@@ -2,23 +2,23 @@
 
 The schema (documented in ``data_manifests/README.md``):
 
-========== ========== ==============================================================================
-column     required   content
-========== ========== ==============================================================================
-image      yes        path of the image, absolute or relative to a root (the manifest's folder)
-patient_id yes        patient identifier (a pseudonym where possible); splits never share a patient
-age        no         float years, NaN when missing, within [0, 130]
-sex        no         ``"M"``, ``"F"`` or missing
-site       no         acquisition site / scanner / vendor, as a string
-view       no         view position (``"PA"``, ``"AP"``, ``"LATERAL"``, ...)
-study_id   no         study identifier
-series_id  no         series identifier
-modality   no         DICOM modality (``"CR"``, ``"DX"``, ``"MR"``, ...)
-split      no         ``"train"``, ``"val"``, ``"test"`` or missing (unassigned); a patient is in one split only
-study_offset_days no  float days since the patient's first study (DICOM builds), NaN when unknown; >= 0
-follow_up  no         float follow-up number of the image for its patient (0, 1, 2, ...; NIH ChestX-ray14); >= 0
-label_*    no         one column per label, values 1 (positive), 0 (negative), -1 (uncertain), NaN
-========== ========== ==============================================================================
+================= ======== ==========================================================================================
+column            required content
+================= ======== ==========================================================================================
+image             yes      path of the image, absolute or relative to a root (the manifest's folder)
+patient_id        yes      patient identifier (a pseudonym where possible); splits never share a patient
+age               no       float years, NaN when missing, within [0, 130]
+sex               no       ``"M"``, ``"F"`` or missing
+site              no       acquisition site / scanner / vendor, as a string
+view              no       view position (``"PA"``, ``"AP"``, ``"LATERAL"``, ...)
+study_id          no       study identifier
+series_id         no       series identifier
+modality          no       DICOM modality (``"CR"``, ``"DX"``, ``"MR"``, ...)
+split             no       ``"train"``, ``"val"``, ``"test"`` or missing (unassigned); a patient is in one split only
+study_offset_days no       float days since the patient's first study (DICOM, MIMIC-CXR), NaN when unknown; >= 0
+follow_up         no       float follow-up number of the image for its patient (0 = first; NIH, CheXpert); >= 0
+label_*           no       one column per label, values 1 (positive), 0 (negative), -1 (uncertain), NaN
+================= ======== ==========================================================================================
 
 Image paths are unique: two rows never name the same image. ``study_offset_days`` and ``follow_up`` order a
 patient's images in time (the patient x time prior); no date column is ever kept.
@@ -390,7 +390,7 @@ def validate_manifest(df: pd.DataFrame, source: str = "manifest", from_file: boo
             problems.append(_describe("is not a number", column, not_number, raw, from_file))
         bad = ((value < 0) | np.isinf(value)).to_numpy()
         if column == "follow_up":
-            bad |= (value.notna() & np.isfinite(value) & (np.mod(value, 1.0) != 0.0)).to_numpy()
+            bad = bad | (value.notna() & np.isfinite(value) & (np.mod(value, 1.0) != 0.0)).to_numpy()
         if bad.any():
             what = "a whole number >= 0" if column == "follow_up" else "a finite number >= 0"
             problems.append(_describe(f"is not {what}", column, bad, raw, from_file))
