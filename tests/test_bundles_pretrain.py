@@ -1,17 +1,18 @@
 """End-to-end tests of the pretraining bundles (bundles/cxr_du_pretrain, bundles/brain_mri_du_pretrain).
 
-The runs go through the real entry points, ``python -m monai.bundle run`` and ``torchrun ... -m monai.bundle run``,
-in subprocesses, on small demo cohorts (one epoch, a few iterations). Checks that need only the parsed config (bad
-input, NaN ages, overrides) build the components in-process with MONAI's ``ConfigParser``.
+The runs go through the real entry point, ``python -m monai.bundle run``, in subprocesses, on a tiny copy of the demo
+chest X-ray phantom (4 acquisition sites; passed with ``--manifest`` / ``--dataset_dir``, since the bundle's default
+is the embedded real NIH cohort) and on the brain phantom, one epoch, a few iterations. Every method file of
+``configs/methods`` runs once. Checks that need only the parsed config (defaults, bad input, NaN ages, overrides)
+build the components in-process with MONAI's ``ConfigParser``. Multi-process runs are in test_bundles_distributed.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
+import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,64 +20,73 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _bundle_helpers import BUNDLES, SCHEMA, bundle_run, config, data_args, make_phantom, run
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLES = {"cxr": REPO / "bundles" / "cxr_du_pretrain", "brain": REPO / "bundles" / "brain_mri_du_pretrain"}
-SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "monai" / "meta_schema_20240725.json"
-N_IMAGES = 40  # demo cohort size for the runs: ~32 training images, a few iterations per epoch
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"  # 2 shared cores: avoid OpenMP spin contention; also makes runs comparable
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
-
-
-def _check_fire() -> None:
-    try:
-        import fire  # noqa: F401
-    except ImportError:  # pragma: no cover
-        pytest.fail("`python -m monai.bundle` needs the `fire` package: pip install fire (listed in pyproject.toml)")
-
-
-def _run(cmd: list[str], cwd: Path, timeout: int = 240) -> str:
-    _check_fire()
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"command failed ({proc.returncode}): {' '.join(cmd)}\n{out[-6000:]}"
-    return out
-
-
-def _bundle_run(bundle: str, bundle_root: Path, dataset_dir: Path, *overrides: str, config_files=None) -> str:
-    configs = config_files or [str(BUNDLES[bundle] / "configs" / "train.yaml")]
-    config_arg = configs[0] if len(configs) == 1 else repr(configs)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg,
-           "--bundle_root", str(bundle_root), "--dataset_dir", str(dataset_dir),
-           "--demo_num_images", str(N_IMAGES), *overrides]
-    return _run(cmd, cwd=bundle_root.parent)
+N_IMAGES = 40  # phantom size for the runs: ~32 training images, a few iterations per epoch at batch size 8
+SMALL = ("--batch_size", "8", "--max_epochs", "1")
+METHODS = sorted(p.stem for p in (BUNDLES["cxr"] / "configs" / "methods").glob("*.yaml"))
+SPLIT = {"train": 0.8, "val": 0.1, "test": 0.1}  # the bundles' default patient split
+# what each method's run must show: its loss family and its kernel (None: no prior kernel, no kernel.json)
+EXPECTED = {
+    "random": {"trains": False, "kernel": None},
+    "du": {"trains": True, "loss": "du", "kernel": None},
+    "simclr": {"trains": True, "loss": "infonce", "kernel": None},
+    "kdu_attr": {"trains": True, "loss": "du", "kernel": "ProductKernel"},
+    "yaware": {"trains": True, "loss": "infonce", "kernel": "ProductKernel"},
+    "kdu_gen": {"trains": True, "loss": "du", "kernel": "RBFKernel"},
+    "kdu_encoder": {"trains": True, "loss": "du", "kernel": "RBFKernel"},
+    "kdu_patient": {"trains": True, "loss": "du", "kernel": "ProductKernel"},
+}
 
 
 @pytest.fixture(scope="module")
 def cxr_data(tmp_path_factory) -> Path:
-    from monai_du.data.cohorts import ensure_demo_cohort
-
     folder = tmp_path_factory.mktemp("cxr_data")
-    ensure_demo_cohort(folder, "cxr", n=N_IMAGES, seed=0, size=64)  # what the bundle's default expression makes
+    make_phantom(folder, N_IMAGES)
     return folder
 
 
+def _cxr_run(root: Path, data: Path, *overrides: str, methods=(), manifest: Path | None = None) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    files = config("cxr", *(f"methods/{m}.yaml" for m in methods))
+    return bundle_run(files, root, *data_args(manifest or data / "manifest.csv", data), *overrides)
+
+
 @pytest.fixture(scope="module")
-def cxr_one_epoch(tmp_path_factory, cxr_data) -> Path:
-    root = tmp_path_factory.mktemp("cxr_run") / "bundle"
-    root.mkdir()
-    _bundle_run("cxr", root, cxr_data, "--batch_size", "8", "--lr_schedule_epochs", "2",
-                "--train#trainer#max_epochs", "1")
-    return root
+def kdu_attr_run(tmp_path_factory, cxr_data) -> tuple[Path, str]:
+    """kernel DU with age x sex within sites; the bundle's default number of data-loader workers."""
+    root = tmp_path_factory.mktemp("kdu_attr") / "bundle"
+    log = _cxr_run(root, cxr_data, "--batch_size", "8", "--max_epochs", "1", "--lr_schedule_epochs", "2",
+                   methods=["kdu_attr"])
+    return root, log
+
+
+@pytest.fixture(scope="module")
+def kdu_gen_run(tmp_path_factory, cxr_data) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("kdu_gen") / "bundle"
+    return root, _cxr_run(root, cxr_data, *SMALL, "--num_workers", "0", methods=["kdu_gen"])
+
+
+def _losses(log: str) -> list[float]:
+    return [float(v) for v in re.findall(r"train_loss: (-?\d+\.\d+(?:e-?\d+)?)", log)]
+
+
+def _epoch_metrics(log: str) -> dict[str, float]:
+    line = re.findall(r"Metrics -- (.*)", log)[-1]
+    return {k: float(v) for k, v in re.findall(r"(\w+): (-?\d+\.\d+)", line)}
+
+
+def _load_backbone(models: Path, spatial_dims: int = 2) -> dict:
+    from monai_du.networks import build_encoder
+
+    encoder = torch.load(models / "encoder.pt", weights_only=True)
+    backbone, _ = build_encoder("resnet10", spatial_dims=spatial_dims, widen_factor=0.25)
+    backbone.load_state_dict(encoder)  # strict: exactly the backbone's keys, e.g. conv1.weight, layer1.0.conv1.weight
+    return encoder
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# metadata
+# metadata and layout
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -100,20 +110,44 @@ def test_metadata_passes_monai_schema(bundle, tmp_path):
         verify_metadata(meta_file=str(tmp_path / "broken.json"), filepath=str(schema))
 
 
+def test_both_bundles_offer_the_same_methods():
+    brain = sorted(p.stem for p in (BUNDLES["brain"] / "configs" / "methods").glob("*.yaml"))
+    assert brain == METHODS and set(EXPECTED) <= set(METHODS)
+    assert not (BUNDLES["cxr"] / "configs" / "generative_prior.yaml").exists()  # now methods/kdu_gen.yaml
+
+
+def test_cxr_default_is_plain_du_on_the_real_cohort(tmp_path):
+    """No override: the embedded real NIH cohort (one site), plain DU on random batches, workers and image cache on."""
+    from monai_du.data.real_cohort import nih_cxr_dev_manifest
+    from monai_du.engines import default_num_workers
+    from monai_du.losses import DecoupledUniformityLoss
+
+    parser = _parser("cxr", tmp_path, num_workers=None)
+    assert Path(parser.get_parsed_content("manifest")) == nih_cxr_dev_manifest()
+    df = parser.get_parsed_content("train#df")
+    full = pd.read_csv(nih_cxr_dev_manifest())
+    assert len(full) == 498 and 0.7 * len(full) < len(df) < 0.9 * len(full) and set(df["split"]) == {"train"}
+    loss = parser.get_parsed_content("loss")
+    assert isinstance(loss, DecoupledUniformityLoss) and loss.kernel is None
+    assert parser.get_parsed_content("sampler_mode") == "random"
+    assert parser.get_parsed_content("num_workers") == default_num_workers()
+    assert parser.get_parsed_content("cache_images") is True and parser.get_parsed_content("init_checkpoint") is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # one epoch through `python -m monai.bundle run`
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_cxr_pretrain_one_epoch_saves_encoder(cxr_one_epoch):
+def test_cxr_kdu_attr_one_epoch_saves_encoder(kdu_attr_run):
     from monai_du.kernels import kernel_from_dict
     from monai_du.networks import build_encoder
-    from monai_du.transforms import PriorEncoder
+    from monai_du.prior_encoder import PriorEncoder
 
-    models = cxr_one_epoch / "models"
-    encoder = torch.load(models / "encoder.pt", weights_only=True)
-    backbone, feature_dim = build_encoder("resnet10", spatial_dims=2, widen_factor=0.25)
-    backbone.load_state_dict(encoder)  # strict: exactly the backbone's keys, e.g. conv1.weight, layer1.0.conv1.weight
+    root, log = kdu_attr_run
+    models = root / "models"
+    encoder = _load_backbone(models)
+    _, feature_dim = build_encoder("resnet10", spatial_dims=2, widen_factor=0.25)
     assert "conv1.weight" in encoder and not any(k.startswith(("encoder.", "module.")) for k in encoder)
     model = torch.load(models / "model.pt", weights_only=True)
     assert all(torch.equal(model[f"encoder.{k}"], v) for k, v in encoder.items())
@@ -127,122 +161,125 @@ def test_cxr_pretrain_one_epoch_saves_encoder(cxr_one_epoch):
     assert prior_encoder.attributes == ["age", "sex"]
     kernel = kernel_from_dict(json.loads((models / "kernel.json").read_text()))
     assert kernel.k1.rule == "knn" and kernel.k1.bandwidth[0] > 0 and kernel.k2.categories_ == [[0.0, 1.0]]
-    assert list((cxr_one_epoch / "eval" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((root / "eval" / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = _epoch_metrics(log)
+    assert 0 < metrics["kernel_mean_offdiag"] < 1 and metrics["global_batch_size"] == 8
 
 
-def test_cxr_pretrain_with_generative_prior_override(tmp_path, cxr_data):
+def test_cxr_kdu_gen_builds_its_prior_table(kdu_gen_run, cxr_data):
     from monai_du.data.manifest import read_manifest
     from monai_du.data.splits import select_split
     from monai_du.kernels import RBFKernel, kernel_from_dict
     from monai_du.priors import attach_prior_table, load_prior_table, prior_columns
 
-    root = tmp_path / "bundle"
-    root.mkdir()
-    configs = [str(BUNDLES["cxr"] / "configs" / name) for name in ("train.yaml", "generative_prior.yaml")]
-    _bundle_run("cxr", root, cxr_data, "--batch_size", "8", "--train#trainer#max_epochs", "1", config_files=configs)
+    root, _ = kdu_gen_run
     table = load_prior_table(root / "eval" / "prior_table.csv")
     manifest = read_manifest(cxr_data / "manifest.csv", root=cxr_data)
     assert len(table) == len(manifest) and set(table["image"]) == set(manifest["image"])
     columns = prior_columns(table)
     kernel = kernel_from_dict(json.loads((root / "models" / "kernel.json").read_text()))
     assert isinstance(kernel, RBFKernel) and kernel.rule == "knn" and kernel.columns == list(range(len(columns)))
-    # the bandwidth was fitted on the training patients' embeddings, in batches drawn within one site
-    train = select_split(attach_prior_table(manifest, table), "train", fractions={"train": 0.8, "val": 0.1, "test": 0.1},
-                         seed=0)
-    reference = RBFKernel("knn", knn_k=5, knn_batch_size=8).fit(train[columns].to_numpy(), groups=train["site"])
+    # the bandwidth was fitted on the training patients' embeddings, in random batches of the run's batch size
+    train = select_split(attach_prior_table(manifest, table), "train", fractions=SPLIT, seed=0)
+    reference = RBFKernel("knn", knn_k=5, knn_batch_size=8).fit(train[columns].to_numpy())
     assert kernel.bandwidth[0] == pytest.approx(reference.bandwidth[0], rel=1e-9)
 
 
-def test_brain_pretrain_one_epoch_saves_encoder(tmp_path):
-    from monai_du.networks import build_encoder
+def _patient_manifest(cxr_data: Path, out: Path) -> Path:
+    """The phantom's manifest plus ``follow_up``: each image's place in its patient's history (the phantom names
+    images ``<patient>_<k>.png``, k = 0, 1, ... in study order), as NIH's ``Follow-up #``."""
+    df = pd.read_csv(cxr_data / "manifest.csv")
+    df["follow_up"] = df["image"].str.extract(r"_(\d+)\.png$", expand=False).astype(int)
+    assert (df.groupby("patient_id")["follow_up"].nunique() > 1).sum() >= 4  # patients with follow-ups
+    df.to_csv(out, index=False)
+    return out
 
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_file_runs_one_epoch(method, request, cxr_data, tmp_path):
+    """train.yaml + methods/<method>.yaml through `python -m monai.bundle run`: the run exports an encoder, trains
+    with the method's loss family (DU: log of a mean of exp(-t d^2) <= 0; InfoNCE: -log p >= 0) and its kernel."""
+    from monai_du.kernels import kernel_from_dict
+
+    root, manifest, extra = tmp_path / "bundle", None, []
+    if method == "kdu_attr":
+        root, log = request.getfixturevalue("kdu_attr_run")
+    elif method == "kdu_gen":
+        root, log = request.getfixturevalue("kdu_gen_run")
+    else:
+        if method == "kdu_patient":
+            manifest = _patient_manifest(cxr_data, tmp_path / "manifest_follow_up.csv")
+        if method == "kdu_encoder":  # the prior: embeddings of an encoder trained earlier (the kdu_attr run)
+            earlier, _ = request.getfixturevalue("kdu_attr_run")
+            table = tmp_path / "encoder_prior.csv"
+            run(["monai-du", "prior", "--manifest", str(cxr_data / "manifest.csv"), "--root", str(cxr_data),
+                 "--out", str(table), "--encoder", str(earlier / "models"), "--device", "cpu"], cwd=tmp_path)
+            extra = ["--prior_table", str(table)]
+        log = _cxr_run(root, cxr_data, *SMALL, "--num_workers", "0", *extra, methods=[method], manifest=manifest)
+    expected = EXPECTED.get(method, {"trains": True})
+    models = root / "models"
+    _load_backbone(models)
+    info = json.loads((models / "encoder_info.json").read_text())
+    if not expected["trains"]:  # exported as initialised: no training step, no checkpoint
+        assert "epoch" not in info and not list(models.glob("checkpoint_epoch=*.pt")) and not _losses(log)
+        return
+    assert info["epoch"] == 1 and (models / "checkpoint_epoch=1.pt").is_file()
+    losses = _losses(log)
+    assert losses and all(math.isfinite(v) for v in losses)
+    if expected.get("loss") == "du":
+        assert all(v <= 0 for v in losses), losses
+    elif expected.get("loss") == "infonce":
+        assert all(v >= 0 for v in losses), losses
+    if "kernel" in expected:
+        kernel_file = models / "kernel.json"
+        if expected["kernel"] is None:
+            assert not kernel_file.exists()
+        else:
+            assert json.loads(kernel_file.read_text())["type"] == expected["kernel"]
+    if method == "kdu_patient":  # P patients x K images: same-patient pairs, so the kernel is not the identity
+        kernel = kernel_from_dict(json.loads((models / "kernel.json").read_text()))
+        assert kernel.k1.bandwidth == [2.0] and kernel.k2.columns == [1]
+        assert _epoch_metrics(log)["kernel_mean_offdiag"] > 0
+    if method == "kdu_encoder":
+        from monai_du.priors import load_prior_table, prior_columns
+
+        kernel = kernel_from_dict(json.loads((models / "kernel.json").read_text()))
+        n_features = len(prior_columns(load_prior_table(tmp_path / "encoder_prior.csv")))
+        assert n_features == info["feature_dim"] and kernel.columns == list(range(n_features))
+
+
+def test_brain_pretrain_one_epoch_saves_encoder(tmp_path):
     root = tmp_path / "bundle"
     root.mkdir()
-    _bundle_run("brain", root, tmp_path / "brain_data", "--batch_size", "8", "--train#trainer#max_epochs", "1")
-    encoder = torch.load(root / "models" / "encoder.pt", weights_only=True)
-    backbone, _ = build_encoder("resnet10", spatial_dims=3, widen_factor=0.25)
-    backbone.load_state_dict(encoder)
+    bundle_run(config("brain"), root, "--dataset_dir", str(tmp_path / "brain_data"), "--demo_num_images", "24",
+               "--demo_image_size", "32", *SMALL, "--num_workers", "0")
+    encoder = _load_backbone(root / "models", spatial_dims=3)
     assert encoder["conv1.weight"].ndim == 5  # a 3D backbone
     assert (root / "models" / "checkpoint_epoch=1.pt").is_file()
+    assert not (root / "models" / "kernel.json").exists()  # plain DU by default
     manifest = pd.read_csv(tmp_path / "brain_data" / "manifest.csv")
-    assert len(manifest) == N_IMAGES and manifest.image.str.endswith(".nii.gz").all()
+    assert len(manifest) == 24 and manifest.image.str.endswith(".nii.gz").all() and manifest.site.nunique() > 1
 
 
-def test_cxr_resume_after_kill_matches_uninterrupted_run(cxr_one_epoch, cxr_data, tmp_path):
-    """Stopped after epoch 1 (max_epochs=1) and resumed to 2 == 2 epochs straight, same seed and settings."""
+def test_cxr_resume_after_kill_matches_uninterrupted_run(kdu_attr_run, cxr_data, tmp_path):
+    """Stopped after epoch 1 (max_epochs=1) and resumed to 2 == 2 epochs straight, same seed and settings. The first
+    epoch ran with the default data-loader workers; the resumed epoch runs with none, the straight run with the
+    default: the views depend on (seed, epoch, index) only."""
+    first_run, _ = kdu_attr_run
     resumed = tmp_path / "resumed"
-    shutil.copytree(cxr_one_epoch, resumed)
-    common = ("--batch_size", "8", "--lr_schedule_epochs", "2", "--train#trainer#max_epochs", "2")
-    log = _bundle_run("cxr", resumed, cxr_data, *common)
+    shutil.copytree(first_run, resumed)
+    common = ("--batch_size", "8", "--lr_schedule_epochs", "2", "--max_epochs", "2")
+    log = _cxr_run(resumed, cxr_data, *common, "--num_workers", "0", methods=["kdu_attr"])
     assert "Resumed from" in log and "checkpoint_epoch=1.pt" in log
     straight = tmp_path / "straight"
-    straight.mkdir()
-    _bundle_run("cxr", straight, cxr_data, *common)
+    _cxr_run(straight, cxr_data, *common, methods=["kdu_attr"])
     a = torch.load(resumed / "models" / "model.pt", weights_only=True)
     b = torch.load(straight / "models" / "model.pt", weights_only=True)
     assert list(a) == list(b)
     worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
     assert worst <= 1e-6, f"resumed and uninterrupted weights differ by {worst}"
-    first = torch.load(cxr_one_epoch / "models" / "model.pt", weights_only=True)
+    first = torch.load(first_run / "models" / "model.pt", weights_only=True)
     assert max(float((a[k].double() - first[k].double()).abs().max()) for k in a) > 1e-4  # epoch 2 did train
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# multi-process: torchrun with the multi-GPU override on CPU (gloo)
-# ---------------------------------------------------------------------------------------------------------------
-
-_PROBE = """
-run:
-  - $@train#trainer.run()
-  - "$torch.save({'pred': @train#trainer.state.output['pred'].detach(), 'prior': @train#trainer.state.output['label'],
-      'loss': float(@train#trainer.state.output['loss']), 'metrics': dict(@train#trainer.state.metrics),
-      'world': dist.get_world_size()}, os.path.join(@bundle_root, f'probe_rank{dist.get_rank()}.pt'))"
-"""
-
-
-def _du_reference(pred: torch.Tensor, prior: torch.Tensor, bandwidth: float, lam=0.01, eta=0.05, t=2.0) -> float:
-    """Kernel DU in float64 from its definition: K = RBF(age) * [sex equal] + eta I, c = (K + lam I)^-1 K mu."""
-    z = pred.double()
-    mu = (z / z.norm(dim=-1, keepdim=True)).mean(1)
-    age, sex = prior[:, 0].double(), prior[:, 1].double()
-    b = len(age)
-    k = torch.exp(-((age[:, None] - age[None, :]) ** 2) / (2 * bandwidth**2)) * (sex[:, None] == sex[None, :])
-    k = k + eta * torch.eye(b, dtype=torch.float64)
-    c = torch.linalg.solve(k + lam * torch.eye(b, dtype=torch.float64), k @ mu)
-    vals = [math.exp(-t * float(((c[i] - c[j]) ** 2).sum())) for i in range(b) for j in range(i + 1, b)]
-    return math.log(np.mean(vals))
-
-
-def test_torchrun_two_processes_gloo_loss_sees_global_batch(cxr_data, tmp_path):
-    root = tmp_path / "bundle"
-    root.mkdir()
-    probe = tmp_path / "probe.yaml"
-    probe.write_text(_PROBE)
-    configs = [str(BUNDLES["cxr"] / "configs" / "train.yaml"), str(BUNDLES["cxr"] / "configs" / "multi_gpu_train.yaml"),
-               str(probe)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "monai.bundle", "run", "--config_file", repr(configs),
-           "--bundle_root", str(root), "--dataset_dir", str(cxr_data), "--demo_num_images", str(N_IMAGES),
-           "--batch_size", "4", "--train#trainer#max_epochs", "1", "--backend", "gloo"]
-    _run(cmd, cwd=tmp_path, timeout=300)
-    ranks = [torch.load(root / f"probe_rank{r}.pt", weights_only=True) for r in range(2)]
-    assert all(r["world"] == 2 for r in ranks)
-    assert all(r["pred"].shape == (4, 2, 128) and r["prior"].shape == (4, 2) for r in ranks)
-    assert all(r["metrics"]["global_batch_size"] == 8 and r["metrics"]["batch_size"] == 4 for r in ranks)
-    assert ranks[0]["loss"] == pytest.approx(ranks[1]["loss"], abs=1e-6)  # every rank computes the same loss
-    kernel = json.loads((root / "models" / "kernel.json").read_text())
-    bandwidth = kernel["k1"]["bandwidth_"][0]
-    pred = torch.cat([r["pred"] for r in ranks])
-    prior = torch.cat([r["prior"] for r in ranks])
-    assert not torch.isnan(prior).any()
-    global_ref = _du_reference(pred, prior, bandwidth)
-    local_ref = _du_reference(ranks[0]["pred"], ranks[0]["prior"], bandwidth)
-    assert ranks[0]["loss"] == pytest.approx(global_ref, abs=1e-4)
-    assert abs(ranks[0]["loss"] - local_ref) > 1e-3  # the local-batch loss would be a different number
-    # only rank 0 wrote the model files; the checkpoint has no DDP "module." prefix
-    ckpt = torch.load(root / "models" / "checkpoint_epoch=1.pt", weights_only=True)
-    assert not any(k.startswith("module.") for k in ckpt["model"])
-    assert (root / "models" / "encoder.pt").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,12 +287,13 @@ def test_torchrun_two_processes_gloo_loss_sees_global_batch(cxr_data, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _parser(bundle: str, root: Path, **overrides):
+def _parser(bundle: str, root: Path, methods=(), **overrides):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config(str(BUNDLES[bundle] / "configs" / "train.yaml"))
-    parser.update({"bundle_root": str(root), "num_workers": 0, **overrides})
+    parser.read_config(config(bundle, *(f"methods/{m}.yaml" for m in methods)))
+    values = {"bundle_root": str(root), "num_workers": 0, **overrides}
+    parser.update({k: v for k, v in values.items() if v is not None})
     return parser
 
 
@@ -263,9 +301,14 @@ def _train_row(cxr_data: Path) -> int:
     from monai_du.data.manifest import read_manifest
     from monai_du.data.splits import select_split
 
-    train = select_split(read_manifest(cxr_data / "manifest.csv"), "train", fractions={"train": 0.8, "val": 0.1,
-                         "test": 0.1}, seed=0)
+    train = select_split(read_manifest(cxr_data / "manifest.csv"), "train", fractions=SPLIT, seed=0)
     return int(train.index[2])
+
+
+def _chain(err: BaseException):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 def test_missing_image_raises_naming_row_and_file(cxr_data, tmp_path):
@@ -279,12 +322,6 @@ def test_missing_image_raises_naming_row_and_file(cxr_data, tmp_path):
     text = "".join(str(e) for e in _chain(info.value))
     assert f"row {row}" in text and "missing_scan.png" in text
     assert str(tmp_path / "manifest.csv") in text  # the manifest file, not just "a DataFrame"
-
-
-def _chain(err: BaseException):
-    while err is not None:
-        yield err
-        err = err.__cause__ or err.__context__
 
 
 def test_missing_image_skipped_and_reported_with_on_error_skip(cxr_data, tmp_path):
@@ -310,9 +347,9 @@ def test_nan_ages_never_give_a_nan_loss(cxr_data, tmp_path):
     df.loc[df.index % 2 == 0, "age"] = np.nan
     df.to_csv(tmp_path / "manifest.csv", index=False)
     torch.manual_seed(0)
-    parser = _parser("cxr", tmp_path, manifest=str(tmp_path / "manifest.csv"), dataset_dir=str(cxr_data),
-                     batch_size=8, sampler_mode="random", **{"train#trainer#max_epochs": 1,
-                                                              "train#trainer#epoch_length": 1})
+    parser = _parser("cxr", tmp_path, methods=["kdu_attr"], manifest=str(tmp_path / "manifest.csv"),
+                     dataset_dir=str(cxr_data), batch_size=8, sampler_mode="random", max_epochs=1,
+                     **{"train#trainer#epoch_length": 1})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -328,16 +365,46 @@ def test_nan_ages_never_give_a_nan_loss(cxr_data, tmp_path):
 
 
 def test_prior_and_sampler_overrides_reach_the_components(cxr_data, tmp_path):
-    parser = _parser("cxr", tmp_path, dataset_dir=str(cxr_data), manifest=str(cxr_data / "manifest.csv"),
-                     lam=0.1, instance_weight=0.0, bandwidth=7.5, sampler_mode="balanced", sampler_attribute="view",
-                     prior_categorical=["sex", "site"], batch_size=4,
-                     kernel={"_target_": "monai_du.kernels.CategoricalKernel", "columns": [1, 2]})
+    data = {"dataset_dir": str(cxr_data), "manifest": str(cxr_data / "manifest.csv")}
+    parser = _parser("cxr", tmp_path, methods=["kdu_attr"], **data, lam=0.1, instance_weight=0.0, bandwidth=7.5,
+                     sampler_mode="balanced", sampler_attribute="view", prior_categorical=["sex", "site"],
+                     batch_size=4, kernel={"_target_": "monai_du.kernels.CategoricalKernel", "columns": [1, 2]})
     loss = parser.get_parsed_content("loss")
     assert (loss.lam, loss.instance_weight) == (0.1, 0.0)
     assert loss.kernel.columns == [1, 2] and loss.kernel.categories_ is not None  # fitted on the training rows
     assert parser.get_parsed_content("prior_encoder").attributes == ["age", "sex", "site"]
     sampler = parser.get_parsed_content("train#sampler")
     assert sampler.mode == "balanced" and sorted(sampler.group_labels) == ["AP", "PA"]
-    parser = _parser("cxr", tmp_path, dataset_dir=str(cxr_data), manifest=str(cxr_data / "manifest.csv"),
-                     bandwidth=7.5)
+    parser = _parser("cxr", tmp_path, methods=["kdu_attr"], **data, bandwidth=7.5)
     assert parser.get_parsed_content("loss").kernel.k1.bandwidth == [7.5]
+    # P patients x K images
+    parser = _parser("cxr", tmp_path, **data, sampler_mode="pk", sampler_attribute="patient_id", images_per_group=2,
+                     batch_size=6)
+    sampler = parser.get_parsed_content("train#sampler")
+    assert (sampler.mode, sampler.images_per_group, sampler.batch_size) == ("pk", 2, 6)
+    patients = [d["patient_id"] for d in parser.get_parsed_content("train#dataset").data]
+    pooled = set(sampler.merged_groups)  # patients with one image share the blocks of a pool
+    for batch in sampler:
+        blocks = [(patients[batch[j]], patients[batch[j + 1]]) for j in range(0, len(batch), 2)]
+        assert all(a == b or {a, b} <= pooled for a, b in blocks), blocks
+
+
+def test_run_setting_overrides_reach_the_trainer(kdu_attr_run, cxr_data, tmp_path):
+    from monai.data import CacheDataset
+
+    data = {"dataset_dir": str(cxr_data), "manifest": str(cxr_data / "manifest.csv")}
+    checkpoint = kdu_attr_run[0] / "models" / "model.pt"
+    parser = _parser("cxr", tmp_path, **data, max_epochs=3, batch_size=8, num_workers=1, cache_images=False,
+                     init_checkpoint=str(checkpoint), resume=False)
+    trainer = parser.get_parsed_content("train#trainer")
+    assert trainer.state.max_epochs == 3 and trainer.data_loader.num_workers == 1
+    assert not isinstance(parser.get_parsed_content("train#dataset"), CacheDataset)
+    state = torch.load(checkpoint, weights_only=True)
+    net = parser.get_parsed_content("network")
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())  # init_checkpoint was loaded
+    cached = _parser("cxr", tmp_path, **data).get_parsed_content("train#dataset")
+    assert isinstance(cached, CacheDataset)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
