@@ -725,6 +725,9 @@ def audit_priors(
         groups = df[attribute].to_numpy(dtype=object)
     sampler_name = mode if attribute is None else f"{mode}:{attribute}"
     sampler_kwargs = dict(sampler_kwargs or {})
+    if mode == "pk" and images_per_patient is None and "images_per_group" not in sampler_kwargs:
+        raise ValueError("sampler mode 'pk' needs images_per_patient (--images-per-patient): K images of one patient "
+                         "per block, as in the pretraining bundle.")
     if images_per_patient is not None:
         if mode != "pk":
             raise ValueError(f"images_per_patient is only used by sampler mode 'pk', not {mode!r}.")

@@ -304,6 +304,8 @@ def test_patient_time_prior_with_pk_batches():
     df = _cohort(n_patients=120, max_images=6)
     out = audit_priors(df, ["label_x"], batch_size=32, sampler_mode="pk", images_per_patient=4, n_batches=6,
                        n_permutations=99).set_index("prior")
+    with pytest.raises(ValueError, match="images_per_patient"):
+        audit_priors(df, ["label_x"], batch_size=32, sampler_mode="pk")
     row = out.loc["patient x time"]
     assert row["sampler"] == "pk:patient_id K=4" and row["null"] == "image"
     assert row["verdict"] == VERDICT_INFORMATIVE and row["p_value"] == pytest.approx(0.01)
