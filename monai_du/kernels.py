@@ -160,12 +160,7 @@ class PriorKernel:
         """The diagonal ``K[i, i]`` (B,) of the batch kernel ``K = self(x)``, in O(B) kernel evaluations."""
         x = _check_prior(_as_tensor(x))
         with _autocast_off(x.device.type):
-            sx = self._select(x)
-            parts = []
-            for start in range(0, sx.shape[0], 256):
-                chunk = sx[start : start + 256]
-                parts.append(self._gram(chunk, chunk, sx).diagonal())
-            return torch.cat(parts)
+            return self._diagonal(self._select(x))
 
     def fit(self, prior: Any, groups: Any = None) -> PriorKernel:
         """Fit bandwidth rules and column statistics on training priors (N, P) (tensor, array or DataFrame).
@@ -258,6 +253,14 @@ class PriorKernel:
 
     def _gram_columns(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return self._gram(x, x[index], x)
+
+    def _diagonal(self, x: torch.Tensor) -> torch.Tensor:
+        """``K[i, i]`` (B,) from diagonal chunks of the kernel (batch statistics from all of ``x``)."""
+        parts = []
+        for start in range(0, x.shape[0], 256):
+            chunk = x[start : start + 256]
+            parts.append(self._gram(chunk, chunk, x).diagonal())
+        return torch.cat(parts)
 
     def _features(self, x: torch.Tensor, approximate: bool) -> torch.Tensor | None:
         return None
@@ -533,6 +536,16 @@ class RBFKernel(PriorKernel):
             term = torch.where(xm & ym, both_miss, torch.where(xm, x_miss, torch.where(ym, y_miss, observed)))
             log_k = log_k + term
         return torch.exp(log_k)
+
+    def _diagonal(self, x: torch.Tensor) -> torch.Tensor:
+        """1 for a complete row; a missing column contributes ``sqrt(s^2 / (s^2 + 2 v))``."""
+        missing = torch.isnan(x)
+        if not bool(missing.any()):
+            return x.new_ones(x.shape[0])
+        s2 = self._scales(x) ** 2
+        var = self._stats(x)[1]
+        log_both = 0.5 * torch.log(s2 / (s2 + 2 * var))
+        return torch.exp((missing.to(x) * log_both).sum(1))
 
     def _features(self, x: torch.Tensor, approximate: bool) -> torch.Tensor:
         """Fourier features (B, r) of the RBF; missing columns use their expectation under N(mean, var)."""
@@ -936,14 +949,14 @@ def nystrom_features(kernel: PriorKernel, prior: Any, rank: int, tol: float = 1e
     rank = min(int(rank), n)
     d = kernel.diagonal(prior).to(torch.float64).clone()
     total = float(d.clamp_min(0).sum())
-    f = prior.new_zeros(n, rank)
+    ft = prior.new_zeros(rank, n)  # F^T: rows of new features are contiguous
     floor = 1e-14 * float(d.max()) if n else 0.0
     r = 0
     while r < rank and float(d.clamp_min(0).sum()) > tol * total:
         cand = torch.topk(d, min(int(block), rank - r)).indices
         cols = kernel.gram_columns(prior, cand).to(torch.float64)
         if r:
-            cols -= f[:, :r] @ f[cand, :r].T  # residual columns K[:, cand] - F F[cand]^T, (n, b)
+            cols -= ft[:r].T @ ft[:r, cand]  # residual columns K[:, cand] - F F[cand]^T, (n, b)
         # greedy pivoted Cholesky of the round's (b, b) residual block decides which candidates to take
         sub = cols[cand].clone()
         start = sub.diagonal().clone()
@@ -959,12 +972,12 @@ def nystrom_features(kernel: PriorKernel, prior: Any, rank: int, tol: float = 1e
             break
         keep = torch.tensor(taken, device=cols.device)
         chol = torch.linalg.cholesky(cols[cand[keep]][:, keep])
-        new = torch.linalg.solve_triangular(chol, cols[:, keep].T, upper=False).T  # R[:, S] L^-T, (n, a)
-        f[:, r : r + len(taken)] = new
-        d -= (new * new).sum(1)
+        new = torch.linalg.solve_triangular(chol, cols[:, keep].T, upper=False)  # (R[:, S] L^-T)^T, (a, n)
+        ft[r : r + len(taken)] = new
+        d -= (new * new).sum(0)
         d[cand[keep]] = 0.0
         r += len(taken)
-    return f[:, :r]
+    return ft[:r].T.contiguous()
 
 
 def _kernel_classes() -> dict[str, type]:

@@ -100,7 +100,9 @@ def alignment(input: torch.Tensor) -> torch.Tensor:
 
 
 _SOLVERS = ("auto", "cholesky", "mixed", "nystrom")
-_MIXED_MIN_BLOCK = 1024  # "auto": float32 factor refined in float64 for dense blocks from this size on
+# "auto" refines a float32 factor for dense blocks of n >= max(1024, 48 D) samples: the float32 factor saves about
+# n^3 / 6 float64-equivalent flops, and the float64 residuals of the refinement cost about 8 n^2 D more
+_MIXED_MIN_BLOCK, _MIXED_MIN_PER_DIM = 1024, 48
 _STACK_MAX_BLOCK = 256  # dense blocks up to this size are solved together, stacked by size
 _NYSTROM_MIN_BLOCK = 32  # "nystrom": smaller blocks are solved exactly (their Nystrom map would be full rank)
 _MAX_FEATURE_BLOCKS = 64  # feature maps (Woodbury) are used per block up to this many blocks
@@ -151,7 +153,8 @@ def conditional_mean_centroids(
             factor in float32, then iterative refinement in float64 until the float64 residual ``R`` of the solve
             satisfies ``||R||_F <= refine_tol ||c||_F``, which bounds the centroids' relative error by ``refine_tol``
             (``||lam (K + lam I)^-1|| <= 1``); it falls back to the float64 factor when the float32 factor fails or
-            the refinement stalls. ``"auto"``: ``"mixed"`` for blocks of at least 1024 samples, else ``"cholesky"``.
+            the refinement stalls. ``"auto"``: ``"mixed"`` for blocks of at least ``max(1024, 48 D)`` samples (where the
+            float32 factor saves more than the float64 residuals cost), else ``"cholesky"``.
             ``"nystrom"``: approximate: Woodbury on :func:`~monai_du.kernels.nystrom_features` of rank ``rank`` (exact
             when ``rank`` reaches the block size); blocks of at most 32 samples are solved exactly.
         rank: the Nystrom rank (``solver="nystrom"``).
@@ -235,7 +238,8 @@ def _conditional_mean(mu, kernel, prior, lam, eta, low_rank, solve_dtype, solver
             summary.add_gram(gram, eta)
             gram.diagonal().add_(eta + lam)  # A = K + (eta + lam) I, in place
             refine = solve_dtype == torch.float64 and (
-                solver == "mixed" or (solver == "auto" and gram.shape[0] >= _MIXED_MIN_BLOCK)
+                solver == "mixed"
+                or (solver == "auto" and gram.shape[0] >= max(_MIXED_MIN_BLOCK, _MIXED_MIN_PER_DIM * rhs.shape[1]))
             )
             ridge = _DenseRidge(gram, lam, refine, refine_tol)
         sub = rhs if idx is None else rhs[idx]
@@ -355,7 +359,8 @@ class _DenseRidge:
             self.chol = torch.linalg.cholesky(self.a)
         if self.chol is None:
             self.chol = torch.linalg.cholesky(self.a)
-        return torch.cholesky_solve(r, self.chol)
+        y = torch.linalg.solve_triangular(self.chol, r, upper=False)  # two triangular solves: no copy of the factor
+        return torch.linalg.solve_triangular(self.chol.mT, y, upper=True)
 
     def _solve32(self, r: torch.Tensor) -> torch.Tensor:
         y = torch.linalg.solve_triangular(self.l32, r.float(), upper=False)
