@@ -136,7 +136,7 @@ def verdict(results: pd.DataFrame, summary: pd.DataFrame, label: str) -> list[st
         if base not in names:
             continue
         for key in names.index:
-            if key == base or (base == "random" and key not in ("du", "simclr")):
+            if key in (base, "random") or (base == "random" and key not in ("du", "simclr")):
                 continue
             d, s, n = paired_difference(results, key, base)
             if np.isfinite(d):
@@ -232,7 +232,7 @@ def write_report(
     efficiency = _efficiency_summaries(curve, methods)
     efficiency_table = format_label_efficiency(efficiency) if efficiency else ""
     per_seed = results[["method", "seed", "auc", "chosen_C", "knn_auc", "steps", "wall_time_s"]].to_string(
-        index=False, float_format=lambda v: f"{v:.3f}")
+        index=False, formatters={"chosen_C": "{:.3g}".format}, float_format=lambda v: f"{v:.3f}")
     lines = [header, "", table, "", "label efficiency (linear-probe AUC on the held-out patients, by number of "
              "labelled training patients; mean ± std over seeds and draws):", efficiency_table, "", *sentences, "",
              "per seed:", per_seed]
