@@ -14,7 +14,9 @@ Run: ``python benchmarks/bench_pipeline.py [--n 192] [--source-size 2048] [--siz
    (load or cache read, then ``MultiViewd`` with 2 views of ``cxr_augmentations``), images/s from the creation of the
    iterator (worker start included) to the ``k``-th batch, ``k = max(1, workers)`` batches for DICOM and PNG (each
    worker makes whole batches) and ``4 max(1, workers)`` for the cache; median of ``--repeats`` runs (DICOM and PNG
-   once unless ``--slow-repeats``). All files are in the page cache: disk reads are not part of any timing.
+   once unless ``--slow-repeats``). All files are in the page cache: disk reads are not part of any timing. The
+   cache loader is also timed with MONAI's metadata tracking off (``set_track_meta(False)``), which the
+   augmentations do not need.
 3. Times the model step: ``ContrastiveEncoder("resnet10", spatial_dims=2, in_channels=1, projection_dim=128,
    backbone_kwargs={"widen_factor": 0.25})`` on ``(B, 2, 1, S, S)``, ``DecoupledUniformityLoss()``, forward plus
    backward, all CPU threads, median of 5 steps. A loader "keeps up" when its images/s is at least the model's.
@@ -226,8 +228,20 @@ def make_loader(first, paths: list[str], size: int, batch: int, workers: int, n_
     )
 
 
-def time_loader(first, paths, size, batch, workers, k, repeats) -> float:
-    """Median images/s from iterator creation to the k-th batch."""
+def time_loader(first, paths, size, batch, workers, k, repeats, track_meta: bool = True) -> float:
+    """Median images/s from iterator creation to the k-th batch (``track_meta=False``: MONAI's metadata tracking
+    off in this process and the workers it forks)."""
+    from monai.data import get_track_meta, set_track_meta
+
+    before = get_track_meta()
+    set_track_meta(track_meta)
+    try:
+        return _time_loader(first, paths, size, batch, workers, k, repeats)
+    finally:
+        set_track_meta(before)
+
+
+def _time_loader(first, paths, size, batch, workers, k, repeats) -> float:
     rates = []
     for r in range(repeats):
         loader = make_loader(first, paths, size, batch, workers, n_items=k * batch, seed=r)
@@ -331,9 +345,16 @@ def main() -> None:
                 for name, (first, paths, repeats, per_worker) in firsts.items():
                     k = per_worker * max(1, workers)
                     rate[name] = time_loader(first, paths, size, batch, workers, k, repeats)
-                rows.append((size, batch, workers, rate["dicom"], rate["png"], rate["cache"], model))
+                first, paths, repeats, per_worker = firsts["cache"]
+                rate["cache_nometa"] = time_loader(
+                    first, paths, size, batch, workers, per_worker * max(1, workers), repeats, track_meta=False
+                )
+                rows.append(
+                    (size, batch, workers, rate["dicom"], rate["png"], rate["cache"], rate["cache_nometa"], model)
+                )
                 print(f"  {size:4d} px B={batch:3d} workers={workers}: dicom {rate['dicom']:7.1f}  "
-                      f"png {rate['png']:7.1f}  cache {rate['cache']:7.1f}  model {model:6.1f} images/s", flush=True)
+                      f"png {rate['png']:7.1f}  cache {rate['cache']:7.1f}  cache, meta off {rate['cache_nometa']:7.1f}"
+                      f"  model {model:6.1f} images/s", flush=True)
         if args.e2e:
             torch.set_num_threads(threads)
             batch = max(args.batch_sizes)
@@ -344,15 +365,17 @@ def main() -> None:
                 print(f"  end to end, {name} loader with 2 workers + model step, B={batch}: {e2e:.1f} images/s "
                       f"(model alone {model:.1f}, x{e2e / model:.2f})")
     print("\n== summary: images/s (median), ratios measured side by side in this run ==")
-    header = (f"{'size':>4} {'B':>3} {'wkr':>3} | {'DICOM':>7} {'PNG':>7} {'cache':>7} | {'model':>6} | "
-              f"{'cache/DICOM':>11} {'cache/PNG':>9} {'cache/model':>11} {'DICOM/model':>11}")
+    header = (f"{'size':>4} {'B':>3} {'wkr':>3} | {'DICOM':>7} {'PNG':>7} {'cache':>7} {'nometa':>7} | {'model':>6} | "
+              f"{'cache/DICOM':>11} {'cache/PNG':>9} {'cache/model':>11} {'nometa/model':>12} {'DICOM/model':>11}")
     print(header)
     print("-" * len(header))
-    for size, batch, workers, dcm, png, cached, model in rows:
-        print(f"{size:4d} {batch:3d} {workers:3d} | {dcm:7.1f} {png:7.1f} {cached:7.1f} | {model:6.1f} | "
-              f"{cached / dcm:11.1f} {cached / png:9.1f} {cached / model:11.2f} {dcm / model:11.2f}")
+    for size, batch, workers, dcm, png, cached, nometa, model in rows:
+        print(f"{size:4d} {batch:3d} {workers:3d} | {dcm:7.1f} {png:7.1f} {cached:7.1f} {nometa:7.1f} | {model:6.1f} | "
+              f"{cached / dcm:11.1f} {cached / png:9.1f} {cached / model:11.2f} {nometa / model:12.2f} "
+              f"{dcm / model:11.2f}")
     print("\nkeeps up = cache/model >= 1. Model: forward + backward of ContrastiveEncoder(resnet10, widen 0.25) with "
-          f"DecoupledUniformityLoss on (B, 2, 1, S, S), {threads} threads. Loaders: 1 thread in the main process.")
+          f"DecoupledUniformityLoss on (B, 2, 1, S, S), {threads} threads. Loaders: 1 thread in the main process. "
+          "nometa: the cache loader with monai.data.set_track_meta(False) (no MetaTensor in the augmentations).")
 
 
 if __name__ == "__main__":
