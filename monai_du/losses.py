@@ -208,14 +208,15 @@ def _conditional_mean(mu, kernel, prior, lam, eta, low_rank, solve_dtype, solver
                 f = nystrom_features(kernel, prior_s if idx is None else prior_s[idx], rank).to(solve_dtype)
                 kind = "nystrom"
             if f is not None:
-                woodbury.append((idx, f, kind))
-                summary.add_features(f, eta)
+                small = f.T @ f
+                woodbury.append((idx, f, small, kind))
+                summary.add_features(f, small, eta)
             elif idx is not None and size <= _STACK_MAX_BLOCK:
                 stacks.setdefault(size, []).append(idx)
             else:
                 singles.append(idx)
-    for idx, f, kind in woodbury:
-        parts.append(_woodbury_smooth(f, rhs if idx is None else rhs[idx], lam, eta))
+    for idx, f, small, kind in woodbury:
+        parts.append(_woodbury_smooth(f, rhs if idx is None else rhs[idx], lam, eta, small))
         order.append(idx)
         kinds.append(f"{kind}(rank<={f.shape[1]})")
     for idxs in stacks.values():
@@ -303,10 +304,10 @@ class _Summary:
         frob = float(flat @ flat) if flat.dtype == torch.float64 else float(torch.sum(flat.double() ** 2))
         self._add(n, trace, float(g.sum(dtype=torch.float64)), frob, eta)
 
-    def add_features(self, f: torch.Tensor, eta: float) -> None:
-        sq = float((f * f).sum())
+    def add_features(self, f: torch.Tensor, small: torch.Tensor, eta: float) -> None:
+        """Block ``F F^T + eta I`` from ``F`` (n, r) and ``F^T F`` (r, r), in O(n r)."""
+        sq = float(torch.diagonal(small).sum())
         col = f.sum(0)
-        small = f.T @ f
         self._add(f.shape[0], sq, float(col @ col), float((small * small).sum()), eta)
 
     def _add(self, n: int, trace: float, total: float, frob: float, eta: float) -> None:
@@ -399,15 +400,19 @@ class _RefinedSmooth(torch.autograd.Function):
         return grad - ridge.lam * ridge.solve(grad.contiguous()), None
 
 
-def _woodbury_smooth(f: torch.Tensor, rhs: torch.Tensor, lam: float, instance_weight: float) -> torch.Tensor:
+def _woodbury_smooth(
+    f: torch.Tensor, rhs: torch.Tensor, lam: float, instance_weight: float, small: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(K + lam I)^-1 K rhs`` for ``K = F F^T + eta I`` with F (n, r), in O(n r^2); gradient through ``rhs`` only.
+    ``small`` is ``F^T F`` when already computed.
 
     ``(F F^T + c I)^-1 F F^T = F (F^T F + c I)^-1 F^T`` with ``c = lam + eta``; with ``eta > 0``,
     ``alpha = I - lam (F F^T + c I)^-1`` and ``(F F^T + c I)^-1 = (I - F (F^T F + c I)^-1 F^T) / c``.
     """
     c0 = lam + instance_weight
     with torch.no_grad():
-        chol = torch.linalg.cholesky(f.T @ f + c0 * torch.eye(f.shape[1], dtype=f.dtype, device=f.device))
+        small = f.T @ f if small is None else small
+        chol = torch.linalg.cholesky(small + c0 * torch.eye(f.shape[1], dtype=f.dtype, device=f.device))
     proj = f @ torch.cholesky_solve(f.T @ rhs, chol)
     if instance_weight > 0:
         return rhs - (lam / c0) * (rhs - proj)
