@@ -1,31 +1,39 @@
 """End-to-end checks of the fine-tune bundles (bundles/cxr_finetune, bundles/brain_mri_finetune).
 
-Every run goes through the real entry points (``python -m monai.bundle run`` / ``ckpt_export``, and ``torchrun`` for the
-multi-process override) in a subprocess, on a copy of the bundle in a temporary folder, with a tiny demo cohort and
-one epoch. References are computed independently: AUCs with scikit-learn from the predictions of the saved model,
-weights compared tensor by tensor with the encoder file the test wrote, TorchScript outputs against the eager
-``ProbeClassifier`` loaded from the checkpoint.
+Every run goes through the real entry point (``python -m monai.bundle run``) in a subprocess (``ckpt_export`` is
+called in this process), on a copy of the bundle in a temporary folder, one epoch: the chest X-ray bundle on 48 images
+of its default data, the embedded real NIH cohort (a smaller manifest pointing at the shipped images, with the default
+labels), the brain bundle on a tiny brain phantom. The torchrun run of the multi-GPU override is in
+test_bundles_distributed.py. References are computed independently: AUCs with scikit-learn from the predictions of
+the saved model, weights compared tensor by tensor with the encoder file the test wrote, TorchScript outputs against
+the eager ``ProbeClassifier`` loaded from the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import yaml
-from sklearn.metrics import roc_auc_score
+from _finetune_helpers import (
+    SETTINGS,
+    SPLIT,
+    _assert_close_or_both_nan,
+    _copy_bundle,
+    _data_args,
+    _infer,
+    _logged_metrics,
+    _run,
+    _sklearn_val_auc,
+)
 
-from monai_du.data.splits import patient_split
+from monai_du.data.real_cohort import nih_cxr_dev_manifest
 from monai_du.networks import ContrastiveEncoder, ProbeClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,40 +42,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 SCHEMA = SHARED / "monai" / "meta_schema_20240725.json"
 SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
 
-# the test cohort: small, with half of the patients in the validation split so that both classes are likely there
-SPLIT = {"train": 0.5, "val": 0.5}
-SETTINGS = {
-    "cxr_finetune": {
-        "spatial_dims": 2,
-        "labels": ["label_cardiomegaly", "label_effusion"],
-        "image_shape": (64, 64),
-        "overrides": ["--demo_num_images", "40", "--batch_size", "8"],
-    },
-    "brain_mri_finetune": {
-        "spatial_dims": 3,
-        "labels": ["label_lesion"],
-        "image_shape": (32, 32, 32),
-        "overrides": ["--demo_num_images", "16", "--demo_image_size", "32", "--batch_size", "4"],
-    },
-}
 BACKBONE = {"backbone": "resnet10", "widen_factor": 0.25}  # the bundles' defaults (checked below)
-TIMEOUT = 600
-
-
-def _run(args: list[str], cwd: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"command failed ({proc.returncode}): {args}\n--- stdout\n{proc.stdout[-4000:]}\n"
-                             f"--- stderr\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def _copy_bundle(name: str, dest: Path) -> Path:
-    target = dest / name
-    shutil.copytree(BUNDLES / name, target, ignore=shutil.ignore_patterns("data", "models", "eval", "__pycache__"))
-    return target
 
 
 def _write_pretrained(path: Path, spatial_dims: int, full_model: bool = False, seed: int = 123) -> dict:
@@ -89,54 +64,11 @@ def _write_pretrained(path: Path, spatial_dims: int, full_model: bool = False, s
 
 def _train(bundle: Path, name: str, pretrained: Path | None, extra: list[str] = ()) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "train.yaml"),
-            "--bundle_root", str(bundle), "--dataset_dir", str(bundle.parent / "data"),
+            "--bundle_root", str(bundle), *_data_args(bundle, name),
             "--train#trainer#max_epochs", "1", "--split_fractions", repr(SPLIT), *SETTINGS[name]["overrides"]]
     if pretrained is not None:
         args += ["--pretrained", str(pretrained)]
     return _run(args + list(extra), cwd=bundle.parent)
-
-
-def _infer(bundle: Path, name: str) -> pd.DataFrame:
-    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.yaml"),
-          "--bundle_root", str(bundle), "--dataset_dir", str(bundle.parent / "data"), *SETTINGS[name]["overrides"]],
-         cwd=bundle.parent)
-    return pd.read_csv(bundle / "eval" / "predictions.csv", dtype={"patient_id": str})
-
-
-def _logged_metrics(bundle: Path) -> dict[str, float]:
-    """eval/metrics.csv written by MONAI's MetricsSaver: one 'name,value' line per metric."""
-    out = {}
-    for line in (bundle / "eval" / "metrics.csv").read_text().splitlines():
-        key, value = line.split(",", 1)
-        out[key] = float(value)
-    return out
-
-
-def _sklearn_val_auc(bundle: Path, predictions: pd.DataFrame, labels: list[str]) -> dict[str, float]:
-    """ROC AUC per label on the validation patients, from the predictions CSV, with scikit-learn (NaN: one class)."""
-    manifest = pd.read_csv(bundle.parent / "data" / "manifest.csv", dtype={"patient_id": str})
-    assert len(predictions) == len(manifest)
-    assert predictions["image"].tolist() == manifest["image"].tolist()
-    assert predictions["patient_id"].tolist() == manifest["patient_id"].tolist()
-    val = patient_split(manifest, fractions=SPLIT, seed=0)["split"].to_numpy() == "val"
-    aucs = {}
-    for column in labels:
-        name = column[len("label_"):]
-        y = manifest.loc[val, column].to_numpy()
-        score = predictions.loc[val, f"prob_{name}"].to_numpy()
-        aucs[f"val_auc_{name}"] = roc_auc_score(y, score) if len(np.unique(y)) == 2 else math.nan
-    aucs["val_mean_auc"] = float(np.mean(list(aucs.values())))
-    return aucs
-
-
-def _assert_close_or_both_nan(logged: dict[str, float], reference: dict[str, float]) -> None:
-    assert any(not math.isnan(v) for v in reference.values()), f"no label has both classes in validation: {reference}"
-    for key, ref in reference.items():
-        assert key in logged, f"{key} not logged; logged {sorted(logged)}"
-        if math.isnan(ref):
-            assert math.isnan(logged[key]), (key, logged[key])
-        else:
-            assert logged[key] == pytest.approx(ref, abs=1e-6), key
 
 
 def _checkpoint(bundle: Path) -> dict[str, torch.Tensor]:
@@ -177,7 +109,8 @@ def test_metadata_verifies_against_monai_schema(name):
     labels = _config(name, "train.yaml")["labels"]
     assert out["num_channels"] == len(labels)
     assert list(out["channel_def"].values()) == [c[len("label_"):] for c in labels]
-    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == _config(name, "train.yaml")["spatial_size"]
+    spatial_size = _config(name, "train.yaml")["spatial_size"]
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == spatial_size
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
@@ -199,7 +132,7 @@ def test_configs_agree(name):
         for key in ("backbone", "widen_factor", "spatial_size", "split_fractions", "split_seed", "demo_num_images",
                     "demo_image_size"):
             if key in pre or key in train:
-                assert pre.get(key) == train.get(key), f"{key}: pretrain {pre.get(key)!r} != fine-tune {train.get(key)!r}"
+                assert pre.get(key) == train.get(key), f"{key}: pretrain {pre.get(key)!r}, finetune {train.get(key)!r}"
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
@@ -215,6 +148,32 @@ def test_configs_define_monai_bundle_properties(name, tmp_path):
         )
         workflow.initialize()
         assert workflow.check_properties() == [], (file, workflow.check_properties())
+
+
+def test_cxr_defaults_are_the_real_cohort_and_its_labels(tmp_path):
+    """No data override: the embedded real NIH cohort, labels that have both classes there, the encoder of the
+    pretrain bundle beside this one, and a patient split under which no validation patient was pretrained on."""
+    from monai.bundle import ConfigParser
+
+    def parsed(bundle: str) -> ConfigParser:
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / bundle / "configs" / "train.yaml"))
+        parser.update({"bundle_root": str(tmp_path / bundle)})
+        return parser
+
+    finetune = parsed("cxr_finetune")
+    labels = finetune.get_parsed_content("labels")
+    assert labels == SETTINGS["cxr_finetune"]["labels"]
+    assert Path(finetune.get_parsed_content("manifest")) == nih_cxr_dev_manifest()
+    manifest = finetune.get_parsed_content("manifest_df")
+    assert len(manifest) == 498
+    for label in labels:
+        assert set(manifest[label].dropna().unique()) == {0.0, 1.0}, label
+    expected = tmp_path / "cxr_du_pretrain" / "models" / "encoder.pt"
+    assert Path(finetune.get_parsed_content("pretrained")) == expected
+    pretrained_on = set(parsed("cxr_du_pretrain").get_parsed_content("train#df")["patient_id"])
+    validation = set(finetune.get_parsed_content("validate#df")["patient_id"])
+    assert validation and not pretrained_on & validation
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -251,10 +210,12 @@ def test_linear_probe_train_infer_export(name, tmp_path):
     _assert_close_or_both_nan(_logged_metrics(bundle), _sklearn_val_auc(bundle, predictions, cfg["labels"]))
 
     # TorchScript export gives the checkpointed model's outputs
-    _run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def",
-          "--filepath", str(bundle / "models" / "model.ts"), "--ckpt_file", str(bundle / "models" / "model.pt"),
-          "--meta_file", str(bundle / "configs" / "metadata.json"),
-          "--config_file", str(bundle / "configs" / "train.yaml"), "--bundle_root", str(bundle)], cwd=tmp_path)
+    from monai.bundle import ckpt_export  # what `python -m monai.bundle ckpt_export network_def ...` calls
+
+    ckpt_export("network_def", filepath=str(bundle / "models" / "model.ts"),
+                ckpt_file=str(bundle / "models" / "model.pt"),
+                meta_file=str(bundle / "configs" / "metadata.json"), config_file=str(bundle / "configs" / "train.yaml"),
+                bundle_root=str(bundle))
     scripted = torch.jit.load(str(bundle / "models" / "model.ts"), map_location="cpu")
     torch.manual_seed(0)
     x = torch.rand(3, 1, *cfg["image_shape"])
@@ -269,7 +230,7 @@ def test_finetune_mode_trains_the_loaded_encoder(tmp_path):
     """mode=finetune: the encoder starts from the file (a full pretraining model, projector included) and moves."""
     bundle = _copy_bundle("cxr_finetune", tmp_path)
     pretrained = _write_pretrained(tmp_path / "model.pt", spatial_dims=2, full_model=True)
-    proc = _train(bundle, "cxr_finetune", tmp_path / "model.pt", ["--mode", "finetune"])
+    proc = _train(bundle, "cxr_finetune", tmp_path / "model.pt", ["--mode", "finetune", "--num_workers", "0"])
     assert "loaded the pretrained encoder from" in proc.stdout + proc.stderr
     state = _checkpoint(bundle)
     weights = [k for k in pretrained if k.endswith("weight")]
@@ -286,27 +247,9 @@ def test_missing_pretrained_encoder_is_an_error_when_required(tmp_path):
     bundle = _copy_bundle("cxr_finetune", tmp_path)
     missing = tmp_path / "nowhere" / "encoder.pt"
     proc = _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "train.yaml"),
-                 "--bundle_root", str(bundle), "--dataset_dir", str(tmp_path / "data"), "--pretrained", str(missing),
-                 "--require_pretrained", "true"], cwd=tmp_path, expect_ok=False)
-    assert proc.returncode != 0
-    assert "no such checkpoint file" in proc.stdout + proc.stderr
-    assert str(missing) in proc.stdout + proc.stderr
-
-
-@pytest.mark.slow
-def test_multi_process_gloo_validation_sees_all_ranks(tmp_path):
-    """torchrun, 2 CPU processes: DDP training, validation sharded over the ranks, AUC computed on the gathered set."""
-    name = "cxr_finetune"
-    bundle = _copy_bundle(name, tmp_path)
-    configs = [str(bundle / "configs" / "train.yaml"), str(bundle / "configs" / "multi_gpu_train.yaml")]
-    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                 "-m", "monai.bundle", "run", "--config_file", repr(configs), "--backend", "gloo",
-                 "--bundle_root", str(bundle), "--dataset_dir", str(tmp_path / "data"),
-                 "--pretrained", str(tmp_path / "absent.pt"),
-                 "--train#trainer#max_epochs", "1", "--split_fractions", repr(SPLIT), *SETTINGS[name]["overrides"]],
-                cwd=tmp_path)
+                 "--bundle_root", str(bundle), "--pretrained", str(missing), "--require_pretrained", "true"],
+                cwd=tmp_path, expect_ok=False)
     out = proc.stdout + proc.stderr
-    assert out.count("the encoder starts from RANDOM initialisation") == 2  # one warning per rank
-    assert len(re.findall(r"Metrics -- .*val_mean_auc: ", out)) == 1  # logged by rank 0 only
-    predictions = _infer(bundle, name)
-    _assert_close_or_both_nan(_logged_metrics(bundle), _sklearn_val_auc(bundle, predictions, SETTINGS[name]["labels"]))
+    assert proc.returncode != 0
+    assert "pretrained encoder file" in out and "not found" in out and str(missing) in out
+    assert not (bundle / "models" / "model.pt").exists()
