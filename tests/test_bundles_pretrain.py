@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _bundle_helpers import BUNDLES, SCHEMA, bundle_run, config, data_args, make_phantom, run
+from _bundle_helpers import BUNDLES, SCHEMA, bundle_run, config, data_args, make_phantom
 
 N_IMAGES = 40  # phantom size for the runs: ~32 training images, a few iterations per epoch at batch size 8
 SMALL = ("--batch_size", "8", "--max_epochs", "1")
@@ -54,9 +54,10 @@ def _cxr_run(root: Path, data: Path, *overrides: str, methods=(), manifest: Path
 
 @pytest.fixture(scope="module")
 def kdu_attr_run(tmp_path_factory, cxr_data) -> tuple[Path, str]:
-    """kernel DU with age x sex within sites; the bundle's default number of data-loader workers."""
+    """kernel DU with age x sex within sites, 2 epochs (its epoch-1 checkpoint is what a run killed in epoch 2
+    leaves behind), with the bundle's default number of data-loader workers."""
     root = tmp_path_factory.mktemp("kdu_attr") / "bundle"
-    log = _cxr_run(root, cxr_data, "--batch_size", "8", "--max_epochs", "1", "--lr_schedule_epochs", "2",
+    log = _cxr_run(root, cxr_data, "--batch_size", "8", "--max_epochs", "2", "--lr_schedule_epochs", "2",
                    methods=["kdu_attr"])
     return root, log
 
@@ -139,7 +140,7 @@ def test_cxr_default_is_plain_du_on_the_real_cohort(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_cxr_kdu_attr_one_epoch_saves_encoder(kdu_attr_run):
+def test_cxr_kdu_attr_run_saves_encoder(kdu_attr_run):
     from monai_du.kernels import kernel_from_dict
     from monai_du.networks import build_encoder
     from monai_du.prior_encoder import PriorEncoder
@@ -152,11 +153,13 @@ def test_cxr_kdu_attr_one_epoch_saves_encoder(kdu_attr_run):
     model = torch.load(models / "model.pt", weights_only=True)
     assert all(torch.equal(model[f"encoder.{k}"], v) for k, v in encoder.items())
     assert any(k.startswith("projector.") for k in model)
-    ckpt = torch.load(models / "checkpoint_epoch=1.pt", weights_only=True)
-    assert set(ckpt) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    for epoch in (1, 2):
+        ckpt = torch.load(models / f"checkpoint_epoch={epoch}.pt", weights_only=True)
+        assert set(ckpt) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert torch.equal(ckpt["model"]["encoder.conv1.weight"], encoder["conv1.weight"])  # the last epoch's weights
     assert not [p.name for p in models.iterdir() if p.name.endswith(".tmp")]
     info = json.loads((models / "encoder_info.json").read_text())
-    assert info["feature_dim"] == feature_dim and info["epoch"] == 1 and info["backbone"] == "resnet10"
+    assert info["feature_dim"] == feature_dim and info["epoch"] == 2 and info["backbone"] == "resnet10"
     prior_encoder = PriorEncoder.load(models / "prior_encoder.json")
     assert prior_encoder.attributes == ["age", "sex"]
     kernel = kernel_from_dict(json.loads((models / "kernel.json").read_text()))
@@ -212,8 +215,10 @@ def test_every_method_file_runs_one_epoch(method, request, cxr_data, tmp_path):
         if method == "kdu_encoder":  # the prior: embeddings of an encoder trained earlier (the kdu_attr run)
             earlier, _ = request.getfixturevalue("kdu_attr_run")
             table = tmp_path / "encoder_prior.csv"
-            run(["monai-du", "prior", "--manifest", str(cxr_data / "manifest.csv"), "--root", str(cxr_data),
-                 "--out", str(table), "--encoder", str(earlier / "models"), "--device", "cpu"], cwd=tmp_path)
+            from monai_du.cli import main  # `monai-du prior ...`, in this process
+
+            assert main(["prior", "--manifest", str(cxr_data / "manifest.csv"), "--root", str(cxr_data),
+                         "--out", str(table), "--encoder", str(earlier / "models"), "--device", "cpu"]) == 0
             extra = ["--prior_table", str(table)]
         log = _cxr_run(root, cxr_data, *SMALL, "--num_workers", "0", *extra, methods=[method], manifest=manifest)
     expected = EXPECTED.get(method, {"trains": True})
@@ -223,7 +228,8 @@ def test_every_method_file_runs_one_epoch(method, request, cxr_data, tmp_path):
     if not expected["trains"]:  # exported as initialised: no training step, no checkpoint
         assert "epoch" not in info and not list(models.glob("checkpoint_epoch=*.pt")) and not _losses(log)
         return
-    assert info["epoch"] == 1 and (models / "checkpoint_epoch=1.pt").is_file()
+    epochs = 2 if method == "kdu_attr" else 1  # the kdu_attr run also serves the resume test
+    assert info["epoch"] == epochs and (models / f"checkpoint_epoch={epochs}.pt").is_file()
     losses = _losses(log)
     assert losses and all(math.isfinite(v) for v in losses)
     if expected.get("loss") == "du":
@@ -262,23 +268,24 @@ def test_brain_pretrain_one_epoch_saves_encoder(tmp_path):
 
 
 def test_cxr_resume_after_kill_matches_uninterrupted_run(kdu_attr_run, cxr_data, tmp_path):
-    """Stopped after epoch 1 (max_epochs=1) and resumed to 2 == 2 epochs straight, same seed and settings. The first
-    epoch ran with the default data-loader workers; the resumed epoch runs with none, the straight run with the
-    default: the views depend on (seed, epoch, index) only."""
-    first_run, _ = kdu_attr_run
+    """Killed during epoch 2 (only checkpoint_epoch=1.pt left) and resumed == the 2 epochs straight, same seed and
+    settings. The straight run had the default data-loader workers, the resumed epoch has none: the views depend on
+    (seed, epoch, index) only."""
+    straight, _ = kdu_attr_run
     resumed = tmp_path / "resumed"
-    shutil.copytree(first_run, resumed)
-    common = ("--batch_size", "8", "--lr_schedule_epochs", "2", "--max_epochs", "2")
-    log = _cxr_run(resumed, cxr_data, *common, "--num_workers", "0", methods=["kdu_attr"])
+    shutil.copytree(straight, resumed)
+    for path in (resumed / "models").iterdir():  # what a run killed in epoch 2 leaves: the epoch-1 checkpoint
+        if path.name != "checkpoint_epoch=1.pt":
+            path.unlink()
+    log = _cxr_run(resumed, cxr_data, "--batch_size", "8", "--lr_schedule_epochs", "2", "--max_epochs", "2",
+                   "--num_workers", "0", methods=["kdu_attr"])
     assert "Resumed from" in log and "checkpoint_epoch=1.pt" in log
-    straight = tmp_path / "straight"
-    _cxr_run(straight, cxr_data, *common, methods=["kdu_attr"])
     a = torch.load(resumed / "models" / "model.pt", weights_only=True)
     b = torch.load(straight / "models" / "model.pt", weights_only=True)
     assert list(a) == list(b)
     worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
     assert worst <= 1e-6, f"resumed and uninterrupted weights differ by {worst}"
-    first = torch.load(first_run / "models" / "model.pt", weights_only=True)
+    first = torch.load(straight / "models" / "checkpoint_epoch=1.pt", weights_only=True)["model"]
     assert max(float((a[k].double() - first[k].double()).abs().max()) for k in a) > 1e-4  # epoch 2 did train
 
 
