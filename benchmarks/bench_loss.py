@@ -81,6 +81,7 @@ def _ours(prior: str) -> dict:
     paths = {"ours_exact": (kernel, {"low_rank": False})}
     if prior == "3-col RBF broad":
         paths["nystrom256"] = (kernel, {"low_rank": False, "solver": "nystrom", "rank": 256})
+        paths["nystrom1024"] = (kernel, {"low_rank": False, "solver": "nystrom", "rank": 1024})
     elif prior == "3-col RBF (dense)":
         paths["ours_cholesky"] = (kernel, {"low_rank": False, "solver": "cholesky"})
         paths["ours_mixed"] = (kernel, {"low_rank": False, "solver": "mixed"})
@@ -192,7 +193,7 @@ def main() -> None:
     print("\n== the kernel step alone: centroids (B, D) -> (K + lam I)^-1 K centroids, forward + backward ==")
     print(f"{'prior':<20}{'B':>6}{'path':>15}{'median s':>11}{'ratio':>8}{'vs f64':>10}")
     runs = [(label, b, args.repeats) for label in args.priors for b in args.sizes]
-    runs += [("3-col RBF (dense)", b, 1) for b in args.large]
+    runs += [(label, b, 1) for b in args.large for label in ("3-col RBF (dense)", "3-col RBF broad")]
     for label, b, repeats in runs:
         z, prior = make_inputs(b)
         mu = view_centroids(z)
