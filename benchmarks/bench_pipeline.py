@@ -19,9 +19,11 @@ Run: ``python benchmarks/bench_pipeline.py [--n 192] [--source-size 2048] [--siz
    augmentations do not need.
 3. Times the model step: ``ContrastiveEncoder("resnet10", spatial_dims=2, in_channels=1, projection_dim=128,
    backbone_kwargs={"widen_factor": 0.25})`` on ``(B, 2, 1, S, S)``, ``DecoupledUniformityLoss()``, forward plus
-   backward, all CPU threads, median of 5 steps. A loader "keeps up" when its images/s is at least the model's.
+   backward, median of 6 steps (3 before and 3 after the loaders of that batch size) with 1 thread and with all
+   threads, the faster of the two (on shared cores, 2 threads stall when one is descheduled). A loader "keeps up"
+   when its images/s is at least the model's.
 4. End to end (``--e2e``): 2-worker loaders from DICOM and from the cache feeding the model step at the largest
-   batch size; the workers and the model share the CPU cores here.
+   batch size (6 steps timed after a warm-up step); the workers and the model share the CPU cores here.
 
 Timings are printed, never asserted. Other processes on the machine add noise: rerun when the numbers jump.
 """
@@ -274,8 +276,8 @@ def make_model_step(size: int, batch: int):
     return step
 
 
-def time_model(size: int, batch: int, repeats: int = 5) -> float:
-    """Median images/s of the forward plus backward on (batch, 2, 1, size, size)."""
+def time_model_steps(size: int, batch: int, repeats: int = 5) -> list[float]:
+    """Seconds of ``repeats`` forward plus backward steps on (batch, 2, 1, size, size), after one warm-up step."""
     step = make_model_step(size, batch)
     x = torch.rand(batch, 2, 1, size, size)
     step(x)
@@ -284,16 +286,27 @@ def time_model(size: int, batch: int, repeats: int = 5) -> float:
         start = time.perf_counter()
         step(x)
         times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
+    return times
 
 
-def time_end_to_end(first, paths, size, batch, k: int = 4) -> float:
+def _steps_at(threads: int, size: int, batch: int, repeats: int = 3) -> list[float]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return time_model_steps(size, batch, repeats)
+    finally:
+        torch.set_num_threads(before)
+
+
+def time_end_to_end(first, paths, size, batch, k: int = 6) -> float:
+    """images/s of training steps fed by a 2-worker loader: ``k`` steps timed after one warm-up step (worker start)."""
     step = make_model_step(size, batch)
-    step(torch.rand(batch, 2, 1, size, size))
-    loader = make_loader(first, paths, size, batch, 2, n_items=k * batch, seed=0)
-    start = time.perf_counter()
+    loader = make_loader(first, paths, size, batch, 2, n_items=(k + 1) * batch, seed=0)
+    start = None
     for b in loader:
         step(b["image"])
+        if start is None:
+            start = time.perf_counter()
     return k * batch / (time.perf_counter() - start)
 
 
@@ -313,6 +326,7 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder of the generated sources (default: a temp folder)")
     args = parser.parse_args()
     threads = torch.get_num_threads()
+    thread_counts = sorted({1, threads})
     work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "monai_du_bench_pipeline"
     work.mkdir(parents=True, exist_ok=True)
     print(f"== 0. sources ({os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} threads) ==")
@@ -337,9 +351,9 @@ def main() -> None:
         }
         print(f"\n== 2./3. loaders and model at {size} px ==")
         for batch in args.batch_sizes:
-            torch.set_num_threads(threads)
-            model = time_model(size, batch)
+            steps = {t: _steps_at(t, size, batch) for t in thread_counts}
             torch.set_num_threads(1)
+            block = []
             for workers in args.workers:
                 rate = {}
                 for name, (first, paths, repeats, per_worker) in firsts.items():
@@ -349,21 +363,29 @@ def main() -> None:
                 rate["cache_nometa"] = time_loader(
                     first, paths, size, batch, workers, per_worker * max(1, workers), repeats, track_meta=False
                 )
-                rows.append(
-                    (size, batch, workers, rate["dicom"], rate["png"], rate["cache"], rate["cache_nometa"], model)
-                )
+                block.append([size, batch, workers, rate["dicom"], rate["png"], rate["cache"], rate["cache_nometa"]])
                 print(f"  {size:4d} px B={batch:3d} workers={workers}: dicom {rate['dicom']:7.1f}  "
                       f"png {rate['png']:7.1f}  cache {rate['cache']:7.1f}  cache, meta off {rate['cache_nometa']:7.1f}"
-                      f"  model {model:6.1f} images/s", flush=True)
+                      " images/s", flush=True)
+            for t in thread_counts:  # before and after the loaders: contention drifts
+                steps[t] += _steps_at(t, size, batch)
+            best = min(thread_counts, key=lambda t: statistics.median(steps[t]))
+            model = batch / statistics.median(steps[best])
+            print(f"  {size:4d} px B={batch:3d} model step: {model:6.1f} images/s (" + ", ".join(
+                f"{t} thread(s): median {statistics.median(v):.3f} s of {len(v)}, {min(v):.3f}-{max(v):.3f}"
+                for t, v in steps.items()) + ")", flush=True)
+            rows += [(*r, model) for r in block]
         if args.e2e:
-            torch.set_num_threads(threads)
             batch = max(args.batch_sizes)
-            model = time_model(size, batch)
-            for name in ("cache", "dicom"):
-                first, paths, _, _ = firsts[name]
-                e2e = time_end_to_end(first, paths, size, batch)
-                print(f"  end to end, {name} loader with 2 workers + model step, B={batch}: {e2e:.1f} images/s "
-                      f"(model alone {model:.1f}, x{e2e / model:.2f})")
+            first_steps = {t: _steps_at(t, size, batch) for t in thread_counts}
+            best = min(thread_counts, key=lambda t: statistics.median(first_steps[t]))
+            torch.set_num_threads(best)
+            e2e = {name: time_end_to_end(firsts[name][0], firsts[name][1], size, batch) for name in ("cache", "dicom")}
+            steps = first_steps[best] + time_model_steps(size, batch, 3)
+            model = batch / statistics.median(steps)
+            for name, rate in e2e.items():
+                print(f"  end to end, {name} loader with 2 workers + model step ({best} thread(s)), B={batch}: "
+                      f"{rate:.1f} images/s (model alone {model:.1f}, x{rate / model:.2f})")
     print("\n== summary: images/s (median), ratios measured side by side in this run ==")
     header = (f"{'size':>4} {'B':>3} {'wkr':>3} | {'DICOM':>7} {'PNG':>7} {'cache':>7} {'nometa':>7} | {'model':>6} | "
               f"{'cache/DICOM':>11} {'cache/PNG':>9} {'cache/model':>11} {'nometa/model':>12} {'DICOM/model':>11}")
@@ -374,7 +396,8 @@ def main() -> None:
               f"{cached / dcm:11.1f} {cached / png:9.1f} {cached / model:11.2f} {nometa / model:12.2f} "
               f"{dcm / model:11.2f}")
     print("\nkeeps up = cache/model >= 1. Model: forward + backward of ContrastiveEncoder(resnet10, widen 0.25) with "
-          f"DecoupledUniformityLoss on (B, 2, 1, S, S), {threads} threads. Loaders: 1 thread in the main process. "
+          f"DecoupledUniformityLoss on (B, 2, 1, S, S), the faster of {thread_counts} threads. "
+          "Loaders: 1 thread in the main process. "
           "nometa: the cache loader with monai.data.set_track_meta(False) (no MetaTensor in the augmentations).")
 
 
