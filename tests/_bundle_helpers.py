@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -60,8 +61,15 @@ def run(cmd: list[str], cwd: Path, timeout: int = 300, environment: dict | None 
     check_fire()
     proc = subprocess.run(cmd, cwd=cwd, env=environment or env(), capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{out[-6000:]}"
+    assert proc.returncode == 0, f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{failure(out)}"
     return out
+
+
+def failure(out: str) -> str:
+    """The end of a failed run's output, after the error lines of every rank (a torchrun log ends with the
+    launcher's summary, and rank 0's error is often only the echo of another rank's crash)."""
+    errors = [line for line in out.splitlines() if re.match(r"^(\[rank\d+\]: )?\w*(Error|Exception)\b", line)]
+    return "\n".join(["errors:", *errors[-12:], "--- end of the output:", out[-5000:]])
 
 
 def bundle_run(files: list[str], bundle_root: Path, *overrides: str, timeout: int = 300) -> str:
@@ -158,8 +166,9 @@ def watch_writes(bundle_root, probe_dir):
             return
         for p in paths:
             p = os.path.abspath(os.fsdecode(p))
-            if p == root or p.startswith(root + os.sep):
-                _WRITES.append([event, os.path.relpath(p, root)])
+            entry = [event, os.path.relpath(p, root)]
+            if (p == root or p.startswith(root + os.sep)) and entry not in _WRITES:
+                _WRITES.append(entry)
 
     def dump():
         with open(os.path.join(probe_dir, f"writes_rank{_rank()}.json"), "w") as f:
@@ -221,13 +230,13 @@ def finish(trainer, dataset, probe_dir):
 
 PROBE_CONFIG = """# probe override (tests): record the sampled batches, the first step and the writes of every rank
 probe_dir: null
-train#dataloader#batch_sampler: >-
-  $__import__('bundle_probe').RecordingBatchSampler(monai_du.engines.EpochBatchSampler(@train#sampler))
+train#dataloader#batch_sampler: $bundle_probe.RecordingBatchSampler(monai_du.engines.EpochBatchSampler(@train#sampler))
 run:
-  - "$__import__('bundle_probe').watch_writes(@bundle_root, @probe_dir)"
-  - "$__import__('bundle_probe').attach(@train#trainer, @probe_dir)"
+  - $import bundle_probe
+  - $bundle_probe.watch_writes(@bundle_root, @probe_dir)
+  - $bundle_probe.attach(@train#trainer, @probe_dir)
   - $@train#trainer.run()
-  - "$__import__('bundle_probe').finish(@train#trainer, @train#dataset, @probe_dir)"
+  - $bundle_probe.finish(@train#trainer, @train#dataset, @probe_dir)
 """
 
 
