@@ -24,7 +24,7 @@ forward + backward measured in a fresh process. The DU term itself (B^2 D) is co
 whole-loss ratio. ``--large 16384`` adds the dense 3-column case at that size to the kernel-step table (one run of the
 published route, whose float32 inverse and product there take minutes).
 
-    python benchmarks/bench_loss.py [--sizes 256 1024 4096] [--repeats 5] [--large 16384]
+    python benchmarks/bench_loss.py [--sizes 256 1024 4096] [--repeats 5] [--large 16384] [--tables loss step]
 """
 
 from __future__ import annotations
@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--priors", nargs="+", default=list(PRIORS), choices=PRIORS)
     parser.add_argument("--large", type=int, nargs="*", default=[], help="dense 3-column sizes for the kernel step")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--tables", nargs="+", default=["loss", "step"], choices=["loss", "step"])
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, D={DIM}, V=2, lam={LAM}, subnormals flushed")
@@ -178,7 +179,7 @@ def main() -> None:
     print("\n== the whole loss: forward + backward ==")
     print(header)
     print("-" * len(header))
-    for label in args.priors:
+    for label in args.priors if "loss" in args.tables else []:
         for b in args.sizes:
             z, prior = make_inputs(b)
             reference = float(published_route(z.double(), prior.double(), make_kernel(label)))  # float64 formula
@@ -192,7 +193,7 @@ def main() -> None:
                 print(f"{label:<20}{b:>6}{name:>15}{med:>11.4f}{base / med:>8.1f}{rel:>10.1e}{rel64:>10.1e}{peak:>10}")
     print("\n== the kernel step alone: centroids (B, D) -> (K + lam I)^-1 K centroids, forward + backward ==")
     print(f"{'prior':<20}{'B':>6}{'path':>15}{'median s':>11}{'ratio':>8}{'vs f64':>10}")
-    runs = [(label, b, args.repeats) for label in args.priors for b in args.sizes]
+    runs = [(label, b, args.repeats) for label in args.priors for b in args.sizes] if "step" in args.tables else []
     runs += [(label, b, 1) for b in args.large for label in ("3-col RBF (dense)", "3-col RBF broad")]
     for label, b, repeats in runs:
         z, prior = make_inputs(b)
