@@ -16,11 +16,12 @@ Layout on disk::
 - The **path key** is the first 32 hex digits of the SHA-256 of the image's absolute path (``os.path.abspath``).
   A source file rewritten in place under the same path is not detected: rebuild with ``overwrite=True``.
 
-Storage: one ``.npy`` per image, chosen from ``benchmarks/bench_pipeline.py`` (section 1: read time per image,
-warm page cache, 256 px float32, 300 images): one ``.npy`` ~90 us, MONAI ``LMDBDataset`` ~160 us,
-``PersistentDataset`` ~230 us, ``.npz`` with the affine ~290 us, one big memmap ~17 us. The memmap reads fastest,
-but the difference (~0.07 ms) is under 2 % of the per-image augmentation time that follows (section 2), and the
-file-per-image store is the only one of these in which every image is written atomically on its own
+Storage: one ``.npy`` per image, chosen from ``benchmarks/bench_pipeline.py`` (section 1: read time of one cached
+224 px float32 image, warm page cache, median of 5 passes over 128, on 2 shared cores): one ``.npy`` 166 us, MONAI
+``LMDBDataset`` 293 us (x1.8), ``PersistentDataset`` 368 us (x2.2), ``.npz`` with the affine 369 us (x2.2), one big
+memmap 13 us (x0.08). The memmap reads fastest, but the ``.npy`` read is 1.8 % of the 9.4 ms per image of the two
+augmented views that follow, so the loader's speed hardly depends on the store; and the file-per-image store is
+the only one of these in which every image is written atomically on its own
 (:func:`monai_du.io.atomic_write`), by any number of worker processes without a lock (LMDB has one writer; a memmap
 needs the image count and one shape up front and cannot grow with the manifest), and where a restarted build only has
 to look for the files that exist.
