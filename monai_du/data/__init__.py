@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from monai_du.data import cache  # noqa: F401  (monai_du.data.cache in bundle configs)
 from monai_du.data.adapters import adapter_names
 from monai_du.data.bids import manifest_from_bids
 from monai_du.data.cohorts import (
@@ -27,7 +28,6 @@ from monai_du.data.manifest import (
     validate_manifest,
     write_manifest,
 )
-from monai_du.data import cache  # noqa: F401  (monai_du.data.cache in bundle configs)
 from monai_du.data.real_cohort import nih_cxr_dev_manifest
 from monai_du.data.samplers import AttributeBatchSampler
 from monai_du.data.splits import patient_split
