@@ -34,13 +34,13 @@ SETTINGS = {
         "spatial_dims": 2,
         "labels": ["label_no_finding", "label_effusion"],  # the bundle's default labels
         "image_shape": (64, 64),
-        "overrides": ["--batch_size", "8"],
+        "overrides": ["--batch_size", "8", "--num_threads", "1"],
     },
     "brain_mri_finetune": {
         "spatial_dims": 3,
         "labels": ["label_lesion"],
         "image_shape": (32, 32, 32),
-        "overrides": ["--demo_num_images", "16", "--demo_image_size", "32", "--batch_size", "4"],
+        "overrides": ["--demo_num_images", "16", "--demo_image_size", "32", "--batch_size", "4", "--num_threads", "1"],
     },
 }
 N_REAL = 48  # images of the real cohort used by the chest X-ray runs (at most 2 per patient)

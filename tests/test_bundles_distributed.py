@@ -74,7 +74,7 @@ def _pretrain_args(root: Path, probe_dir: Path, manifest: Path, dataset_dir: Pat
     files = config("cxr", "methods/kdu_attr.yaml", "multi_gpu_train.yaml") + [str(probe_config)]
     return ["-m", "monai.bundle", "run", "--config_file", config_arg(files), "--bundle_root", str(root),
             *data_args(manifest, dataset_dir), "--batch_size", str(BATCH), "--max_epochs", "1", "--num_workers", "0",
-            "--backend", "gloo", "--probe_dir", str(probe_dir)]
+            "--num_threads", "1", "--backend", "gloo", "--probe_dir", str(probe_dir)]
 
 
 def _read_probe(probe_dir: Path, world: int = 2) -> tuple[list[dict], list[dict], list[dict]]:

@@ -23,7 +23,7 @@ import torch
 from _bundle_helpers import BUNDLES, SCHEMA, bundle_run, config, data_args, make_phantom
 
 N_IMAGES = 40  # phantom size for the runs: ~32 training images, a few iterations per epoch at batch size 8
-SMALL = ("--batch_size", "8", "--max_epochs", "1")
+SMALL = ("--batch_size", "8", "--max_epochs", "1", "--num_threads", "1")  # 1 torch thread: 2 shared cores
 METHODS = sorted(p.stem for p in (BUNDLES["cxr"] / "configs" / "methods").glob("*.yaml"))
 SPLIT = {"train": 0.8, "val": 0.1, "test": 0.1}  # the bundles' default patient split
 # what each method's run must show: its loss family and its kernel (None: no prior kernel, no kernel.json)
