@@ -164,7 +164,7 @@ def reference_centroids(mu: torch.Tensor, prior: torch.Tensor, prior_name: str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[256, 1024, 4096])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--priors", nargs="+", default=list(PRIORS), choices=PRIORS)
     parser.add_argument("--large", type=int, nargs="*", default=[], help="dense 3-column sizes for the kernel step")
@@ -198,7 +198,7 @@ def main() -> None:
     for label, b, repeats in runs:
         z, prior = make_inputs(b)
         mu = view_centroids(z)
-        large = b > max(args.sizes)
+        large = b > max(args.sizes, default=0)
         want = reference_centroids(mu, prior, label, large)
         times, outputs = _interleaved(centroid_steps(label), mu, prior, repeats, keep_outputs=True)
         base = statistics.median(times["published"])
