@@ -64,10 +64,9 @@ def _bandwidth(text: str) -> float | str:
 
 def _add_budget(p: argparse.ArgumentParser) -> None:
     """The options that ``compare`` and ``demo`` share: methods, seeds, budget, report."""
-    from monai_du.compare import DEFAULT_METHODS
-
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   help="method keys: the bundle's configs/methods/<key>.yaml, or kdu_bootstrap")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="method keys: the bundle's configs/methods/<key>.yaml, or kdu_bootstrap (default: compare runs "
+                        "all of monai_du.compare.DEFAULT_METHODS, demo runs monai_du.demo.DEMO_METHODS)")
     p.add_argument("--method-config", nargs="+", default=[], metavar="FILE",
                    help="your own method override file(s); each is a method named by its file stem")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (split, initial weights, views)")
@@ -76,7 +75,8 @@ def _add_budget(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-fraction", type=float, default=0.3, help="share of patients held out for the probes")
     p.add_argument("--label-sizes", type=_positive_int, nargs="+", default=None,
                    help="labelled training patients of the label-efficiency curve (all of them is always added)")
-    p.add_argument("--label-draws", type=_positive_int, default=5, help="draws per label-efficiency size")
+    p.add_argument("--label-draws", type=_positive_int, default=None,
+                   help="draws per label-efficiency size (compare: 5, demo: 3)")
     p.add_argument("--n-bootstrap", type=_non_negative_int, default=1000, help="bootstrap resamples of the AUC CI")
     p.add_argument("--set", nargs="+", default=[], metavar="ID=VALUE",
                    help="bundle overrides for every run, e.g. num_workers=0 learning_rate=0.0005 (values as YAML)")
@@ -97,13 +97,13 @@ def _overrides(items: Sequence[str]) -> dict:
 
 
 def _budget(args: argparse.Namespace) -> dict:
-    extra = {}
-    if args.label_sizes is not None:
-        extra["label_sizes"] = (*args.label_sizes, None)
-    return {"methods": tuple(args.methods), "method_configs": tuple(args.method_config), "seeds": tuple(args.seeds),
-            "epochs": args.epochs, "batch_size": args.batch_size, "test_fraction": args.test_fraction,
-            "label_draws": args.label_draws, "n_bootstrap": args.n_bootstrap, "overrides": _overrides(args.set),
-            "plots": not args.no_plots, **extra}
+    """The shared options as CompareConfig / demo_config arguments; unset ones keep the callee's default."""
+    chosen = {"methods": tuple(args.methods) if args.methods else None, "label_draws": args.label_draws,
+              "label_sizes": (*args.label_sizes, None) if args.label_sizes else None}
+    return {**{k: v for k, v in chosen.items() if v is not None},
+            "method_configs": tuple(args.method_config), "seeds": tuple(args.seeds), "epochs": args.epochs,
+            "batch_size": args.batch_size, "test_fraction": args.test_fraction, "n_bootstrap": args.n_bootstrap,
+            "overrides": _overrides(args.set), "plots": not args.no_plots}
 
 
 def _print_result(result: dict, quiet: bool) -> None:

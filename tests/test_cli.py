@@ -13,11 +13,12 @@ from monai_du.cli import build_parser, main
 
 
 def test_demo_and_compare_defaults_and_options():
-    from monai_du.compare import DEFAULT_METHODS
+    from monai_du.cli import _budget
 
     args = build_parser().parse_args(["demo"])
-    assert (args.modality, args.seeds, args.methods) == ("cxr", [0, 1, 2], list(DEFAULT_METHODS))
-    assert args.epochs is None and args.batch_size is None  # the demo's defaults apply
+    assert (args.modality, args.seeds) == ("cxr", [0, 1, 2])
+    budget = _budget(args)  # unset options keep the demo's (or compare's) own defaults
+    assert "methods" not in budget and "label_draws" not in budget and budget["epochs"] is None
     args = build_parser().parse_args(
         ["compare", "--manifest", "m.csv", "--label", "effusion", "--methods", "du", "kdu_attr", "--seeds", "3", "4",
          "--epochs", "2", "--method-config", "a.yaml", "b.yaml", "--set", "num_workers=0", "lam=0.1", "--out", "r"]

@@ -5,15 +5,14 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from monai_du.compare import DEFAULT_METHODS
 from monai_du.data.real_cohort import nih_cxr_dev_manifest
-from monai_du.demo import DEMO_DEFAULTS, demo_config
+from monai_du.demo import DEMO_DEFAULTS, DEMO_METHODS, demo_config
 
 
 def test_cxr_demo_is_compare_on_the_real_embedded_cohort(tmp_path):
     config = demo_config(out=tmp_path)
     assert config.manifest == nih_cxr_dev_manifest() and config.bundle == "cxr"
-    assert config.label == "label_no_finding" and tuple(config.methods) == DEFAULT_METHODS
+    assert config.label == "label_no_finding" and tuple(config.methods) == DEMO_METHODS
     assert (config.epochs, config.batch_size) == (DEMO_DEFAULTS["cxr"]["epochs"], DEMO_DEFAULTS["cxr"]["batch_size"])
     assert config.label in pd.read_csv(config.manifest).columns
     assert demo_config(out=tmp_path, epochs=3, seeds=(5,)).epochs == 3
