@@ -1,7 +1,7 @@
 """Audit candidate priors before pretraining: which prior can help kernel DU on *your* labels?
 
-Kernel DU replaces each centroid by its conditional-mean estimate ``c = (K + lam I)^-1 K mu`` given the batch's priors
-(DESIGN §1). A prior helps only when (a) its batch kernel sits between the two degenerate ends, and (b) it carries
+Kernel DU replaces each centroid by its conditional-mean estimate ``c = (K + lam I)^-1 K mu`` given the batch's priors.
+A prior helps only when (a) its batch kernel sits between the two degenerate ends, and (b) it carries
 information about the diagnosis that augmentations cannot create. Both can be measured before any training, from the
 manifest and the few labels a user has. For each candidate prior this module reports:
 

@@ -12,7 +12,8 @@ This module provides that prior on any manifest:
    **by key**, never by row order, so shuffled, filtered or re-split manifests keep each image's own embedding.
    Duplicate or missing keys raise a ``ValueError`` naming them;
 5. :func:`generative_prior_kernel` gives the kernel over the ``gen_*`` columns: an RBF with the neighbourhood-scale
-   ``"knn"`` bandwidth (default; see DESIGN §1 on why median-distance bandwidths over-smooth) or the cosine kernel.
+   ``"knn"`` bandwidth (default; median-distance bandwidths over-smooth, see the README's "Choosing a prior") or the
+   cosine kernel.
    With site-conditioned batches, fit the bandwidth on such batches: ``kernel.fit(prior, groups=site)``:
    an image embedding separates sites, and a bandwidth fitted on mixed batches makes a one-site batch's kernel
    nearly constant.
@@ -27,7 +28,7 @@ embeds every manifest image, held-out ones included (a frozen encoder's embeddin
 needs). :func:`ensure_prior_table` caches the table for bundle configs, keyed by every setting that changes it (the
 split included) and by the manifest's content.
 
-A prior from **any encoder** trained elsewhere or earlier (DESIGN §1: an embedding that carries information the
+A prior from **any encoder** trained elsewhere or earlier (an embedding that carries information the
 augmentations cannot create) comes from :func:`encoder_prior_table`; :func:`load_encoder` accepts a TorchScript file,
 a monai_du export (``encoder.pt`` + ``encoder_info.json`` of :class:`monai_du.handlers.PretrainedEncoderExporter`)
 or a MONAI bundle's network (config + network id + checkpoint)::
@@ -550,7 +551,7 @@ def generative_prior_kernel(
             when the prior vector is only the embedding).
         kind: ``"rbf"`` (Gaussian on the embedding, one bandwidth for all columns) or ``"cosine"``.
         bandwidth: RBF bandwidth: a number or a rule (``"knn"`` by default: a handful of effective neighbours per
-            batch; ``"median"`` is the broad density-estimation choice that DESIGN §1 warns about).
+            batch; ``"median"`` is the broad density-estimation choice, which over-smooths).
         knn_k: neighbour rank of the ``"knn"`` rule.
         knn_batch_size: batch size the ``"knn"`` rule is fitted for (the training batch size).
     """
