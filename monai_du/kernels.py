@@ -89,7 +89,9 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """A context in which autocast is disabled on ``device_type`` (a no-op where it is not enabled)."""
     try:
         enabled = torch.is_autocast_enabled(device_type)
-    except (RuntimeError, TypeError, ValueError):  # a device type without autocast
+    except TypeError:  # torch < 2.4 takes no device type
+        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except (RuntimeError, ValueError):  # a device type without autocast
         enabled = False
     return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
@@ -923,11 +925,14 @@ def patient_time_kernel(
 
 
 @torch.no_grad()
-def nystrom_features(kernel: PriorKernel, prior: Any, rank: int, tol: float = 1e-10, block: int = 32) -> torch.Tensor:
+def nystrom_features(
+    kernel: PriorKernel, prior: Any, rank: int, tol: float = 1e-10, block: int = 32, seed: int = 0
+) -> torch.Tensor:
     """Nystrom features ``F`` (B, r), ``r <= rank``, with ``K ≈ F F^T`` for any kernel, by greedy pivoted Cholesky.
 
-    Pivots are batch samples taken in rounds of ``block`` by largest residual diagonal ``K[i, i] - ||F[i]||^2``; a
-    candidate whose residual the round's earlier pivots already explain to 90% waits for a later round. Only ``B r``
+    Pivots are batch samples drawn in rounds of ``block``, with probability proportional to the residual diagonal
+    ``K[i, i] - ||F[i]||^2`` (randomly pivoted Cholesky; seeded, so every rank draws the same); a candidate whose
+    residual the round's earlier pivots already explain to 90% waits for a later round. Only ``B r``
     kernel values are computed, and the cost is O(B r^2). The residual ``K - F F^T`` is positive semi-definite with
     trace equal to the summed residual diagonal, which stops the loop once below ``tol * trace(K)``: at full rank
     (``rank >= B``) the map is exact to that tolerance. Computed in float64.
@@ -938,6 +943,7 @@ def nystrom_features(kernel: PriorKernel, prior: Any, rank: int, tol: float = 1e
         rank: the largest rank r (>= 1).
         tol: relative trace of the residual kernel at which to stop.
         block: pivots tried per round (one kernel evaluation of B x block values each).
+        seed: seed of the pivot draws.
 
     Returns:
         (B, r) float64 features.
@@ -950,10 +956,15 @@ def nystrom_features(kernel: PriorKernel, prior: Any, rank: int, tol: float = 1e
     d = kernel.diagonal(prior).to(torch.float64).clone()
     total = float(d.clamp_min(0).sum())
     ft = prior.new_zeros(rank, n)  # F^T: rows of new features are contiguous
+    gen = torch.Generator(device=prior.device).manual_seed(seed)
     floor = 1e-14 * float(d.max()) if n else 0.0
     r = 0
     while r < rank and float(d.clamp_min(0).sum()) > tol * total:
-        cand = torch.topk(d, min(int(block), rank - r)).indices
+        weights = d.clamp_min(0)
+        b = min(int(block), rank - r, int((weights > 0).sum()))
+        # randomly pivoted Cholesky: candidates drawn in proportion to the residual diagonal spread over the batch
+        cand = torch.multinomial(weights, b, replacement=False, generator=gen)
+        cand = cand[torch.argsort(d[cand], descending=True)]
         cols = kernel.gram_columns(prior, cand).to(torch.float64)
         if r:
             cols -= ft[:r].T @ ft[:r, cand]  # residual columns K[:, cand] - F F[cand]^T, (n, b)

@@ -398,6 +398,11 @@ def test_autocast_does_not_reach_the_kernel_step():
     assert centroids.dtype == torch.float32 and value.dtype == torch.float32
     torch.testing.assert_close(centroids.double(), want, rtol=1e-5, atol=1e-6)
     assert float(value.detach()) == pytest.approx(float(_reference_du(z.float(), gram)), rel=1e-5)
+    # embeddings that a network produced under autocast arrive in bf16: the loss of their values, in float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = loss(z.to(torch.bfloat16), prior.float())
+    assert half.dtype == torch.float32
+    assert float(half) == pytest.approx(float(_reference_du(z.to(torch.bfloat16).double(), gram)), rel=1e-5)
 
 
 # -- dense solvers: refinement and Nystrom -----------------------------------------------------------------------------
