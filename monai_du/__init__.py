@@ -17,6 +17,8 @@ from monai_du.kernels import (
     SumKernel,
     kernel_from_dict,
     kernel_summary,
+    nystrom_features,
+    patient_time_kernel,
 )
 from monai_du.losses import (
     DecoupledUniformityLoss,
