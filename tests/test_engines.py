@@ -268,7 +268,7 @@ def test_atomic_torch_save_leaves_old_file_intact_on_failure(tmp_path):
     path = tmp_path / "ckpt.pt"
     atomic_torch_save({"w": torch.arange(3)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3))
-    with pytest.raises(pickle.PicklingError):
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # which one depends on where the lambda lives
         atomic_torch_save({"w": lambda: 0}, path)  # a lambda cannot be pickled: fails mid-write
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left behind
