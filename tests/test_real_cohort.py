@@ -49,6 +49,6 @@ def test_shipped_manifest_equals_the_adapter_join_of_the_real_table(tmp_path):
     pd.testing.assert_frame_equal(shipped, expected)
     table = pd.read_csv(NIH_TABLE).set_index("Image Index").loc[[Path(p).name for p in shipped["image"]]]
     assert (shipped["patient_id"].astype(int).to_numpy() == table["Patient ID"].to_numpy()).all()
-    assert (shipped["follow_up"].astype(int).to_numpy() == table["Follow-up #"].to_numpy()).all()
+    assert (shipped["follow_up"].astype(float).to_numpy() == table["Follow-up #"].to_numpy()).all()
     no_finding = (table["Finding Labels"] == "No Finding").to_numpy()
     assert (shipped["label_no_finding"].astype(float).to_numpy() == no_finding).all()
