@@ -53,6 +53,7 @@ def main(out_dir: str) -> None:
         loss.backward()
         result[name] = {"loss": loss.detach(), "grads": [p.grad.clone() for p in model.parameters()]}
     torch.save(result, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # both ranks leave together: a rank left alone in destroy_process_group was seen to hang
     dist.destroy_process_group()
 
 

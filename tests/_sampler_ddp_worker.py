@@ -75,6 +75,7 @@ def main(out_dir: str) -> None:
                 part_sizes.append(gather_no_grad(torch.tensor([len(indices)])))
             result[name][epoch] = {"counts": counts, "steps": steps, "part_sizes": part_sizes}
     torch.save(result, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # both ranks leave together: a rank left alone in destroy_process_group was seen to hang
     dist.destroy_process_group()
 
 

@@ -29,7 +29,7 @@ def ddp_results(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(Path(__file__).parent / "_ddp_worker.py"), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)  # generous: 2 shared cores
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)  # generous: 2 shared cores
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
