@@ -516,9 +516,14 @@ class RBFKernel(PriorKernel):
         x_nan, y_nan = torch.isnan(x), torch.isnan(y)
         if not (x_nan.any() or y_nan.any()):
             xs, ys = x / s, y / s
-            if x.shape[1] > 8:
-                sq = ((xs * xs).sum(1, keepdim=True) + (ys * ys).sum(1) - 2.0 * xs @ ys.T).clamp_min_(0)
-            else:  # exact differences, one column at a time, in place
+            if x.shape[1] > 8 or x.dtype == torch.float64:
+                # |x|^2 + |y|^2 - 2 x.y after centring: one matrix product; in float64 its rounding error (about
+                # 1e-14 of the squared distances) is far below the float32 kernels' exact differences
+                centre = xs.mean(0)
+                xs, ys = xs - centre, ys - centre
+                sq = torch.addmm((ys * ys).sum(1)[None, :], xs, ys.T, alpha=-2.0)
+                sq.add_((xs * xs).sum(1, keepdim=True)).clamp_min_(0)
+            else:  # float32: exact differences, one column at a time, in place
                 sq = (xs[:, 0, None] - ys[None, :, 0]).square_()
                 for d in range(1, x.shape[1]):
                     sq.add_((xs[:, d, None] - ys[None, :, d]).square_())

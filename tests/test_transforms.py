@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from monai.data import DataLoader, Dataset
-from monai.transforms import Compose, RandSpatialCrop
+from monai.transforms import Compose, RandSpatialCrop, Resize, Rotate, SpatialCrop
 from monai.utils import MAX_SEED, set_determinism
 
 from monai_du.prior_encoder import PriorEncoder
 from monai_du.transforms import (
     AssemblePriord,
     MultiViewd,
+    RandCropRotate,
     brain_augmentations,
     cxr_augmentations,
 )
@@ -167,6 +168,49 @@ def test_cxr_recipe_without_randomness_is_a_plain_resize():
     image = torch.rand(1, 30, 25, generator=torch.Generator().manual_seed(0))
     expected = F.interpolate(image[None].double(), size=(12, 10), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(recipe(image).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_crop_rotate_crop_equals_monai_crop_then_resize():
+    """Without rotation, the one resampling equals SpatialCrop of the same box followed by a bilinear Resize."""
+    image = torch.rand(1, 80, 96, generator=torch.Generator().manual_seed(1))
+    crop = RandCropRotate((64, 48), rotate_prob=0.0)
+    # box rows 4..76 (72 = 0.9 x 80), columns 20..92 (72 = 0.75 x 96); centre in [-1, 1] image units
+    crop._params = ((0.9, 0.75), ((4 + 36) / 40 - 1, (20 + 36) / 48 - 1), 0.0)
+    box = SpatialCrop(roi_start=(4, 20), roi_end=(76, 92))(image)
+    expected = Resize((64, 48), mode="bilinear", align_corners=False)(box)
+    torch.testing.assert_close(crop(image, randomize=False), torch.as_tensor(expected), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("angle", [0.3, -0.12])
+def test_crop_rotate_rotation_equals_monai_rotate(angle):
+    rows, cols = torch.meshgrid(torch.arange(40.0), torch.arange(40.0), indexing="ij")
+    image = torch.exp(-((rows - 12) ** 2 + (cols - 27) ** 2) / 30)[None]  # an off-centre blob: the sense matters
+    rotate = RandCropRotate((40, 40), crop_scale=(1.0, 1.0), rotate_prob=1.0)
+    rotate._params = ((1.0, 1.0), (0.0, 0.0), angle)
+    expected = Rotate(angle=angle, keep_size=True, mode="bilinear", padding_mode="zeros", align_corners=False)(image)
+    torch.testing.assert_close(rotate(image, randomize=False), torch.as_tensor(expected), rtol=0, atol=1e-5)
+
+
+def test_crop_rotate_draws_inside_its_ranges_and_is_seeded():
+    crop = RandCropRotate((16, 16), crop_scale=(0.7, 0.9), rotate_degrees=10.0, rotate_prob=0.5)
+    crop.set_random_state(seed=3)
+    angles = []
+    for _ in range(400):
+        crop.randomize()
+        (sh, sw), (oh, ow), angle = crop._params
+        assert 0.7 <= sh <= 0.9 and 0.7 <= sw <= 0.9
+        assert abs(oh) <= 1 - sh and abs(ow) <= 1 - sw  # the crop stays inside the image
+        assert abs(angle) <= np.radians(10.0)
+        angles.append(angle)
+    rotated = np.mean([a != 0.0 for a in angles])
+    assert 0.4 < rotated < 0.6
+    image = torch.rand(1, 30, 30)
+    a = RandCropRotate((16, 16)).set_random_state(seed=5)(image)
+    b = RandCropRotate((16, 16)).set_random_state(seed=5)(image)
+    c = RandCropRotate((16, 16)).set_random_state(seed=6)(image)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        RandCropRotate((16, 16))(torch.rand(30, 30))
 
 
 def test_recipes_reject_wrong_spatial_size():
