@@ -491,6 +491,57 @@ def test_pk_missing_patient_ids_are_distinct_patients():
     assert {i for b in _epoch(sampler) for i in b} == {0, 1, 2, 3, 10, 11, 12, 13}
 
 
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_pk_blocks_follow_block_order(replicas):
+    """With block_order, a block is K images of its patient consecutive in that order (cyclically), from an offset
+    that changes with the epoch; every image is still seen each epoch (brute-force check of every block)."""
+    pid = _patients()
+    times = np.random.default_rng(3).permutation(len(pid)).astype(float)  # distinct study times
+    k = 2
+    sizes = Counter(pid)
+    starts = set()
+    for epoch in range(4):
+        steps = _steps(replicas, epoch=epoch, batch_size=4, mode="pk", groups=pid, images_per_group=k,
+                       small_groups="merge", drop_last=False, block_order=times)
+        seen = Counter()
+        for parts in steps:
+            batch = _gathered(parts)
+            for s in range(0, len(batch), k):
+                block = batch[s : s + k]
+                patients = {pid[i] for i in block}
+                if len(patients) > 1:  # a pooled block of small patients
+                    assert all(sizes[p] < k for p in patients)
+                    continue
+                history = sorted((i for i in range(len(pid)) if pid[i] == pid[block[0]]), key=lambda i: times[i])
+                place = [history.index(i) for i in block]
+                n = len(history)
+                assert all((b - a) % n == 1 for a, b in zip(place, place[1:]))  # next study, wrapping at the end
+                if n > 3:
+                    starts.add((pid[block[0]], epoch, min(place)))
+            seen.update(batch)
+        assert set(seen) == set(range(len(pid)))
+    assert len({(p, start) for p, _, start in starts}) > len({p for p, _, _ in starts})  # offsets change by epoch
+
+
+def test_pk_block_order_errors_and_attribute():
+    with pytest.raises(ValueError, match="only used by mode='pk'"):
+        AttributeBatchSampler(4, num_samples=8, block_order=range(8))
+    with pytest.raises(ValueError, match="8 samples"):
+        AttributeBatchSampler(4, mode="pk", groups=["a"] * 8, images_per_group=2, block_order=[1.0] * 7)
+    with pytest.raises(ValueError, match="numbers"):
+        AttributeBatchSampler(4, mode="pk", groups=["a"] * 8, images_per_group=2, block_order=["x"] * 8)
+    records = [{"image": f"{i}.png", "patient_id": f"P{i // 4}", "follow_up": float(3 - i % 4)} for i in range(16)]
+    sampler = attribute_batch_sampler(Dataset(records), batch_size=4, mode="pk", attribute="patient_id",
+                                      images_per_group=2, order_attribute="follow_up")
+    for batch in sampler:
+        for s in (0, 2):
+            gap = abs(records[batch[s]]["follow_up"] - records[batch[s + 1]]["follow_up"])
+            assert gap in (1.0, 3.0)  # consecutive follow-ups, or the wrap from the last to the first
+    with pytest.raises(ValueError, match="'study_offset_days' is not in the manifest"):
+        attribute_batch_sampler(Dataset(records), batch_size=4, mode="pk", attribute="patient_id",
+                                images_per_group=2, order_attribute="study_offset_days")
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -78,7 +78,9 @@ class AttributeBatchSampler(Sampler[list[int]]):
       patient x time kernel sees same-patient pairs. A patient with ``n >= K`` images gives ``ceil(n / K)`` blocks
       per epoch, cut from a fresh permutation of its images and, when K does not divide ``n``, completing its last
       block with the first images of that permutation: every image is seen each epoch, and no image twice in one
-      block. Blocks are laid out over the batches so that the blocks of one patient land in different batches (a
+      block. With ``block_order`` (e.g. the study time) the blocks are K consecutive images of the patient in that
+      order instead, read from a random cyclic offset that changes every epoch, so that a kernel on time meets
+      close pairs. Blocks are laid out over the batches so that the blocks of one patient land in different batches (a
       batch holds P distinct patients) unless a patient has more blocks than the epoch has batches (minus one
       without ``drop_last``). Missing patient ids (None/NaN) each count as a patient of their own. With
       ``drop_last=False`` the last batch may hold fewer blocks; with ``drop_last=True`` the blocks that do not
@@ -146,6 +148,8 @@ class AttributeBatchSampler(Sampler[list[int]]):
         rank: this rank; default the rank of an initialised ``torch.distributed`` group, else 0.
         images_per_group: K, the images of one patient per block in ``"pk"`` mode (required there, and only there);
             ``batch_size`` must be a multiple of K.
+        block_order: length-N numbers (e.g. days since the patient's first study), ``"pk"`` mode only: a block takes
+            K images of its patient that are consecutive in this order (NaN sorts last). None: random images.
 
     Raises:
         ValueError: on an unknown mode or policy, ``batch_size < 2``, inputs of inconsistent length, ``features`` not
@@ -178,6 +182,7 @@ class AttributeBatchSampler(Sampler[list[int]]):
         num_replicas: int | None = None,
         rank: int | None = None,
         images_per_group: int | None = None,
+        block_order: Any = None,
     ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 2:
@@ -220,6 +225,7 @@ class AttributeBatchSampler(Sampler[list[int]]):
         self.n_neighbours = self._check_n_neighbours(n_neighbours) if mode == "neighbourhood" else None
         self._group_codes = group_codes
         self._prior = prior if mode == "neighbourhood" else None
+        self._block_order = self._check_block_order(block_order)
 
         size = self.global_batch_size
         if mode == "within":
@@ -296,6 +302,20 @@ class AttributeBatchSampler(Sampler[list[int]]):
                 f"fits in a batch; got {n_neighbours}."
             )
         return int(n_neighbours)
+
+    def _check_block_order(self, block_order: Any) -> np.ndarray | None:
+        if block_order is None:
+            return None
+        if self.mode != "pk":
+            raise ValueError(f"block_order is only used by mode='pk'; got mode={self.mode!r}.")
+        try:
+            order = np.asarray(pd.to_numeric(pd.Series(np.asarray(block_order, dtype=object)), errors="raise"),
+                               dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"block_order must hold numbers (NaN for unknown): {err}") from None
+        if order.shape != (self.num_samples,):
+            raise ValueError(f"block_order has {order.size} values for {self.num_samples} samples.")
+        return order
 
     def _check_images_per_group(self, images_per_group: int | None) -> int | None:
         if self.mode != "pk":
@@ -414,6 +434,15 @@ class AttributeBatchSampler(Sampler[list[int]]):
         order = np.argsort(unit_of_row, kind="stable")
         self._pk_rows, self._pk_unit_of_row = rows[order], unit_of_row[order]
         self._pk_patient_of_row = codes[self._pk_rows]
+        # rank of each stored row inside its unit by block_order (NaN last, ties by index); pooled units stay random
+        self._pk_time_rank = None
+        if self._block_order is not None:
+            by_time = np.lexsort((self._pk_rows, np.nan_to_num(self._block_order[self._pk_rows], nan=np.inf),
+                                  self._pk_unit_of_row))
+            starts = np.searchsorted(self._pk_unit_of_row[by_time], self._pk_unit_of_row[by_time])
+            self._pk_time_rank = np.empty(len(by_time), dtype=np.int64)
+            self._pk_time_rank[by_time] = np.arange(len(by_time)) - starts
+            self._pk_pool_unit = int(kept.sum()) if small.any() and self.small_groups == "merge" else -1
         self._pk_unit_sizes = np.bincount(self._pk_unit_of_row, minlength=int(unit_of_patient.max()) + 1)
         self._pk_unit_blocks = -(-self._pk_unit_sizes // k)
         n_blocks, per_batch = int(self._pk_unit_blocks.sum()), self.global_batch_size // k
@@ -567,8 +596,12 @@ class AttributeBatchSampler(Sampler[list[int]]):
         # Units in random order; rows of a unit shuffled, the pool laid out patient after patient.
         unit_rank = rng.permutation(n_units)
         patient_rank = rng.permutation(len(self.group_labels))
-        order = np.lexsort((rng.random(len(self._pk_rows)), patient_rank[self._pk_patient_of_row],
-                            unit_rank[self._pk_unit_of_row]))
+        within = rng.random(len(self._pk_rows))
+        if self._pk_time_rank is not None:  # consecutive in block_order, from a random cyclic offset per unit
+            offset = rng.integers(0, sizes)[self._pk_unit_of_row]
+            timed = self._pk_unit_of_row != self._pk_pool_unit
+            within = np.where(timed, (self._pk_time_rank - offset) % sizes[self._pk_unit_of_row], within)
+        order = np.lexsort((within, patient_rank[self._pk_patient_of_row], unit_rank[self._pk_unit_of_row]))
         rows = self._pk_rows[order]
         units = np.argsort(unit_rank)  # the unit at each list position
         size_o, blocks_o = sizes[units], n_blocks[units]
@@ -779,6 +812,7 @@ def attribute_batch_sampler(
     num_replicas: int | None = None,
     rank: int | None = None,
     images_per_group: int | None = None,
+    order_attribute: str | None = None,
     **kwargs: Any,
 ) -> Any:
     """An :class:`~monai_du.data.samplers.AttributeBatchSampler` for a dataset of manifest records.
@@ -801,6 +835,8 @@ def attribute_batch_sampler(
         rank: this rank (default: the process group's rank, else 0).
         images_per_group: K images per patient block, for "pk" (ignored by the other modes, so that a bundle can
             always pass it).
+        order_attribute: record key of a number (e.g. "follow_up", "study_offset_days") whose order the K images of
+            a "pk" block follow (``block_order``); None (and every other mode) ignores it.
         kwargs: further arguments of ``AttributeBatchSampler`` (``small_groups``, ``n_neighbours``).
     """
     records = getattr(dataset, "data", None)
@@ -821,6 +857,12 @@ def attribute_batch_sampler(
             )
         if mode == "pk":
             common["images_per_group"] = images_per_group
+            if order_attribute:
+                absent = next((i for i, r in enumerate(records) if order_attribute not in r), None)
+                if absent is not None:
+                    raise ValueError(f"sampler order attribute {order_attribute!r} is not in the manifest (record "
+                                     f"{absent} has keys {sorted(records[absent])}).")
+                common["block_order"] = [records[i][order_attribute] for i in range(len(records))]
         return AttributeBatchSampler(groups=[r[attribute] for r in records], **common)
     if mode in ("neighbourhood", "neighborhood"):
         if prior_encoder is None:
