@@ -651,6 +651,7 @@ def audit_priors(
     sampler_attribute: str | None = None,
     sampler_kwargs: Mapping[str, Any] | None = None,
     images_per_patient: int | None = None,
+    sampler_order: str | None = None,
     n_batches: int = 20,
     n_permutations: int = 999,
     lam: float = 0.01,
@@ -674,6 +675,8 @@ def audit_priors(
             grouped modes).
         sampler_kwargs: further arguments of :class:`~monai_du.data.samplers.AttributeBatchSampler`.
         images_per_patient: K of a ``"pk"`` sampler (P patients x K images per batch): its ``images_per_group``.
+        sampler_order: manifest column whose order the K images of a ``"pk"`` block follow (the bundles'
+            ``sampler_order``, e.g. ``follow_up``); None: random images of the patient.
         n_batches: batches whose kernel statistics are averaged.
         n_permutations: permutations of the p-value.
         lam: the loss's ridge ``lam`` (> 0).
@@ -733,6 +736,14 @@ def audit_priors(
             raise ValueError(f"images_per_patient is only used by sampler mode 'pk', not {mode!r}.")
         sampler_kwargs["images_per_group"] = int(images_per_patient)
         sampler_name += f" K={int(images_per_patient)}"
+    if sampler_order is not None:
+        if mode != "pk":
+            raise ValueError(f"sampler_order is only used by sampler mode 'pk', not {mode!r}.")
+        if sampler_order not in df.columns:
+            raise ValueError(f"{source}: sampler order column {sampler_order!r} is not a manifest column (columns: "
+                             f"{list(df.columns)}).")
+        sampler_kwargs["block_order"] = df[sampler_order].to_numpy()
+        sampler_name += f" by {sampler_order}"
     patients = _patient_codes(df["patient_id"] if "patient_id" in df.columns else None, n)
 
     skipped: dict[str, str] = {}

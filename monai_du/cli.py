@@ -290,6 +290,9 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler-attribute", default=None,
                    help="manifest column of the sampler's groups (default: site; patient_id for pk)")
     p.add_argument("--images-per-patient", type=_positive_int, default=None, help="K of the pk sampler")
+    p.add_argument("--sampler-order", default=None, metavar="COLUMN",
+                   help="pk: a block's K images are consecutive in this column (e.g. follow_up), as the bundles' "
+                        "sampler_order")
     p.add_argument("--n-batches", type=_positive_int, default=20, help="batches the kernel statistics average over")
     p.add_argument("--n-permutations", type=_positive_int, default=999, help="permutations of the p-value")
     p.add_argument("--lam", type=float, default=0.01, help="kernel DU ridge lam (> 0), as in the loss")
@@ -318,7 +321,8 @@ def _run_audit(args: argparse.Namespace) -> int:
     result = run_audit(
         args.manifest, args.label, dataset_dir=args.dataset_dir, prior_tables=tables, out=args.out,
         batch_size=args.batch_size, sampler_mode=args.sampler_mode, sampler_attribute=args.sampler_attribute,
-        images_per_patient=args.images_per_patient, n_batches=args.n_batches, n_permutations=args.n_permutations,
+        images_per_patient=args.images_per_patient, sampler_order=args.sampler_order, n_batches=args.n_batches,
+        n_permutations=args.n_permutations,
         lam=args.lam, instance_weight=args.instance_weight, knn_k=args.knn_k, seed=args.seed,
     )
     print(format_audit(result))

@@ -384,3 +384,24 @@ def test_real_nih_dev_cohort():
     assert set(out.index) == {"age", "sex", "view", "age x sex", "patient x time"}  # one site: no site prior
     assert (out["sampler"] == "random").all() and (out["n_labelled"] == 498).all()
     assert out.loc["sex", "verdict"] == VERDICT_COARSE and out.loc["view", "verdict"] == VERDICT_COARSE
+
+
+def test_time_ordered_pk_blocks_pool_more_than_random_ones():
+    """Long histories (12 visits per patient): K=2 blocks of consecutive visits give the patient x time kernel
+    (gap bandwidth: adjacent visits weigh exp(-1/2)) a larger mean off-diagonal mass than random pairs."""
+    rows = [{"image": f"img/{p}_{v}.png", "patient_id": f"p{p}", "follow_up": v, "site": "A",
+             "label_x": float(p % 2)} for p in range(40) for v in range(12)]
+    df = pd.DataFrame(rows)
+    common = dict(batch_size=16, sampler_mode="pk", images_per_patient=2, n_batches=8, n_permutations=19,
+                  instance_weight=0.0)
+    random_pairs = audit_priors(df, ["label_x"], **common).set_index("prior").loc["patient x time"]
+    ordered = audit_priors(df, ["label_x"], sampler_order="follow_up", **common)
+    ordered = ordered.set_index("prior").loc["patient x time"]
+    assert ordered["sampler"] == "pk:patient_id K=2 by follow_up"
+    # ordered: every block pairs adjacent visits (or wraps once per patient): off-diagonal mass close to exp(-1/2) / 15
+    assert ordered["mean_offdiag"] > 2 * random_pairs["mean_offdiag"]
+    assert ordered["eff_rank"] < random_pairs["eff_rank"]
+    with pytest.raises(ValueError, match="not a manifest column"):
+        audit_priors(df, ["label_x"], sampler_order="study_offset_days", **common)
+    with pytest.raises(ValueError, match="only used by sampler mode 'pk'"):
+        audit_priors(df, ["label_x"], batch_size=16, sampler_mode="random", sampler_order="follow_up")
