@@ -229,13 +229,14 @@ def _check_range(value: Sequence[float], where: str, name: str) -> tuple[float, 
 
 
 class RandCropRotate(RandomizableTransform):
-    """Random crop of a 2D image, resized to ``spatial_size`` and rotated, as one bilinear resampling.
+    """Random crop of a 2D image, resized to ``spatial_size`` and rotated, in one bilinear resampling.
 
-    The crop keeps a fraction ``U(*crop_scale)`` of each side (drawn per side), at a uniformly drawn position inside
-    the image; with probability ``rotate_prob`` the resized crop is rotated by ``U(-rotate_degrees, rotate_degrees)``
-    about its centre. Where the rotated window leaves the crop it shows the image around it, and zeros beyond the
-    image. One ``grid_sample`` replaces a crop, a resize and a rotation (each a separate resampling): at 64 px it
-    costs about a fifth of the three (``benchmarks/bench_pipeline.py``).
+    The views of ``RandScaleCrop -> Resize -> RandRotate``, in one ``grid_sample`` instead of two interpolations:
+    the crop keeps an integer number of pixels in ``[ceil(lo n), ceil(hi n)]`` of each side ``n`` (drawn per side,
+    ``crop_scale = (lo, hi)``) at a uniformly drawn integer position; with probability ``rotate_prob`` the resized
+    crop is rotated by ``U(-rotate_degrees, rotate_degrees)`` about its centre, in the sense of
+    :class:`monai.transforms.Rotate`, with zeros where the rotated window leaves the crop. At 64 px it costs about a
+    third of the three transforms (``benchmarks/bench_pipeline.py``).
 
     Input ``(C, H, W)`` tensor or array; output a float32 tensor ``(C, *spatial_size)``.
     """
@@ -254,37 +255,39 @@ class RandCropRotate(RandomizableTransform):
         self.crop_scale = _check_range(crop_scale, "RandCropRotate", "crop_scale")
         self.rotate_radians = math.radians(float(rotate_degrees))
         self.rotate_prob = float(rotate_prob)
-        self._params = ((1.0, 1.0), (0.0, 0.0), 0.0)
+        self.box: tuple[int, int, int, int] | None = None  # (top, left, height, width) of the last crop
+        self.angle = 0.0
 
-    def randomize(self, data: Any = None) -> None:
+    def randomize(self, in_size: Sequence[int]) -> None:
+        """Draw the crop box inside an image of ``in_size`` ``(H, W)`` pixels, and the angle."""
         lo, hi = self.crop_scale
-        scale = tuple(float(self.R.uniform(lo, hi)) for _ in range(2))  # (height, width) fractions
-        offset = tuple(float(self.R.uniform(-1.0, 1.0)) * (1.0 - s) for s in scale)  # crop centre, in [-1, 1] units
+        sizes = [min(n, int(self.R.randint(math.ceil(lo * n), math.ceil(hi * n) + 1))) for n in in_size]
+        starts = [int(self.R.randint(0, n - size + 1)) for n, size in zip(in_size, sizes)]
+        self.box = (starts[0], starts[1], sizes[0], sizes[1])
         rotate = self.R.random_sample() < self.rotate_prob
-        angle = float(self.R.uniform(-self.rotate_radians, self.rotate_radians)) if rotate else 0.0
-        self._params = (scale, offset, angle)
+        self.angle = float(self.R.uniform(-self.rotate_radians, self.rotate_radians)) if rotate else 0.0
 
-    def theta(self, in_size: Sequence[int]) -> torch.Tensor:
-        """The (2, 3) ``affine_grid`` matrix of the drawn parameters: output (x, y) in [-1, 1] to input (x, y)."""
-        (sh, sw), (oh, ow), angle = self._params
+    def theta(self, crop_size: Sequence[int]) -> torch.Tensor:
+        """The (2, 3) ``affine_grid`` matrix: output (x, y) in [-1, 1] to crop (x, y) in [-1, 1], rotated."""
         h_out, w_out = self.spatial_size
-        h_in, w_in = in_size
-        cos, sin = math.cos(angle), -math.sin(angle)  # the sense of monai.transforms.Rotate
-        # rotation in output pixels (x right, y down), then the crop's scale: output pixels -> input [-1, 1]
-        px_x, px_y = sw * w_in / w_out, sh * h_in / h_out  # input pixels per output pixel
-        lin = [[cos * px_x * w_out / w_in, -sin * px_x * h_out / w_in],
-               [sin * px_y * w_out / h_in, cos * px_y * h_out / h_in]]
-        return torch.tensor([[lin[0][0], lin[0][1], ow], [lin[1][0], lin[1][1], oh]], dtype=torch.float32)
+        h_in, w_in = crop_size
+        cos, sin = math.cos(self.angle), -math.sin(self.angle)  # the sense of monai.transforms.Rotate
+        # rotation in output pixels (x right, y down), then crop pixels per output pixel, in [-1, 1] units
+        return torch.tensor([[cos, -sin * h_out / w_out, 0.0], [sin * w_out / h_out, cos, 0.0]], dtype=torch.float32)
 
     def __call__(self, img: Any, randomize: bool = True) -> torch.Tensor:
-        if randomize:
-            self.randomize()
         x = torch.as_tensor(img, dtype=torch.float32)
         if x.ndim != 3:
             raise ValueError(f"RandCropRotate needs a (C, H, W) image, got shape {tuple(x.shape)}.")
-        theta = self.theta(x.shape[1:])[None]
-        grid = F.affine_grid(theta, [1, x.shape[0], *self.spatial_size], align_corners=False)
-        return F.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        if randomize or self.box is None:
+            self.randomize(x.shape[1:])
+        top, left, height, width = self.box
+        crop = x[None, :, top : top + height, left : left + width]
+        if self.angle == 0.0:  # no rotation: a plain bilinear resize
+            return F.interpolate(crop, size=self.spatial_size, mode="bilinear", align_corners=False)[0]
+        grid = F.affine_grid(self.theta((height, width))[None], [1, x.shape[0], *self.spatial_size],
+                             align_corners=False)
+        return F.grid_sample(crop, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
 
 
 def cxr_augmentations(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -171,14 +172,15 @@ def test_cxr_recipe_without_randomness_is_a_plain_resize():
 
 
 def test_crop_rotate_crop_equals_monai_crop_then_resize():
-    """Without rotation, the one resampling equals SpatialCrop of the same box followed by a bilinear Resize."""
+    """Without rotation, a view is SpatialCrop of the drawn box followed by MONAI's bilinear Resize."""
     image = torch.rand(1, 80, 96, generator=torch.Generator().manual_seed(1))
-    crop = RandCropRotate((64, 48), rotate_prob=0.0)
-    # box rows 4..76 (72 = 0.9 x 80), columns 20..92 (72 = 0.75 x 96); centre in [-1, 1] image units
-    crop._params = ((0.9, 0.75), ((4 + 36) / 40 - 1, (20 + 36) / 48 - 1), 0.0)
-    box = SpatialCrop(roi_start=(4, 20), roi_end=(76, 92))(image)
-    expected = Resize((64, 48), mode="bilinear", align_corners=False)(box)
-    torch.testing.assert_close(crop(image, randomize=False), torch.as_tensor(expected), rtol=0, atol=1e-5)
+    crop = RandCropRotate((64, 48), crop_scale=(0.7, 0.95), rotate_prob=0.0).set_random_state(seed=2)
+    for _ in range(5):
+        view = crop(image)
+        top, left, height, width = crop.box
+        box = SpatialCrop(roi_start=(top, left), roi_end=(top + height, left + width))(image)
+        expected = Resize((64, 48), mode="bilinear", align_corners=False)(box)
+        torch.testing.assert_close(view, torch.as_tensor(expected), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("angle", [0.3, -0.12])
@@ -186,9 +188,22 @@ def test_crop_rotate_rotation_equals_monai_rotate(angle):
     rows, cols = torch.meshgrid(torch.arange(40.0), torch.arange(40.0), indexing="ij")
     image = torch.exp(-((rows - 12) ** 2 + (cols - 27) ** 2) / 30)[None]  # an off-centre blob: the sense matters
     rotate = RandCropRotate((40, 40), crop_scale=(1.0, 1.0), rotate_prob=1.0)
-    rotate._params = ((1.0, 1.0), (0.0, 0.0), angle)
+    rotate.box, rotate.angle = (0, 0, 40, 40), angle
     expected = Rotate(angle=angle, keep_size=True, mode="bilinear", padding_mode="zeros", align_corners=False)(image)
     torch.testing.assert_close(rotate(image, randomize=False), torch.as_tensor(expected), rtol=0, atol=1e-5)
+
+
+def test_crop_rotate_rotated_crop_shows_zeros_outside_the_crop():
+    """A rotated view reads only the crop: an image that is 1 inside the box and 0 around it gives 1 at the centre
+    and 0 in the corners (which the rotation brings from outside the crop)."""
+    image = torch.zeros(1, 40, 40)
+    image[:, 5:35, 5:35] = 1.0
+    view = RandCropRotate((30, 30), rotate_prob=1.0)
+    view.box, view.angle = (5, 5, 30, 30), math.radians(30)
+    out = view(image, randomize=False)
+    assert out[0, 15, 15] == pytest.approx(1.0) and out[0, 0, 0] == 0.0 and out[0, -1, -1] == 0.0
+    image[:] = 1.0  # the same box in a uniform image: the corners still come from outside the crop
+    assert view(image, randomize=False)[0, 0, 0] == 0.0
 
 
 def test_crop_rotate_draws_inside_its_ranges_and_is_seeded():
@@ -196,12 +211,12 @@ def test_crop_rotate_draws_inside_its_ranges_and_is_seeded():
     crop.set_random_state(seed=3)
     angles = []
     for _ in range(400):
-        crop.randomize()
-        (sh, sw), (oh, ow), angle = crop._params
-        assert 0.7 <= sh <= 0.9 and 0.7 <= sw <= 0.9
-        assert abs(oh) <= 1 - sh and abs(ow) <= 1 - sw  # the crop stays inside the image
-        assert abs(angle) <= np.radians(10.0)
-        angles.append(angle)
+        crop.randomize((50, 30))
+        top, left, height, width = crop.box
+        assert math.ceil(0.7 * 50) <= height <= math.ceil(0.9 * 50) and math.ceil(0.7 * 30) <= width <= 27
+        assert 0 <= top <= 50 - height and 0 <= left <= 30 - width  # the crop stays inside the image
+        assert abs(crop.angle) <= math.radians(10.0)
+        angles.append(crop.angle)
     rotated = np.mean([a != 0.0 for a in angles])
     assert 0.4 < rotated < 0.6
     image = torch.rand(1, 30, 30)
