@@ -176,6 +176,21 @@ def test_summary_and_paired_difference_match_hand_computation():
                for line in lines)
 
 
+def test_verdict_p_value_is_scipy_paired_t_test():
+    from scipy.stats import ttest_rel
+
+    from monai_du.report import paired_t_pvalue
+
+    a, b = [0.74, 0.75, 0.71, 0.69], [0.70, 0.72, 0.68, 0.70]
+    results = _results({"du": b, "kdu": a})
+    d, s, n = paired_difference(results, "kdu", "du")
+    reference = ttest_rel(a, b).pvalue
+    assert paired_t_pvalue(d, s, n) == pytest.approx(reference, rel=1e-9)
+    lines = verdict(results, summarise(results, ["du", "kdu"]), "y")
+    assert any(f"paired t-test p = {reference:.2g}" in line for line in lines if line.startswith("KDU is above"))
+    assert np.isnan(paired_t_pvalue(0.01, 0.0, 3)) and np.isnan(paired_t_pvalue(0.01, 0.02, 1))
+
+
 def test_verdict_says_within_the_spread_when_it_is():
     results = _results({"du": [0.70, 0.65, 0.72], "kdu": [0.72, 0.63, 0.73]})
     lines = verdict(results, summarise(results, ["du", "kdu"]), "y")
