@@ -267,10 +267,10 @@ class RandCropRotate(RandomizableTransform):
         rotate = self.R.random_sample() < self.rotate_prob
         self.angle = float(self.R.uniform(-self.rotate_radians, self.rotate_radians)) if rotate else 0.0
 
-    def theta(self, crop_size: Sequence[int]) -> torch.Tensor:
-        """The (2, 3) ``affine_grid`` matrix: output (x, y) in [-1, 1] to crop (x, y) in [-1, 1], rotated."""
+    def theta(self) -> torch.Tensor:
+        """The (2, 3) ``affine_grid`` matrix of the drawn angle: output (x, y) in [-1, 1] to crop (x, y) in [-1, 1]
+        (the crop's size does not enter: ``[-1, 1]`` spans the whole crop)."""
         h_out, w_out = self.spatial_size
-        h_in, w_in = crop_size
         cos, sin = math.cos(self.angle), -math.sin(self.angle)  # the sense of monai.transforms.Rotate
         # rotation in output pixels (x right, y down), then crop pixels per output pixel, in [-1, 1] units
         return torch.tensor([[cos, -sin * h_out / w_out, 0.0], [sin * w_out / h_out, cos, 0.0]], dtype=torch.float32)
@@ -285,8 +285,7 @@ class RandCropRotate(RandomizableTransform):
         crop = x[None, :, top : top + height, left : left + width]
         if self.angle == 0.0:  # no rotation: a plain bilinear resize
             return F.interpolate(crop, size=self.spatial_size, mode="bilinear", align_corners=False)[0]
-        grid = F.affine_grid(self.theta((height, width))[None], [1, x.shape[0], *self.spatial_size],
-                             align_corners=False)
+        grid = F.affine_grid(self.theta()[None], [1, x.shape[0], *self.spatial_size], align_corners=False)
         return F.grid_sample(crop, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
 
 

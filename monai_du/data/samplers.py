@@ -801,6 +801,15 @@ def _balanced_kd_order(points: np.ndarray, size: int, n_cliques: int, rng: np.ra
 
 
 
+def _record_values(records: Sequence[Any], key: str, what: str, advice: str) -> list[Any]:
+    """``record[key]`` of every record; a ValueError naming the first record without it and that record's keys."""
+    missing = next((i for i, r in enumerate(records) if key not in r), None)
+    if missing is not None:
+        present = sorted(records[missing]) if isinstance(records[missing], Mapping) else []
+        raise ValueError(f"{what} {key!r} is not in the manifest (record {missing} has keys {present}); {advice}.")
+    return [r[key] for r in records]
+
+
 def attribute_batch_sampler(
     dataset: Any,
     batch_size: int,
@@ -848,22 +857,14 @@ def attribute_batch_sampler(
         if not attribute:
             example = "'patient_id'" if mode == "pk" else "'site'"
             raise ValueError(f"sampler mode {mode!r} needs an attribute (a manifest column such as {example}).")
-        missing = [i for i, r in enumerate(records) if attribute not in r]
-        if missing:
-            present = sorted(records[missing[0]]) if isinstance(records[missing[0]], Mapping) else []
-            raise ValueError(
-                f"sampler attribute {attribute!r} is not in the manifest (record {missing[0]} has keys {present}); "
-                "override sampler_attribute or use sampler_mode 'random'."
-            )
+        groups = _record_values(records, attribute, "sampler attribute",
+                                "override sampler_attribute or use sampler_mode 'random'")
         if mode == "pk":
             common["images_per_group"] = images_per_group
             if order_attribute:
-                absent = next((i for i, r in enumerate(records) if order_attribute not in r), None)
-                if absent is not None:
-                    raise ValueError(f"sampler order attribute {order_attribute!r} is not in the manifest (record "
-                                     f"{absent} has keys {sorted(records[absent])}).")
-                common["block_order"] = [records[i][order_attribute] for i in range(len(records))]
-        return AttributeBatchSampler(groups=[r[attribute] for r in records], **common)
+                common["block_order"] = _record_values(records, order_attribute, "sampler order attribute",
+                                                       "override sampler_order or set it to null")
+        return AttributeBatchSampler(groups=groups, **common)
     if mode in ("neighbourhood", "neighborhood"):
         if prior_encoder is None:
             raise ValueError("sampler mode 'neighbourhood' needs prior_encoder= (the fitted PriorEncoder).")
