@@ -30,31 +30,42 @@ manifest and the few labels a user has. For each candidate prior this module rep
 
 A verdict follows (:func:`audit_verdict`), tested in this order with the documented thresholds below:
 
-- ``"too coarse: will average groups"``: effective rank below ``COARSE_RANK_FRACTION`` of the batch size, or mean
-  off-diagonal above ``COARSE_MEAN_OFFDIAG``: kernel DU pulls whole groups of centroids to their mean;
 - ``"near identity: equals plain DU"``: effective rank at least ``IDENTITY_RANK_FRACTION`` of the batch size and
   mean off-diagonal at most ``IDENTITY_MEAN_OFFDIAG``;
-- ``"uninformative of your labels"``: p-value above ``P_VALUE_ALPHA`` and CV AUC near 0.5: at most
-  ``0.5 + CHANCE_AUC_MARGIN`` or at most its chance level ``auc_chance``;
-- ``"informative"`` otherwise.
+- ``"informative"``: p-value at most ``P_VALUE_ALPHA``, or CV AUC above ``0.5 + CHANCE_AUC_MARGIN`` and above its
+  chance level ``auc_chance``. A coarse kernel (below) whose groups follow the label is informative too: kernel DU
+  then pools images of the same label, which is what a prior is for;
+- ``"too coarse: will average groups"``: effective rank below ``COARSE_RANK_FRACTION`` of the batch size, or mean
+  off-diagonal above ``COARSE_MEAN_OFFDIAG``: kernel DU pulls whole groups of centroids to their mean, and the groups
+  do not follow the label;
+- ``"uninformative of your labels"`` otherwise.
 
-Candidates (:func:`default_candidates`): each attribute among age (RBF, neighbourhood-scale ``"knn"`` bandwidth fitted
-for the batch size and sampler, as the bundles do), sex, site and view (categorical), age x sex, patient x time (when
-the manifest has ``patient_id`` and ``study_offset_days`` or ``follow_up``), and one candidate per prior table
-(generative or encoder embeddings, an RBF with the ``"knn"`` bandwidth).
+The ranked table orders the verdicts as :data:`VERDICTS` (informative, near identity, uninformative, too coarse):
+informative priors by CV AUC, the others by the centroid smoother's degrees of freedom per sample (least pooling
+first), since a prior that does not follow the label can only cost.
+
+Candidates: with a pretrain bundle (:func:`run_audit`, ``monai-du audit``; :func:`bundle_candidates`), each method
+file of the bundle that sets a kernel (``kdu_attr``, ``kdu_patient``, ``kdu_gen``, ``kdu_encoder``, ``yaware``) is a
+candidate built by the bundle itself: the kernel its run fits, its prior vector, and batches of its own sampler, with
+its ``lam`` and ``instance_weight``. Besides them, and without a bundle (:func:`default_candidates`): each attribute
+among age (RBF, neighbourhood-scale ``"knn"`` bandwidth fitted for the batch size and sampler, as the bundles do), sex,
+site and view (categorical), and without a bundle also age x sex, patient x time (when the manifest has
+``patient_id`` and ``study_offset_days`` or ``follow_up``) and one candidate per prior table (an RBF with the
+``"knn"`` bandwidth).
 
 Python::
 
     df = audit_priors(manifest_df, labels=["label_no_finding"], prior_tables={"vae": "prior_table.csv"})
     print(format_audit(df))
 
-Command line::
+Command line (the bundle's methods, the attributes, and an encoder prior through the ``kdu_encoder`` method)::
 
-    monai-du audit --manifest M.csv --label label_no_finding --prior-table vae=prior_table.csv --out report/
+    monai-du audit --manifest M.csv --label label_no_finding --prior-table du_encoder=enc_prior.csv --out report/
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -66,11 +77,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 from monai_du.data.manifest import LABEL_PREFIX, label_column_name, read_manifest
-from monai_du.data.samplers import AttributeBatchSampler
+from monai_du.data.samplers import AttributeBatchSampler, draw_batches
 from monai_du.evaluation import patient_grouped_splits
 from monai_du.io import write_text_atomic
 from monai_du.kernels import CategoricalKernel, PriorKernel, RBFKernel, kernel_summary, patient_time_kernel
@@ -150,8 +162,10 @@ VERDICT_COARSE = "too coarse: will average groups"
 VERDICT_IDENTITY = "near identity: equals plain DU"
 VERDICT_UNINFORMATIVE = "uninformative of your labels"
 VERDICT_INFORMATIVE = "informative"
-VERDICTS: tuple[str, ...] = (VERDICT_INFORMATIVE, VERDICT_UNINFORMATIVE, VERDICT_IDENTITY, VERDICT_COARSE)
-"""The verdicts, best first: the order of the ranked table."""
+VERDICTS: tuple[str, ...] = (VERDICT_INFORMATIVE, VERDICT_IDENTITY, VERDICT_UNINFORMATIVE, VERDICT_COARSE)
+"""The verdicts, best first: the order of the ranked table. An informative prior can help; a near-identity prior
+trains plain DU; an uninformative prior pools images whose similarity does not follow the label, and a coarse one
+pools whole groups of them, so those two can only cost."""
 
 ATTRIBUTE_COLUMNS: tuple[str, ...] = ("age", "sex", "site", "view")
 _SAMPLER = "sampler"  # fit_groups value: the groups of a "within" sampler
@@ -167,12 +181,23 @@ class PriorCandidate:
         fit_groups: groups the kernel's ``"knn"`` bandwidth rule is fitted within: ``"sampler"`` (default) for the
             groups of a ``"within"`` sampler (none for other samplers), None for mixed batches, or an (N,) array.
         description: a short description of the kernel for the report (default: its class name).
+        batches: the candidate's own training batches (lists of indices into ``batch_prior``), e.g. those of its
+            bundle method's sampler (:func:`bundle_candidates`); None: batches of the audit's sampler.
+        batch_prior: (N_train, P) prior vectors the ``batches`` index (with ``batches``).
+        sampler: the sampler of ``batches`` in words.
+        lam: the candidate's ridge (None: the audit's ``lam``).
+        instance_weight: the candidate's identity term (None: the audit's ``instance_weight``).
     """
 
     kernel: PriorKernel
     prior: np.ndarray
     fit_groups: Any = _SAMPLER
     description: str = ""
+    batches: list[list[int]] | None = None
+    batch_prior: np.ndarray | None = None
+    sampler: str | None = None
+    lam: float | None = None
+    instance_weight: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -407,22 +432,6 @@ def cv_auc_chance_level(
 # ---------------------------------------------------------------------------------------------------------------------
 # batch kernel statistics
 # ---------------------------------------------------------------------------------------------------------------------
-def _draw_batches(sampler: AttributeBatchSampler, n_batches: int) -> list[list[int]]:
-    batches: list[list[int]] = []
-    epoch = 0
-    while len(batches) < n_batches:
-        sampler.set_epoch(epoch)
-        before = len(batches)
-        for batch in sampler:
-            batches.append(list(batch))
-            if len(batches) == n_batches:
-                break
-        if len(batches) == before:
-            raise ValueError("the batch sampler yields no batch.")
-        epoch += 1
-    return batches
-
-
 def batch_kernel_stats(
     kernel: PriorKernel,
     prior: Any,
@@ -496,6 +505,7 @@ def default_candidates(
     prior_tables: Mapping[str, pd.DataFrame | str | os.PathLike] | None = None,
     knn_k: int = 5,
     attributes: Sequence[str] = ATTRIBUTE_COLUMNS,
+    combined: bool = True,
 ) -> dict[str, PriorCandidate]:
     """The candidate priors a manifest supports.
 
@@ -514,6 +524,8 @@ def default_candidates(
         prior_tables: generative or encoder prior tables by name.
         knn_k: neighbour rank of the ``"knn"`` bandwidth rule.
         attributes: manifest columns considered as single-attribute priors.
+        combined: add ``"age x sex"`` and ``"patient x time"`` (False when the bundle's methods stand for them,
+            :func:`bundle_candidates`).
 
     Returns:
         candidates by name, kernels not yet fitted.
@@ -529,13 +541,13 @@ def default_candidates(
             encoder = PriorEncoder(categorical=[name]).fit(df)
             out[name] = PriorCandidate(CategoricalKernel(columns=[0]), encoder.transform(df).astype(np.float64),
                                        description=f"Cat[{name}]")
-    if "age" in present and "sex" in present:
+    if combined and "age" in present and "sex" in present:
         encoder = PriorEncoder(continuous=["age"], categorical=["sex"]).fit(df)
         kernel = RBFKernel("knn", columns=[0], knn_k=knn_k, knn_batch_size=batch_size) * CategoricalKernel(columns=[1])
         out["age x sex"] = PriorCandidate(kernel, encoder.transform(df).astype(np.float64),
                                           description="RBF(knn)[age] * Cat[sex]")
     time_column = next((c for c in TIME_COLUMNS if c in df.columns and _numeric(df, c).notna().any()), None)
-    if "patient_id" in df.columns and time_column is not None:
+    if combined and "patient_id" in df.columns and time_column is not None:
         patients = PriorEncoder(categorical=["patient_id"]).fit(df).transform(df)[:, 0].astype(np.float64)
         times = _numeric(df, time_column).to_numpy()
         bandwidth: float | str = "gap" if _has_repeat_times(patients, times) else 1.0
@@ -568,8 +580,10 @@ def _as_candidate(name: str, value: Any, n: int) -> PriorCandidate:
         raise ValueError(f"candidate {name!r}: prior must have shape ({n}, P), got {prior.shape}.")
     if np.isinf(prior).any():
         raise ValueError(f"candidate {name!r}: prior holds infinite values; use NaN for a missing value.")
+    if (candidate.batches is None) != (candidate.batch_prior is None):
+        raise ValueError(f"candidate {name!r}: give batches and batch_prior together.")
     description = candidate.description or type(candidate.kernel).__name__
-    return PriorCandidate(candidate.kernel, prior, candidate.fit_groups, description)
+    return dataclasses.replace(candidate, prior=prior, description=description)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -659,6 +673,8 @@ def audit_priors(
     knn_k: int = 5,
     seed: int = 0,
     source: str = "manifest",
+    extra_candidates: Mapping[str, PriorCandidate] | None = None,
+    combined: bool = True,
 ) -> pd.DataFrame:
     """Audit candidate priors on a manifest against a few labels (see the module docstring).
 
@@ -684,6 +700,8 @@ def audit_priors(
         knn_k: neighbour rank of the ``"knn"`` bandwidths of the default candidates.
         seed: seed of the batches, permutations, folds and subsampling.
         source: name of the manifest in error messages (its file).
+        extra_candidates: candidates added to the others, e.g. the bundle's methods (:func:`bundle_candidates`).
+        combined: with ``candidates=None``, include the default ``"age x sex"`` and ``"patient x time"`` candidates.
 
     Returns:
         one row per (prior, label), ranked within each label (column ``rank``, best first): ``prior``, ``label``,
@@ -748,13 +766,17 @@ def audit_priors(
 
     skipped: dict[str, str] = {}
     if candidates is None:
-        raw = default_candidates(df, batch_size=batch_size, prior_tables=prior_tables, knn_k=knn_k)
+        raw = default_candidates(df, batch_size=batch_size, prior_tables=prior_tables, knn_k=knn_k, combined=combined)
         user = False
     else:
         raw = dict(candidates)
         if prior_tables:
             raw.update(default_candidates(df, batch_size, prior_tables=prior_tables, knn_k=knn_k, attributes=()))
         user = True
+    for name, value in (extra_candidates or {}).items():
+        if name in raw:
+            raise ValueError(f"candidate prior {name!r} is given twice; give it another name.")
+        raw[name] = value
     if not raw:
         raise ValueError(f"{source}: no candidate prior (no age, sex, site or view with 2 values, and no prior table).")
     prepared = {name: _as_candidate(name, value, n) for name, value in raw.items()}
@@ -765,7 +787,7 @@ def audit_priors(
             sampler = _make_sampler(mode, batch_size, groups, np.zeros((n, 1)), seed, sampler_kwargs)
         except ValueError as err:
             raise ValueError(f"{source}: batch sampler {sampler_name!r} with batch size {batch_size}: {err}") from None
-        shared_batches = _draw_batches(sampler, int(n_batches))
+        shared_batches = draw_batches(sampler, int(n_batches))
 
     # rows, permutations and folds of each label, shared by every candidate
     rng = np.random.default_rng(seed)
@@ -795,11 +817,16 @@ def audit_priors(
                     raise ValueError(f"candidate prior {name!r}: fitting {candidate.description}: {err}") from None
                 skipped[name] = str(err)
                 continue
-        batches = shared_batches
+        own = candidate.batches is not None
+        batches, batch_prior = (candidate.batches, candidate.batch_prior) if own else (shared_batches, prior)
         if batches is None:
             sampler = _make_sampler(mode, batch_size, None, prior, seed, sampler_kwargs)
-            batches = _draw_batches(sampler, int(n_batches))
-        stats = batch_kernel_stats(kernel, prior, batches, instance_weight=instance_weight, lam=lam)
+            batches = draw_batches(sampler, int(n_batches))
+        stats = batch_kernel_stats(
+            kernel, batch_prior, batches,
+            instance_weight=instance_weight if candidate.instance_weight is None else candidate.instance_weight,
+            lam=lam if candidate.lam is None else candidate.lam,
+        )
         for column, plan in label_plans.items():
             rows, y, codes = plan["rows"], plan["y"], plan["codes"]
             k = kernel(torch.as_tensor(prior[rows])).to(torch.float64).numpy()
@@ -810,8 +837,8 @@ def audit_priors(
                 "prior": name,
                 "label": column,
                 "kernel": candidate.description,
-                "batch_size": batch_size,
-                "sampler": sampler_name,
+                "batch_size": len(batches[0]) if own else batch_size,
+                "sampler": (candidate.sampler or "own batches") if own else sampler_name,
                 **{key: stats[key] for key in ("eff_rank", "eff_rank_fraction", "mean_offdiag", "centroid_dof")},
                 "n_labelled": len(rows),
                 "n_positive": int(y.sum()),
@@ -831,8 +858,10 @@ def audit_priors(
         out["verdict"] = [audit_verdict(row) for row in out.to_dict("records")]
         out["_order"] = out["verdict"].map({v: i for i, v in enumerate(VERDICTS)})
         out["_label_order"] = out["label"].map({c: i for i, c in enumerate(label_columns)})
-        out["_auc"] = out["cv_auc"].fillna(0.5)
-        out = out.sort_values(["_label_order", "_order", "_auc", "p_value", "kta"],
+        # informative priors by how well they predict the label; the others by how little they pool
+        informative = out["verdict"] == VERDICT_INFORMATIVE
+        out["_score"] = np.where(informative, out["cv_auc"].fillna(0.5), out["centroid_dof"] / out["batch_size"])
+        out = out.sort_values(["_label_order", "_order", "_score", "p_value", "kta"],
                               ascending=[True, True, False, True, False], kind="stable")
         out["rank"] = out.groupby("label").cumcount() + 1
         out = out[columns].reset_index(drop=True)
@@ -858,17 +887,27 @@ def audit_verdict(row: Mapping[str, Any]) -> str:
     if fraction is None or (isinstance(fraction, float) and math.isnan(fraction)):
         fraction = float(row["eff_rank"]) / float(row["batch_size"])
     fraction, off = float(fraction), float(row["mean_offdiag"])
-    if fraction < COARSE_RANK_FRACTION or off > COARSE_MEAN_OFFDIAG:
-        return VERDICT_COARSE
     if fraction >= IDENTITY_RANK_FRACTION and off <= IDENTITY_MEAN_OFFDIAG:
         return VERDICT_IDENTITY
+    if _carries_label_information(row):
+        return VERDICT_INFORMATIVE
+    if _is_coarse(fraction, off):
+        return VERDICT_COARSE
+    return VERDICT_UNINFORMATIVE
+
+
+def _is_coarse(fraction: float, mean_offdiag: float) -> bool:
+    return fraction < COARSE_RANK_FRACTION or mean_offdiag > COARSE_MEAN_OFFDIAG
+
+
+def _carries_label_information(row: Mapping[str, Any]) -> bool:
     p, auc = float(row["p_value"]), float(row["cv_auc"])
     significant = not math.isnan(p) and p <= P_VALUE_ALPHA
     chance = 0.5 + CHANCE_AUC_MARGIN
     if row.get("auc_chance") is not None and not math.isnan(float(row["auc_chance"])):
         chance = max(chance, float(row["auc_chance"]))
     predictive = not math.isnan(auc) and auc > chance
-    return VERDICT_INFORMATIVE if significant or predictive else VERDICT_UNINFORMATIVE
+    return significant or predictive
 
 
 def _reason(row: Mapping[str, Any]) -> str:
@@ -883,6 +922,10 @@ def _reason(row: Mapping[str, Any]) -> str:
            f"CV AUC {float(row['cv_auc']):.2f} (chance up to {float(row.get('auc_chance', math.nan)):.2f})"
     if verdict == VERDICT_UNINFORMATIVE:
         return f"{info}: its similarities do not follow {row['label']}"
+    fraction = float(row.get("eff_rank_fraction") or rank / b)
+    if _is_coarse(fraction, off):
+        return (f"{info}; effective rank {rank:.1f} of {b}, mean off-diagonal {off:.2f}: it pools groups of images, "
+                f"and the groups follow {row['label']}")
     return f"{info}; effective rank {rank:.1f} of {b}"
 
 
@@ -910,7 +953,9 @@ def format_audit(df: pd.DataFrame) -> str:
                 f"{row['cv_auc']:>5.2f} {row['auc_chance']:>6.2f}  {row['verdict']}"
             )
         lines.append("")
-        lines += [f"- {row['prior']}: {row['verdict']} ({_reason(row)})" for row in part.to_dict("records")]
+        for row in part.to_dict("records"):
+            own = f" (its own batches: {row['sampler']})" if row["sampler"] != settings.get("sampler") else ""
+            lines.append(f"- {row['prior']}{own}: {row['verdict']} ({_reason(row)})")
     for name, reason in df.attrs.get("skipped", {}).items():
         lines.append(f"- {name}: skipped ({reason})")
     return "\n".join(lines).lstrip("\n")
@@ -930,12 +975,104 @@ def write_audit(df: pd.DataFrame, out: str | os.PathLike) -> dict[str, Path]:
     }
 
 
+def _root_message(err: BaseException) -> str:
+    """The first line of the innermost cause: MONAI's config parser wraps an expression's error in a RuntimeError."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _table_setting(bundle: Path, method: str) -> tuple[bool, bool]:
+    """Whether a method file reads a ``prior_table``, and whether it builds one itself (a non-null default)."""
+    path = bundle / "configs" / "methods" / f"{method}.yaml"
+    content = yaml.safe_load(path.read_text(encoding="utf-8")) or {} if path.is_file() else {}
+    return "prior_table" in content, content.get("prior_table") is not None
+
+
+def bundle_candidates(
+    bundle: str | os.PathLike,
+    manifest: str | os.PathLike,
+    methods: Sequence[str] | None = None,
+    prior_tables: Mapping[str, str | os.PathLike] | None = None,
+    dataset_dir: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    n_batches: int = 20,
+    work_dir: str | os.PathLike | None = None,
+) -> tuple[dict[str, PriorCandidate], dict[str, str]]:
+    """Candidates that the pretrain bundle's method files build (:func:`~monai_du.bundle_priors.method_prior`).
+
+    Each candidate is a method's kernel as its run fits it, the prior vector it reads, and batches of its own sampler
+    with its own ``lam`` and ``instance_weight``: the audit row of ``kdu_patient`` is the prior that
+    ``monai-du compare`` trains ``kdu_patient`` with.
+
+    Args:
+        bundle: the pretrain bundle (``"cxr"``, ``"brain"`` or its folder).
+        manifest: the manifest file.
+        methods: method keys; None: every method file of the bundle that sets a kernel.
+        prior_tables: ``name -> table file``. A name that is a method reading a ``prior_table`` (``kdu_gen``,
+            ``kdu_encoder``) gives that method its table; any other name becomes a candidate of the ``kdu_encoder``
+            method with that table. The table must cover every manifest image (``monai-du prior --split all``).
+        dataset_dir: folder of relative image paths.
+        overrides: bundle ids for every method (e.g. ``batch_size``).
+        n_batches: batches drawn from each method's sampler.
+        work_dir: folder for what a method builds (``kdu_gen``'s VAE table, under ``<work_dir>/<method>``); None: a
+            temporary folder.
+
+    Returns:
+        ``(candidates, skipped)``: candidates by name, and ``{name: reason}`` for the default methods that could
+        not be built (a method needing a table that was not given, or a column the manifest lacks).
+    """
+    from monai_du.bundle_priors import kernel_methods, method_prior
+    from monai_du.compare import bundle_path
+
+    folder = bundle_path(bundle)
+    named = methods is not None
+    keys = list(methods) if named else kernel_methods(folder)
+    tables = {str(k): v for k, v in (prior_tables or {}).items()}
+    jobs: list[tuple[str, str, dict[str, Any]]] = []  # (row name, method, overrides)
+    skipped: dict[str, str] = {}
+    for key in keys:
+        reads, builds = _table_setting(folder, key)
+        if key in tables:
+            if not reads:
+                raise ValueError(f"method {key!r} of {folder} reads no prior table; name the table otherwise.")
+            jobs.append((key, key, {"prior_table": str(tables.pop(key))}))
+        elif reads and not builds:
+            skipped[key] = f"needs a prior table: --prior-table {key}=FILE (monai-du prior --encoder ... --split all)"
+        else:
+            jobs.append((key, key, {}))
+    for name, table in tables.items():
+        jobs.append((name, "kdu_encoder", {"prior_table": str(table)}))
+    out: dict[str, PriorCandidate] = {}
+    for name, method, extra in jobs:
+        root = None if work_dir is None else Path(work_dir) / name
+        try:
+            prior = method_prior(folder, method, manifest, dataset_dir=dataset_dir,
+                                 overrides={**dict(overrides or {}), **extra}, n_batches=n_batches,
+                                 bundle_root=root, name=name)
+        except (ValueError, KeyError, RuntimeError) as err:
+            reason = _root_message(err)
+            if named or name not in keys:
+                raise ValueError(f"candidate prior {name!r}: {reason}") from None
+            skipped[name] = reason
+            continue
+        out[name] = PriorCandidate(
+            prior.kernel, prior.prior, fit_groups=None, description=f"{method}: {prior.description}",
+            batches=prior.batches, batch_prior=prior.batch_prior, sampler=prior.sampler, lam=prior.lam,
+            instance_weight=prior.instance_weight,
+        )
+    return out, skipped
+
+
 def run_audit(
     manifest: str | os.PathLike,
     labels: Sequence[str],
     dataset_dir: str | os.PathLike | None = None,
     prior_tables: Mapping[str, str | os.PathLike] | None = None,
     out: str | os.PathLike | None = None,
+    bundle: str | os.PathLike | None = "cxr",
+    methods: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> pd.DataFrame:
     """Read a manifest file and its prior tables, audit the priors, and write the report to ``out`` (if given).
@@ -946,6 +1083,10 @@ def run_audit(
         dataset_dir: folder of relative image paths (default: the manifest's folder).
         prior_tables: prior table files by name.
         out: report folder (``audit.csv``, ``audit.json``, ``audit.txt``), or None.
+        bundle: the pretrain bundle whose method files give the kernel methods' candidates
+            (:func:`bundle_candidates`; ``"cxr"``, ``"brain"`` or a folder); None: the generic candidates of
+            :func:`default_candidates` only, with the prior tables as RBF candidates.
+        methods: the bundle's methods to audit (None: every method file that sets a kernel).
         kwargs: further arguments of :func:`audit_priors`.
 
     Returns:
@@ -962,7 +1103,18 @@ def run_audit(
         load_prior_table(path)  # checked before any work; attach_prior_table names the file in its errors
         tables[str(name)] = str(path)
     try:
-        result = audit_priors(df, labels, prior_tables=tables, source=str(manifest), **kwargs)
+        if bundle is None:
+            result = audit_priors(df, labels, prior_tables=tables, source=str(manifest), **kwargs)
+        else:
+            overrides = {"batch_size": int(kwargs.get("batch_size", 64)), "seed": int(kwargs.get("seed", 0))}
+            work_dir = None if out is None else Path(out) / "methods"
+            extra, skipped = bundle_candidates(
+                bundle, manifest, methods=methods, prior_tables=tables, dataset_dir=dataset_dir, overrides=overrides,
+                n_batches=int(kwargs.get("n_batches", 20)), work_dir=work_dir,
+            )
+            result = audit_priors(df, labels, source=str(manifest), extra_candidates=extra, combined=False, **kwargs)
+            result.attrs["skipped"] = {**result.attrs.get("skipped", {}), **skipped}
+            result.attrs["settings"]["bundle"] = str(bundle)
     except ValueError as err:
         raise ValueError(str(err)) from None
     if out is not None:

@@ -284,9 +284,15 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", action="append", required=True, help="label column (repeat for several)")
     p.add_argument("--prior-table", action="append", default=[], metavar="NAME=PATH",
                    help="a generative or encoder prior table (image + gen_* columns) to audit as NAME (repeatable)")
+    p.add_argument("--bundle", default="cxr",
+                   help="pretrain bundle whose kernel methods are audited with their own kernel, sampler, lam and "
+                        "instance weight: cxr, brain, a bundle folder, or none (generic candidates only)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="the bundle's methods to audit (default: every method file that sets a kernel)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="training batch size")
     p.add_argument("--sampler-mode", choices=SAMPLER_MODES, default=None,
-                   help="training sampler (default: within site when the manifest has several sites, else random)")
+                   help="sampler of the single-attribute and prior-table candidates (default: within site when the "
+                        "manifest has several sites, else random); the bundle's methods use their own")
     p.add_argument("--sampler-attribute", default=None,
                    help="manifest column of the sampler's groups (default: site; patient_id for pk)")
     p.add_argument("--images-per-patient", type=_positive_int, default=None, help="K of the pk sampler")
@@ -295,8 +301,9 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
                         "sampler_order")
     p.add_argument("--n-batches", type=_positive_int, default=20, help="batches the kernel statistics average over")
     p.add_argument("--n-permutations", type=_positive_int, default=999, help="permutations of the p-value")
-    p.add_argument("--lam", type=float, default=0.01, help="kernel DU ridge lam (> 0), as in the loss")
-    p.add_argument("--instance-weight", type=float, default=0.05, help="kernel DU instance term (>= 0), as in the loss")
+    p.add_argument("--lam", type=float, default=0.01, help="kernel DU ridge lam (> 0) of the generic candidates")
+    p.add_argument("--instance-weight", type=float, default=0.05,
+                   help="kernel DU instance term (>= 0) of the generic candidates")
     p.add_argument("--knn-k", type=_positive_int, default=5, help="neighbour rank of the knn bandwidth rule")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of batches, permutations and folds")
     p.add_argument("--out", default=None, help="report folder (audit.csv, audit.json, audit.txt)")
@@ -322,8 +329,8 @@ def _run_audit(args: argparse.Namespace) -> int:
         args.manifest, args.label, dataset_dir=args.dataset_dir, prior_tables=tables, out=args.out,
         batch_size=args.batch_size, sampler_mode=args.sampler_mode, sampler_attribute=args.sampler_attribute,
         images_per_patient=args.images_per_patient, sampler_order=args.sampler_order, n_batches=args.n_batches,
-        n_permutations=args.n_permutations,
-        lam=args.lam, instance_weight=args.instance_weight, knn_k=args.knn_k, seed=args.seed,
+        n_permutations=args.n_permutations, bundle=None if str(args.bundle).lower() == "none" else args.bundle,
+        methods=args.methods, lam=args.lam, instance_weight=args.instance_weight, knn_k=args.knn_k, seed=args.seed,
     )
     print(format_audit(result))
     if args.out is not None:

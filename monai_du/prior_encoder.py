@@ -6,6 +6,7 @@ that the kernels read (continuous attributes first, then categorical codes; NaN 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -324,6 +325,24 @@ class PriorEncoder:
             else:
                 values = self._numbers(df[name], name)
                 out[:, i] = [self._scale(float(v), name) for v in values]
+        return out
+
+    def with_unseen_categories(self, df: pd.DataFrame) -> PriorEncoder:
+        """A copy that also codes the categories of ``df`` unseen at fit time, for rows outside the training set.
+
+        Known tokens keep their codes; each unseen token gets a new code after them, so that it matches only itself in
+        a categorical kernel (rather than NaN, which the kernels read as *unknown*). Continuous statistics are
+        unchanged.
+        """
+        self._require_fitted()
+        self._check_columns(df)
+        assert self.categories is not None
+        out = copy.deepcopy(self)
+        for name in self.categorical:
+            known = set(out.categories[name])
+            tokens = {self._category_token(v) for v in df[name].tolist()}
+            out.categories[name] = out.categories[name] + sorted(t for t in tokens if t is not None and t not in known)
+            out._code_maps[name] = {tok: i for i, tok in enumerate(out.categories[name])}
         return out
 
     def fit_transform(self, df: pd.DataFrame) -> np.ndarray:

@@ -228,6 +228,10 @@ def test_verdict_thresholds():
     assert audit_verdict({**mid, "p_value": 0.01}) == VERDICT_INFORMATIVE
     assert audit_verdict({**mid, "cv_auc": 0.7}) == VERDICT_INFORMATIVE
     assert audit_verdict({**mid, "cv_auc": 0.3}) == VERDICT_UNINFORMATIVE  # below chance is no information
+    # a coarse kernel whose groups follow the label pools images of one label: informative, not "too coarse"
+    assert audit_verdict({**low_rank, "p_value": 0.01}) == VERDICT_INFORMATIVE
+    assert audit_verdict({**dense, "cv_auc": 0.7}) == VERDICT_INFORMATIVE
+    assert audit_verdict({**near, "p_value": 0.01}) == VERDICT_IDENTITY  # the identity trains plain DU whatever
 
 
 def _audit(df, candidates, **kwargs):
@@ -262,8 +266,25 @@ def test_each_verdict_on_a_cohort_with_a_known_answer():
     assert out.loc["determines label", "verdict"] == VERDICT_INFORMATIVE
     assert out.loc["determines label", "p_value"] == pytest.approx(1 / 200)
     assert out.loc["determines label", "cv_auc"] > 0.95
-    assert out.loc["determines label", "rank"] == 1 and out.loc["two groups", "rank"] == 4
+    # informative first, then the identity (plain DU), then the priors that can only cost
+    assert list(out.sort_values("rank").index) == ["determines label", "unique tiny bandwidth", "independent",
+                                                   "two groups"]
     assert (out["n_labelled"] == n).all() and (out["n_patients"] == 160).all()
+
+
+def test_a_coarse_kernel_whose_groups_follow_the_label_is_informative():
+    df = _cohort()
+    rng = np.random.default_rng(1)
+    y = df["label_x"].to_numpy()
+    noisy = np.where(rng.random(len(y)) < 0.1, 1 - y, y)  # two groups, 90 % of each of one label
+    out = _audit(df, {"label groups": (CategoricalKernel(), noisy), "random groups": (CategoricalKernel(),
+                                                                                      rng.integers(0, 2, len(y)))})
+    out = out.reset_index()
+    rows = out.set_index("prior")
+    assert rows.loc["label groups", "eff_rank"] < 3 and rows.loc["random groups", "eff_rank"] < 3
+    assert rows.loc["label groups", "verdict"] == VERDICT_INFORMATIVE
+    assert rows.loc["random groups", "verdict"] == VERDICT_COARSE
+    assert "pools groups of images, and the groups follow label_x" in format_audit(out)
 
 
 def test_uninformative_p_values_are_not_systematically_small():
@@ -333,6 +354,42 @@ def test_prior_tables_and_the_written_report(tmp_path):
     assert "vae: informative" in (tmp_path / "report" / "audit.txt").read_text()
     paths = write_audit(out, tmp_path / "again")
     assert sorted(paths) == ["csv", "json", "txt"]
+
+
+def test_the_bundle_methods_are_audited_with_their_own_kernel_and_batches(tmp_path):
+    from monai_du.bundle_priors import method_prior
+
+    df = _cohort(n_patients=100, max_images=5)
+    manifest = tmp_path / "manifest.csv"
+    df.to_csv(manifest, index=False)
+    common = dict(batch_size=16, n_batches=5, n_permutations=49)
+    out = run_audit(manifest, ["label_x"], out=tmp_path / "report", **common).set_index("prior")
+    # the methods stand for the combined priors; kdu_gen would train a VAE on images this manifest lacks
+    assert set(out.index) == {"age", "sex", "kdu_attr", "kdu_patient", "yaware"}
+    skipped = json.loads((tmp_path / "report" / "audit.json").read_text())["skipped"]
+    assert set(skipped) == {"kdu_gen", "kdu_encoder"} and "--prior-table kdu_encoder=FILE" in skipped["kdu_encoder"]
+    assert out.loc["kdu_patient", "sampler"] == "pk:patient_id K=2 by follow_up"
+    assert out.loc["kdu_attr", "sampler"] == "within:site" and out.loc["age", "sampler"] == "random"
+    # the row's batch statistics are those of the bundle's own batches and loss settings
+    prior = method_prior("cxr", "kdu_patient", manifest, overrides={"batch_size": 16, "seed": 0}, n_batches=5)
+    stats = batch_kernel_stats(prior.kernel, prior.batch_prior, prior.batches, instance_weight=prior.instance_weight,
+                               lam=prior.lam)
+    for key in ("eff_rank", "mean_offdiag", "centroid_dof"):
+        assert out.loc["kdu_patient", key] == pytest.approx(stats[key], rel=1e-9)
+    text = (tmp_path / "report" / "audit.txt").read_text()
+    assert "kdu_patient (its own batches: pk:patient_id K=2 by follow_up)" in text
+    # a prior table under its own name is audited through the kdu_encoder method; without a bundle, generically
+    noise = np.random.default_rng(2).normal(size=(len(df), 2))
+    table = pd.DataFrame({"image": df["image"], "gen_0": df["label_x"] + 0.1 * noise[:, 0], "gen_1": noise[:, 1]})
+    table.to_csv(tmp_path / "enc.csv", index=False)
+    with_table = run_audit(manifest, ["label_x"], prior_tables={"enc": tmp_path / "enc.csv"}, methods=["kdu_patient"],
+                           **common).set_index("prior")
+    assert set(with_table.index) == {"age", "sex", "kdu_patient", "enc"}
+    assert with_table.loc["enc", "kernel"].startswith("kdu_encoder: ")
+    generic = run_audit(manifest, ["label_x"], bundle=None, **common).set_index("prior")
+    assert {"age x sex", "patient x time"} <= set(generic.index) and "kdu_patient" not in generic.index
+    with pytest.raises(ValueError, match=r"candidate prior 'du': method 'du' .*sets no kernel"):
+        run_audit(manifest, ["label_x"], methods=["du"], **common)
 
 
 def test_bad_input_is_a_clear_error(tmp_path):

@@ -118,3 +118,17 @@ def test_prior_encoder_load_errors(tmp_path):
     bad.write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="bad.json"):
         PriorEncoder.load(bad)
+
+
+def test_unseen_categories_get_codes_of_their_own():
+    train = pd.DataFrame({"age": [30.0, 50.0, 70.0], "patient_id": ["b", "a", "b"]})
+    rows = pd.DataFrame({"age": [50.0, 40.0, 40.0, 60.0], "patient_id": ["a", "c", "c", "d"]})
+    encoder = PriorEncoder(continuous=["age"], categorical=["patient_id"]).fit(train)
+    wider = encoder.with_unseen_categories(rows)
+    known = encoder.transform(rows)
+    assert np.isnan(known[1:, 1]).all()  # unseen patients are unknown to the fitted encoder
+    codes = wider.transform(rows)[:, 1]
+    assert codes[0] == known[0, 1]  # a known patient keeps its code
+    assert codes[1] == codes[2] and len({codes[0], codes[1], codes[3]}) == 3 and not np.isnan(codes).any()
+    np.testing.assert_array_equal(wider.transform(rows)[:, 0], known[:, 0])  # continuous scaling unchanged
+    assert encoder.categories == {"patient_id": ["a", "b"]}  # the original is untouched

@@ -27,7 +27,7 @@ import pandas as pd
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-__all__ = ["AttributeBatchSampler", "attribute_batch_sampler", "SAMPLER_MODES", "SMALL_GROUP_POLICIES"]
+__all__ = ["AttributeBatchSampler", "attribute_batch_sampler", "draw_batches", "SAMPLER_MODES", "SMALL_GROUP_POLICIES"]
 
 logger = logging.getLogger(__name__)
 
@@ -871,3 +871,21 @@ def attribute_batch_sampler(
         features = np.stack([prior_encoder.transform_row(r, allow_missing_keys=True) for r in records])
         return AttributeBatchSampler(features=features, **common)
     return AttributeBatchSampler(num_samples=len(records), **common)
+
+
+def draw_batches(sampler: Any, n_batches: int) -> list[list[int]]:
+    """The first ``n_batches`` batches of a batch sampler, over as many epochs as it takes (``set_epoch`` per epoch)."""
+    batches: list[list[int]] = []
+    epoch = 0
+    while len(batches) < n_batches:
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        before = len(batches)
+        for batch in sampler:
+            batches.append([int(i) for i in batch])
+            if len(batches) == n_batches:
+                break
+        if len(batches) == before:
+            raise ValueError("the batch sampler yields no batch: fewer rows than one batch.")
+        epoch += 1
+    return batches
