@@ -271,9 +271,10 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
         "audit",
         help="which prior will help? rank candidate priors on a manifest against a few labels, before pretraining",
         description=(
-            "For each candidate prior (age, sex, site, view, age x sex, patient x time, and every --prior-table), "
-            "report the batch kernel's effective rank and mean off-diagonal value at the training batch size and "
-            "sampler, and its information about each label: centred kernel-target alignment, HSIC with a "
+            "For each candidate prior (every kernel method of the pretrain bundle, built by the bundle with its own "
+            "kernel, sampler, lam and instance weight; each attribute among age, sex, site and view; and every "
+            "--prior-table), report the batch kernel's effective rank and mean off-diagonal value at the training "
+            "batch size, and its information about each label: centred kernel-target alignment, HSIC with a "
             "patient-level permutation p-value, and the patient-grouped CV AUC of the prior alone. Prints a ranked "
             "table with a verdict per prior (too coarse / near identity / uninformative / informative) and writes "
             "audit.csv, audit.json and audit.txt to --out (monai_du.audit.audit_priors)."
@@ -283,7 +284,9 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset-dir", default=None, help="folder of relative image paths (default: the manifest's)")
     p.add_argument("--label", action="append", required=True, help="label column (repeat for several)")
     p.add_argument("--prior-table", action="append", default=[], metavar="NAME=PATH",
-                   help="a generative or encoder prior table (image + gen_* columns) to audit as NAME (repeatable)")
+                   help="a prior table (image + gen_* columns) for every manifest image: NAME kdu_gen or "
+                        "kdu_encoder gives that method its table; any other NAME is audited through kdu_encoder "
+                        "(repeatable)")
     p.add_argument("--bundle", default="cxr",
                    help="pretrain bundle whose kernel methods are audited with their own kernel, sampler, lam and "
                         "instance weight: cxr, brain, a bundle folder, or none (generic candidates only)")
