@@ -69,6 +69,7 @@ __all__ = [
     "FALLBACK_C",
     "CSearch",
     "select_C",
+    "C_RULES",
     "linear_probe",
     "knn_probe",
     "label_efficiency",
@@ -89,6 +90,8 @@ UNCERTAIN_POLICIES = ("drop", "zero", "one")
 _AGE_BINS = 5  # age quantile bins used to stratify age-regression folds
 #: default grid of inverse L2 strengths searched by ``linear_probe(C="cv")``: 1e-4 ... 1e2, 13 values.
 DEFAULT_CS = np.logspace(-4, 2, 13)
+#: rules of :func:`select_C` for the C chosen from the inner cross-validation.
+C_RULES = ("best", "one_se")
 #: C used (with a warning) when a training set is too small to cross-validate. Heavy regularisation suits
 #: standardised high-dimensional frozen features: on 1,000 real chest X-rays C=0.01 beat C=1.0 for every encoder.
 FALLBACK_C = 0.01
@@ -401,6 +404,14 @@ class CSearch:
             return np.full(self.Cs.shape, np.nan)
         return self.fold_auc[self.scored].mean(axis=0)
 
+    @property
+    def se_auc(self) -> np.ndarray:
+        """(K,) standard error of :attr:`mean_auc` over the scored folds (``std(ddof=1) / sqrt(S)``; 0 for one)."""
+        scored = self.fold_auc[self.scored]
+        if len(scored) < 2:
+            return np.zeros(self.Cs.shape)
+        return scored.std(axis=0, ddof=1) / math.sqrt(len(scored))
+
 
 def select_C(
     features: Any,
@@ -412,6 +423,7 @@ def select_C(
     max_iter: int = 5000,
     fallback_C: float = FALLBACK_C,
     what: str = "select_C",
+    rule: str = "best",
 ) -> CSearch:
     """Choose the inverse L2 strength C of a logistic-regression probe by patient-grouped cross-validation.
 
@@ -435,10 +447,15 @@ def select_C(
         max_iter: lbfgs iterations.
         fallback_C: C used when no inner fold can be scored.
         what: name used in the warning.
+        rule: ``"best"``: the C of the highest mean AUC; ``"one_se"``: the smallest C (strongest regularisation)
+            whose mean AUC is within one standard error (over the inner folds) of the highest, the one-standard-error
+            rule, which is less swayed by an inner fold that favours a weak regularisation by chance.
 
     Returns:
         A :class:`CSearch` (its ``splits`` index the N rows given here).
     """
+    if rule not in C_RULES:
+        raise ValueError(f"rule must be one of {C_RULES}, got {rule!r}.")
     grid = _check_grid(Cs)
     _check_fallback(fallback_C)
     if int(n_splits) < 2:
@@ -474,7 +491,11 @@ def select_C(
             stacklevel=2,
         )
         return result
-    result.C, result.fallback = float(grid[int(np.argmax(result.mean_auc))]), False
+    mean = result.mean_auc
+    best = int(np.argmax(mean))
+    if rule == "one_se":
+        best = int(np.flatnonzero(mean >= mean[best] - result.se_auc[best])[0])  # the grid is ascending
+    result.C, result.fallback = float(grid[best]), False
     return result
 
 
@@ -586,6 +607,7 @@ def linear_probe(
     Cs: Sequence[float] | np.ndarray | None = None,
     inner_splits: int = 5,
     fallback_C: float = FALLBACK_C,
+    c_rule: str = "best",
 ) -> ProbeScores | dict[str, ProbeScores]:
     """L2 logistic-regression probe on frozen features, one binary model per label.
 
@@ -617,11 +639,14 @@ def linear_probe(
         Cs: grid searched with ``C="cv"``; None for :data:`DEFAULT_CS`.
         inner_splits: inner folds with ``C="cv"`` (fewer when the split has fewer training patients).
         fallback_C: C used, with a warning, when a split's training rows are too few to cross-validate.
+        c_rule: how ``C="cv"`` picks C from the inner curve (:func:`select_C`'s ``rule``).
 
     Returns:
         :class:`ProbeScores` for a 1-D ``labels``, else a dict label name -> :class:`ProbeScores`.
     """
     _check_C(C, fallback_C)
+    if c_rule not in C_RULES:
+        raise ValueError(f"c_rule must be one of {C_RULES}, got {c_rule!r}.")
     if C == "cv":
         grid = _check_grid(Cs)
         if int(inner_splits) < 2:
@@ -635,7 +660,8 @@ def linear_probe(
         search = None
         c = C
         if C == "cv":
-            search = select_C(x, y, g, grid, inner_splits, standardize, max_iter, fallback_C, what="linear_probe")
+            search = select_C(x, y, g, grid, inner_splits, standardize, max_iter, fallback_C, what="linear_probe",
+                              rule=c_rule)
             c = search.C
         return pipeline(float(c)).fit(x, y), float(c), search
 

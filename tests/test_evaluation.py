@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import numpy as np
 import pandas as pd
@@ -467,12 +468,13 @@ def test_probe_report_combines_the_probes(cohort):
 
 
 # ---------------------------------------------------------------------------------- C by inner grouped cross-validation
-def _brute_force_C(x, y, groups, Cs, n_folds=5):
+def _brute_force_C(x, y, groups, Cs, n_folds=5, rule="best"):
     """Reference C search: loop over C (ascending), GroupKFold by patient, per-fold numpy standardisation, mean
-    Mann-Whitney AUC of the validation margins over the folds holding both classes, first argmax."""
+    Mann-Whitney AUC of the validation margins over the folds holding both classes, first argmax ("best"), or the
+    first C within one standard error (statistics.stdev / sqrt(folds)) of that maximum ("one_se")."""
     Cs = sorted(Cs)
     splits = list(GroupKFold(n_splits=min(n_folds, len(set(groups)))).split(x, y, groups))
-    curve = []
+    curve, errors = [], []
     for C in Cs:
         aucs = []
         for tr, va in splits:
@@ -484,8 +486,12 @@ def _brute_force_C(x, y, groups, Cs, n_folds=5):
             margin = (x[va] - mean) / std @ clf.coef_[0] + clf.intercept_[0]
             aucs.append(_mann_whitney_auc(y[va], margin))
         curve.append(np.mean(aucs))
+        errors.append(statistics.stdev(aucs) / math.sqrt(len(aucs)))
     curve = np.asarray(curve)
-    return Cs[int(np.argmax(curve))], curve
+    best = int(np.argmax(curve))
+    if rule == "one_se":
+        best = next(j for j in range(len(Cs)) if curve[j] >= curve[best] - errors[best])
+    return Cs[best], curve
 
 
 def _factor_cohort(n_patients, n_features=200, n_factors=10, rows=2, seed=0):
@@ -532,6 +538,26 @@ def test_cv_prefers_heavy_regularisation_on_noisy_high_dimensional_features():
     assert cv.roc_auc(n_bootstrap=0)[0] >= fixed.roc_auc(n_bootstrap=0)[0]
     best, _ = _brute_force_C(x[train], y[train], patients[train], DEFAULT_CS)
     assert cv.chosen_C[0] == best
+
+
+def test_one_standard_error_rule_matches_a_brute_force_search():
+    moved = 0
+    for seed in range(4):
+        x, y, patients = _factor_cohort(60, n_features=40, seed=seed)
+        best = select_C(x, y, patients)
+        one_se = select_C(x, y, patients, rule="one_se")
+        reference, curve = _brute_force_C(x, y, patients, DEFAULT_CS, rule="one_se")
+        assert one_se.C == reference and one_se.C <= best.C
+        moved += one_se.C < best.C
+        np.testing.assert_allclose(one_se.mean_auc, curve, rtol=0, atol=1e-9)
+        probe = linear_probe(x, y, groups=patients, train_mask=patients < 40, c_rule="one_se")
+        inner = select_C(x[patients < 40], y[patients < 40], patients[patients < 40], rule="one_se")
+        assert probe.chosen_C[0] == inner.C
+    assert moved >= 2  # on these noisy cohorts the rule does pick a stronger regularisation
+    with pytest.raises(ValueError, match="rule must be one of"):
+        select_C(x, y, patients, rule="lowest")
+    with pytest.raises(ValueError, match="c_rule must be one of"):
+        linear_probe(x, y, groups=patients, c_rule="lowest")
 
 
 def test_inner_splits_never_share_a_patient(cohort):
