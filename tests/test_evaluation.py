@@ -560,6 +560,33 @@ def test_one_standard_error_rule_matches_a_brute_force_search():
         linear_probe(x, y, groups=patients, c_rule="lowest")
 
 
+def test_repeated_inner_partitions_match_a_brute_force_search():
+    x, y, patients = _factor_cohort(50, n_features=30, seed=7)
+    grid = [0.001, 0.01, 0.1, 1.0]
+    search = select_C(x, y, patients, Cs=grid, repeats=3)
+    assert len(search.splits) == 15 and search.scored.all()
+    for r in range(3):
+        partition = search.splits[5 * r:5 * r + 5]
+        assert np.array_equal(np.sort(np.concatenate([va for _, va in partition])), np.arange(len(y)))
+        for tr, va in partition:
+            assert set(patients[tr]).isdisjoint(patients[va])
+    assert len({tuple(search.splits[5 * r][1]) for r in range(3)}) == 3  # three different partitions
+    curve = []
+    for c in grid:  # reference: numpy standardisation, lbfgs fit, Mann-Whitney AUC, mean over all 15 folds
+        aucs = []
+        for tr, va in search.splits:
+            mean, std = x[tr].mean(axis=0), x[tr].std(axis=0)
+            clf = LogisticRegression(C=c, max_iter=5000).fit((x[tr] - mean) / std, y[tr].astype(int))
+            aucs.append(_mann_whitney_auc(y[va], (x[va] - mean) / std @ clf.coef_[0] + clf.intercept_[0]))
+        curve.append(np.mean(aucs))
+    np.testing.assert_allclose(search.mean_auc, curve, rtol=0, atol=1e-9)
+    assert search.C == grid[int(np.argmax(curve))]
+    probe = linear_probe(x, y, groups=patients, train_mask=patients < 35, Cs=grid, inner_repeats=3)
+    assert len(probe.c_search[0].splits) == 15
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
+        select_C(x, y, patients, repeats=0)
+
+
 def test_inner_splits_never_share_a_patient(cohort):
     x, y, patients, _ = cohort
     labels = y.copy()
