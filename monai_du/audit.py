@@ -41,8 +41,9 @@ A verdict follows (:func:`audit_verdict`), tested in this order with the documen
 - ``"uninformative of your labels"`` otherwise.
 
 The ranked table orders the verdicts as :data:`VERDICTS` (informative, near identity, uninformative, too coarse):
-informative priors by CV AUC, the others by the centroid smoother's degrees of freedom per sample (least pooling
-first), since a prior that does not follow the label can only cost.
+informative priors by CV AUC, the others by their ``pooled`` share ``1 - trace((K_b + lam I)^-1 K_b) / B`` (least
+first: the share of the centroids kernel DU replaces by pooling), since a prior that does not follow the label can
+only cost.
 
 Candidates: with a pretrain bundle (:func:`run_audit`, ``monai-du audit``; :func:`bundle_candidates`), each method
 file of the bundle that sets a kernel (``kdu_attr``, ``kdu_patient``, ``kdu_gen``, ``kdu_encoder``, ``yaware``) is a
@@ -706,7 +707,9 @@ def audit_priors(
     Returns:
         one row per (prior, label), ranked within each label (column ``rank``, best first): ``prior``, ``label``,
         ``kernel``, ``batch_size``, ``sampler``, ``eff_rank``, ``eff_rank_fraction``, ``mean_offdiag``,
-        ``centroid_dof``, ``n_labelled``, ``n_positive``, ``n_patients``, ``kta``, ``hsic``, ``p_value``, ``null``
+        ``centroid_dof``, ``pooled`` (``1 - centroid_dof / batch_size``: the share of the centroids that kernel DU
+        replaces by pooling, 0 for plain DU), ``n_labelled``, ``n_positive``, ``n_patients``, ``kta``, ``hsic``,
+        ``p_value``, ``null``
         (``"patient"`` or ``"image"`` permutations), ``cv_auc``, ``auc_chance``, ``verdict``.
         ``attrs["settings"]`` holds the settings and ``attrs["skipped"]`` the default candidates that could not be
         fitted, with the reason.
@@ -851,16 +854,17 @@ def audit_priors(
                 "auc_chance": _auc_chance(k, y, splits, idx),
             })
     columns = ["rank", "prior", "label", "kernel", "batch_size", "sampler", "eff_rank", "eff_rank_fraction",
-               "mean_offdiag", "centroid_dof", "n_labelled", "n_positive", "n_patients", "kta", "hsic", "p_value",
+               "mean_offdiag", "centroid_dof", "pooled", "n_labelled", "n_positive", "n_patients", "kta", "hsic", "p_value",
                "null", "cv_auc", "auc_chance", "verdict"]
     out = pd.DataFrame.from_records(records)
     if len(out):
+        out["pooled"] = 1.0 - out["centroid_dof"] / out["batch_size"]
         out["verdict"] = [audit_verdict(row) for row in out.to_dict("records")]
         out["_order"] = out["verdict"].map({v: i for i, v in enumerate(VERDICTS)})
         out["_label_order"] = out["label"].map({c: i for i, c in enumerate(label_columns)})
         # informative priors by how well they predict the label; the others by how little they pool
         informative = out["verdict"] == VERDICT_INFORMATIVE
-        out["_score"] = np.where(informative, out["cv_auc"].fillna(0.5), out["centroid_dof"] / out["batch_size"])
+        out["_score"] = np.where(informative, out["cv_auc"].fillna(0.5), -out["pooled"])
         out = out.sort_values(["_label_order", "_order", "_score", "p_value", "kta"],
                               ascending=[True, True, False, True, False], kind="stable")
         out["rank"] = out.groupby("label").cumcount() + 1
@@ -940,8 +944,8 @@ def format_audit(df: pd.DataFrame) -> str:
             f"sampler {settings.get('sampler')}, {settings.get('n_batches')} batches, lam {settings.get('lam'):g}, "
             f"instance weight {settings.get('instance_weight'):g}, {settings.get('n_permutations')} permutations."
         )
-    header = (f"{'#':>2}  {'prior':<16} {'eff.rank':>9} {'offdiag':>8} {'KTA':>7} {'HSIC':>8} {'p':>6} {'AUC':>5} "
-              f"{'chance':>6}  verdict")
+    header = (f"{'#':>2}  {'prior':<16} {'eff.rank':>9} {'offdiag':>8} {'pooled':>6} {'KTA':>7} {'HSIC':>8} {'p':>6} "
+              f"{'AUC':>5} {'chance':>6}  verdict")
     for label, part in df.groupby("label", sort=False):
         first = part.iloc[0]
         lines += ["", f"{label}: {first['n_labelled']} labelled rows ({first['n_positive']} positive), "
@@ -949,7 +953,8 @@ def format_audit(df: pd.DataFrame) -> str:
         for row in part.to_dict("records"):
             lines.append(
                 f"{row['rank']:>2}  {str(row['prior'])[:16]:<16} {row['eff_rank']:>5.1f}/{row['batch_size']:<3d} "
-                f"{row['mean_offdiag']:>8.3f} {row['kta']:>7.3f} {row['hsic']:>8.4f} {row['p_value']:>6.3f} "
+                f"{row['mean_offdiag']:>8.3f} {100 * row['pooled']:>5.1f}% {row['kta']:>7.3f} {row['hsic']:>8.4f} "
+                f"{row['p_value']:>6.3f} "
                 f"{row['cv_auc']:>5.2f} {row['auc_chance']:>6.2f}  {row['verdict']}"
             )
         lines.append("")

@@ -261,6 +261,9 @@ def test_each_verdict_on_a_cohort_with_a_known_answer():
     assert out.loc["two groups", "eff_rank"] < 3
     assert out.loc["unique tiny bandwidth", "verdict"] == VERDICT_IDENTITY
     assert out.loc["unique tiny bandwidth", "eff_rank"] == pytest.approx(32.0, rel=1e-6)
+    # K = I: the smoother is (1 + eta) / (1 + eta + lam) I, so it pools lam / (1 + eta + lam) of each centroid
+    assert out.loc["unique tiny bandwidth", "pooled"] == pytest.approx(0.01 / 1.06, rel=1e-6)
+    np.testing.assert_allclose(out["pooled"], 1 - out["centroid_dof"] / 32)
     assert out.loc["independent", "verdict"] == VERDICT_UNINFORMATIVE
     assert out.loc["independent", "p_value"] > 0.1 and out.loc["independent", "null"] == "patient"
     assert out.loc["determines label", "verdict"] == VERDICT_INFORMATIVE
