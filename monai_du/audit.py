@@ -854,8 +854,8 @@ def audit_priors(
                 "auc_chance": _auc_chance(k, y, splits, idx),
             })
     columns = ["rank", "prior", "label", "kernel", "batch_size", "sampler", "eff_rank", "eff_rank_fraction",
-               "mean_offdiag", "centroid_dof", "pooled", "n_labelled", "n_positive", "n_patients", "kta", "hsic", "p_value",
-               "null", "cv_auc", "auc_chance", "verdict"]
+               "mean_offdiag", "centroid_dof", "pooled", "n_labelled", "n_positive", "n_patients", "kta", "hsic",
+               "p_value", "null", "cv_auc", "auc_chance", "verdict"]
     out = pd.DataFrame.from_records(records)
     if len(out):
         out["pooled"] = 1.0 - out["centroid_dof"] / out["batch_size"]
