@@ -1078,6 +1078,7 @@ def run_audit(
     out: str | os.PathLike | None = None,
     bundle: str | os.PathLike | None = "cxr",
     methods: Sequence[str] | None = None,
+    bundle_overrides: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> pd.DataFrame:
     """Read a manifest file and its prior tables, audit the priors, and write the report to ``out`` (if given).
@@ -1092,6 +1093,8 @@ def run_audit(
             (:func:`bundle_candidates`; ``"cxr"``, ``"brain"`` or a folder); None: the generic candidates of
             :func:`default_candidates` only, with the prior tables as RBF candidates.
         methods: the bundle's methods to audit (None: every method file that sets a kernel).
+        bundle_overrides: bundle ids for every method, as ``monai-du compare --set`` gives them to every run (e.g.
+            ``{"time_column": "study_offset_days"}``).
         kwargs: further arguments of :func:`audit_priors`.
 
     Returns:
@@ -1111,7 +1114,8 @@ def run_audit(
         if bundle is None:
             result = audit_priors(df, labels, prior_tables=tables, source=str(manifest), **kwargs)
         else:
-            overrides = {"batch_size": int(kwargs.get("batch_size", 64)), "seed": int(kwargs.get("seed", 0))}
+            overrides = {"batch_size": int(kwargs.get("batch_size", 64)), "seed": int(kwargs.get("seed", 0)),
+                         **dict(bundle_overrides or {})}
             work_dir = None if out is None else Path(out) / "methods"
             extra, skipped = bundle_candidates(
                 bundle, manifest, methods=methods, prior_tables=tables, dataset_dir=dataset_dir, overrides=overrides,

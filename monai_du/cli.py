@@ -292,6 +292,8 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
                         "instance weight: cxr, brain, a bundle folder, or none (generic candidates only)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="the bundle's methods to audit (default: every method file that sets a kernel)")
+    p.add_argument("--set", nargs="+", default=[], metavar="ID=VALUE",
+                   help="bundle overrides for every method, as compare --set, e.g. time_column=study_offset_days")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="training batch size")
     p.add_argument("--sampler-mode", choices=SAMPLER_MODES, default=None,
                    help="sampler of the single-attribute and prior-table candidates (default: within site when the "
@@ -333,7 +335,8 @@ def _run_audit(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, sampler_mode=args.sampler_mode, sampler_attribute=args.sampler_attribute,
         images_per_patient=args.images_per_patient, sampler_order=args.sampler_order, n_batches=args.n_batches,
         n_permutations=args.n_permutations, bundle=None if str(args.bundle).lower() == "none" else args.bundle,
-        methods=args.methods, lam=args.lam, instance_weight=args.instance_weight, knn_k=args.knn_k, seed=args.seed,
+        methods=args.methods, bundle_overrides=_overrides(args.set), lam=args.lam,
+        instance_weight=args.instance_weight, knn_k=args.knn_k, seed=args.seed,
     )
     print(format_audit(result))
     if args.out is not None:

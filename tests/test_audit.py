@@ -391,6 +391,11 @@ def test_the_bundle_methods_are_audited_with_their_own_kernel_and_batches(tmp_pa
     assert with_table.loc["enc", "kernel"].startswith("kdu_encoder: ")
     generic = run_audit(manifest, ["label_x"], bundle=None, **common).set_index("prior")
     assert {"age x sex", "patient x time"} <= set(generic.index) and "kdu_patient" not in generic.index
+    # bundle ids reach every method, as compare --set gives them to every run
+    narrow = run_audit(manifest, ["label_x"], methods=["kdu_patient"], bundle_overrides={"time_bandwidth": 0.25},
+                       **common).set_index("prior")
+    assert "RBFKernel(bandwidth=[0.25]" in narrow.loc["kdu_patient", "kernel"]
+    assert narrow.loc["kdu_patient", "mean_offdiag"] < out.loc["kdu_patient", "mean_offdiag"]
     with pytest.raises(ValueError, match=r"candidate prior 'du': method 'du' .*sets no kernel"):
         run_audit(manifest, ["label_x"], methods=["du"], **common)
 
@@ -422,6 +427,16 @@ def test_cli_audit(tmp_path, capsys):
                  "--n-batches", "3", "--n-permutations", "49", "--out", str(tmp_path / "r")])
     assert code == 0
     assert "label_x" in capsys.readouterr().out and (tmp_path / "r" / "audit.csv").is_file()
+    code = main(["audit", "--manifest", str(manifest), "--label", "label_x", "--batch-size", "16", "--n-batches", "3",
+                 "--n-permutations", "49", "--methods", "kdu_patient", "--set", "time_bandwidth=0.5",
+                 "--out", str(tmp_path / "s")])
+    saved = pd.read_csv(tmp_path / "s" / "audit.csv").set_index("prior")
+    assert code == 0 and set(saved.index) == {"age", "sex", "kdu_patient"}
+    assert "bandwidth=[0.5]" in saved.loc["kdu_patient", "kernel"]
+    capsys.readouterr()
+    assert main(["audit", "--manifest", str(manifest), "--label", "label_x", "--bundle", "none", "--batch-size", "16",
+                 "--n-batches", "3", "--n-permutations", "49"]) == 0
+    assert "patient x time" in capsys.readouterr().out
     assert main(["audit", "--manifest", str(manifest), "--label", "label_nope"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("monai-du audit: error:") and "label_nope" in err and len(err.splitlines()) == 1
