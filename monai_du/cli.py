@@ -81,6 +81,8 @@ def _add_budget(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", nargs="+", default=[], metavar="ID=VALUE",
                    help="bundle overrides for every run, e.g. num_workers=0 learning_rate=0.0005 (values as YAML)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-audit", action="store_true",
+                   help="skip the audit of the compared kernel methods' priors (written to OUT/audit)")
     p.add_argument("--quiet", action="store_true", help="print only the final report")
 
 
@@ -103,7 +105,7 @@ def _budget(args: argparse.Namespace) -> dict:
     return {**{k: v for k, v in chosen.items() if v is not None},
             "method_configs": tuple(args.method_config), "seeds": tuple(args.seeds), "epochs": args.epochs,
             "batch_size": args.batch_size, "test_fraction": args.test_fraction, "n_bootstrap": args.n_bootstrap,
-            "overrides": _overrides(args.set), "plots": not args.no_plots}
+            "overrides": _overrides(args.set), "plots": not args.no_plots, "audit": not args.no_audit}
 
 
 def _print_result(result: dict, quiet: bool) -> None:
@@ -113,6 +115,8 @@ def _print_result(result: dict, quiet: bool) -> None:
         print(result["efficiency_table"])
         print()
         print("\n".join(result["verdict"]))
+        if result.get("audit"):
+            print("\n".join(result["audit"]))
 
 
 def _add_compare(sub: argparse._SubParsersAction) -> None:
@@ -151,7 +155,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="monai-du compare on the embedded cohort (498 real NIH chest X-rays, or a brain MRI phantom)",
         description=(
             "Run monai-du compare on the embedded cohort: the real NIH ChestX-ray14 images shipped in the package "
-            "(label No Finding, 20 epochs, batch 64) or, with --modality brain, a generated brain MRI phantom cohort "
+            "(label No Finding, 10 epochs, batch 64) or, with --modality brain, a generated brain MRI phantom cohort "
             "(label lesion). Every method is a run of the pretrain bundle."
         ),
     )

@@ -149,6 +149,9 @@ class CompareConfig:
         n_bootstrap: patient-level bootstrap resamples of the AUC CI.
         overrides: further bundle overrides for every run (e.g. ``{"num_workers": 0}``).
         plots: write PNG plots.
+        audit: also audit the priors of the compared kernel methods (:func:`monai_du.audit.run_audit`, with the same
+            bundle, batch size and overrides) and print each one's verdict next to its measured difference from
+            plain DU; the audit goes to ``out/audit``.
     """
 
     manifest: str | Path
@@ -167,6 +170,7 @@ class CompareConfig:
     n_bootstrap: int = 1000
     overrides: Mapping[str, Any] = field(default_factory=dict)
     plots: bool = True
+    audit: bool = True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -435,6 +439,49 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     for line in [""] + written["lines"]:
         say(line)
     say(f"report written to {out}: {', '.join(sorted(written['files']))}")
+    audit_lines: list[str] = []
+    if config.audit:
+        audit_lines = _audit_next_to(config, bundle, manifest, dataset_dir, column, batch, list(files), results, out)
+        for line in audit_lines:
+            say(line)
     return {"results": results, "summary": written["summary"], "efficiency": curve, "table": written["table"],
             "efficiency_table": written["efficiency_table"], "verdict": written["verdict"],
-            "files": written["files"], "wall_time_s": wall}
+            "files": written["files"], "audit": audit_lines, "wall_time_s": wall}
+
+
+def _audit_next_to(config: CompareConfig, bundle: Path, manifest: Path, dataset_dir: Path, column: str, batch: int,
+                   methods: list[str], results: pd.DataFrame, out: Path) -> list[str]:
+    """Audit the compared kernel methods' priors; lines of the audit table and of each verdict beside the measured
+    paired difference from plain DU."""
+    from monai_du.audit import format_audit, run_audit
+    from monai_du.bundle_priors import kernel_methods
+    from monai_du.io import write_text_atomic
+
+    audited = [key for key in methods if key in kernel_methods(bundle)]
+    if not audited:
+        return []
+    try:
+        # the kernels and batches of the first seed's runs: its split, its seed
+        seed = int(config.seeds[0])
+        split = {"split_fractions": {"train": 1.0 - config.test_fraction, "test": config.test_fraction},
+                 "split_seed": seed, "pretrain_split": "train"}
+        table = run_audit(manifest, [column], dataset_dir=dataset_dir, out=out / "audit", bundle=bundle,
+                          methods=audited, bundle_overrides={**split, **dict(config.overrides)}, batch_size=batch,
+                          seed=seed)
+    except ValueError as err:
+        return ["", f"audit skipped: {err}"]
+    aucs = results.pivot(index="seed", columns="method_key", values="auc")
+    lines = ["", "Audit of the compared priors, before pretraining (monai-du audit, written to "
+             f"{out / 'audit'}):", "", format_audit(table), "", "audit verdict beside the measured paired difference:"]
+    rows = table.set_index("prior")
+    for key in audited:
+        if key not in rows.index:
+            continue
+        measured = ""
+        if "du" in aucs.columns and key in aucs.columns:
+            diff = (aucs[key] - aucs["du"]).dropna()
+            measured = f"; measured {diff.mean():+.3f} AUC vs plain DU over {len(diff)} seeds"
+        lines.append(f"- {METHOD_NAMES.get(key, key)}: audit rank {int(rows.loc[key, 'rank'])} of {len(rows)}, "
+                     f"{rows.loc[key, 'verdict']}{measured}")
+    write_text_atomic(out / "audit" / "audit_vs_compare.txt", "\n".join(lines[1:]) + "\n")
+    return lines

@@ -196,3 +196,20 @@ def test_verdict_says_within_the_spread_when_it_is():
     lines = verdict(results, summarise(results, ["du", "kdu"]), "y")
     assert any("within the seed spread" in line for line in lines)
     assert any("no method wins clearly" in line for line in lines)
+
+
+def test_the_audit_of_the_compared_priors_is_printed_beside_the_measured_difference(cohort, tmp_path):
+    lines: list[str] = []
+    result = run_compare(_config(cohort, tmp_path / "r", methods=("du", "kdu_attr"), label_sizes=(None,),
+                                 label_draws=1), log=lines.append)
+    audit = pd.read_csv(tmp_path / "r" / "audit" / "audit.csv").set_index("prior")
+    assert "kdu_attr" in audit.index and audit.loc["kdu_attr", "batch_size"] == 8
+    assert audit.loc["kdu_attr", "sampler"] == "within:site"
+    measured = result["results"].pivot(index="seed", columns="method_key", values="auc")
+    expected = f"measured {float(measured['kdu_attr'].iloc[0] - measured['du'].iloc[0]):+.3f} AUC vs plain DU"
+    beside = (tmp_path / "r" / "audit" / "audit_vs_compare.txt").read_text()
+    assert f"kernel DU (age x sex): audit rank {int(audit.loc['kdu_attr', 'rank'])} of {len(audit)}" in beside
+    assert expected in beside and expected in "\n".join(lines) and result["audit"]
+    skipped = run_compare(_config(cohort, tmp_path / "s", methods=("du", "kdu_attr"), label_sizes=(None,),
+                                  label_draws=1, audit=False), log=None)
+    assert skipped["audit"] == [] and not (tmp_path / "s" / "audit").exists()
