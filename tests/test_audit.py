@@ -46,12 +46,7 @@ NIH_TABLE = SHARED / "nih_cxr14_data_entry_2017_v2020.csv.gz"
 NIH_DEV_IMAGES = SHARED / "nih_cxr_dev" / "images.csv"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _cohort(n_patients: int = 160, seed: int = 0, max_images: int = 3) -> pd.DataFrame:

@@ -41,14 +41,7 @@ from monai_du.losses import DecoupledUniformityLoss
 from monai_du.prior_encoder import PriorEncoder
 from monai_du.transforms import MultiViewd
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The machine's 2 cores are shared: one thread avoids OpenMP spin contention and keeps results reproducible."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,13 +27,7 @@ from monai_du.priors import (
 N, K = 30, 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the CPU is shared, and these networks are too small to gain from more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture()
