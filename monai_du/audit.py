@@ -32,6 +32,8 @@ A verdict follows (:func:`audit_verdict`), tested in this order with the documen
 
 - ``"near identity: equals plain DU"``: effective rank at least ``IDENTITY_RANK_FRACTION`` of the batch size and
   mean off-diagonal at most ``IDENTITY_MEAN_OFFDIAG``;
+- ``"too coarse: will average groups"`` when the batch kernel is nearly constant (mean off-diagonal above
+  ``CONSTANT_MEAN_OFFDIAG``, e.g. a site kernel on within-site batches): it cannot tell a batch's images apart;
 - ``"informative"``: p-value at most ``P_VALUE_ALPHA``, or CV AUC above ``0.5 + CHANCE_AUC_MARGIN`` and above its
   chance level ``auc_chance``. A coarse kernel (below) whose groups follow the label is informative too: kernel DU
   then pools images of the same label, which is what a prior is for;
@@ -41,7 +43,9 @@ A verdict follows (:func:`audit_verdict`), tested in this order with the documen
 - ``"uninformative of your labels"`` otherwise.
 
 The ranked table orders the verdicts as :data:`VERDICTS` (informative, near identity, uninformative, too coarse):
-informative priors by CV AUC, the others by their ``pooled`` share ``1 - trace((K_b + lam I)^-1 K_b) / B`` (least
+informative priors by KTA (their alignment with the label over every labelled pair, within and between patients;
+the CV AUC sees only what a prior says between patients, and is 0.5 by construction for a patient kernel), the
+others by their ``pooled`` share ``1 - trace((K_b + lam I)^-1 K_b) / B`` (least
 first: the share of the centroids kernel DU replaces by pooling), since a prior that does not follow the label can
 only cost.
 
@@ -93,6 +97,7 @@ from monai_du.priors import attach_prior_table, generative_prior_kernel, load_pr
 __all__ = [
     "COARSE_RANK_FRACTION",
     "COARSE_MEAN_OFFDIAG",
+    "CONSTANT_MEAN_OFFDIAG",
     "IDENTITY_RANK_FRACTION",
     "IDENTITY_MEAN_OFFDIAG",
     "P_VALUE_ALPHA",
@@ -129,6 +134,11 @@ kernel DU replaces each centroid by (mostly) its group's mean."""
 COARSE_MEAN_OFFDIAG = 0.5
 """A batch kernel whose mean off-diagonal value is above this is too coarse: a typical pair of samples in the batch
 counts as more similar than not (two equal categorical groups give ~0.49, a constant kernel 1)."""
+
+CONSTANT_MEAN_OFFDIAG = 0.9
+"""A batch kernel whose mean off-diagonal value is above this is nearly constant inside the batches (e.g. a site
+kernel on within-site batches): it cannot tell a batch's images apart, so it is too coarse whatever it says about the
+label between batches."""
 
 IDENTITY_RANK_FRACTION = 0.90
 """Together with :data:`IDENTITY_MEAN_OFFDIAG`: a batch kernel whose effective rank is at least this share of the
@@ -862,10 +872,10 @@ def audit_priors(
         out["verdict"] = [audit_verdict(row) for row in out.to_dict("records")]
         out["_order"] = out["verdict"].map({v: i for i, v in enumerate(VERDICTS)})
         out["_label_order"] = out["label"].map({c: i for i, c in enumerate(label_columns)})
-        # informative priors by how well they predict the label; the others by how little they pool
+        # informative priors by their alignment with the label; the others by how little they pool
         informative = out["verdict"] == VERDICT_INFORMATIVE
-        out["_score"] = np.where(informative, out["cv_auc"].fillna(0.5), -out["pooled"])
-        out = out.sort_values(["_label_order", "_order", "_score", "p_value", "kta"],
+        out["_score"] = np.where(informative, out["kta"].fillna(0.0), -out["pooled"])
+        out = out.sort_values(["_label_order", "_order", "_score", "p_value", "cv_auc"],
                               ascending=[True, True, False, True, False], kind="stable")
         out["rank"] = out.groupby("label").cumcount() + 1
         out = out[columns].reset_index(drop=True)
@@ -893,6 +903,8 @@ def audit_verdict(row: Mapping[str, Any]) -> str:
     fraction, off = float(fraction), float(row["mean_offdiag"])
     if fraction >= IDENTITY_RANK_FRACTION and off <= IDENTITY_MEAN_OFFDIAG:
         return VERDICT_IDENTITY
+    if off > CONSTANT_MEAN_OFFDIAG:
+        return VERDICT_COARSE
     if _carries_label_information(row):
         return VERDICT_INFORMATIVE
     if _is_coarse(fraction, off):

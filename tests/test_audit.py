@@ -15,6 +15,7 @@ import torch
 from monai_du.audit import (
     COARSE_MEAN_OFFDIAG,
     COARSE_RANK_FRACTION,
+    CONSTANT_MEAN_OFFDIAG,
     IDENTITY_MEAN_OFFDIAG,
     IDENTITY_RANK_FRACTION,
     P_VALUE_ALPHA,
@@ -227,6 +228,9 @@ def test_verdict_thresholds():
     assert audit_verdict({**low_rank, "p_value": 0.01}) == VERDICT_INFORMATIVE
     assert audit_verdict({**dense, "cv_auc": 0.7}) == VERDICT_INFORMATIVE
     assert audit_verdict({**near, "p_value": 0.01}) == VERDICT_IDENTITY  # the identity trains plain DU whatever
+    # nearly constant inside the batches (a site kernel on within-site batches): coarse whatever it says of the label
+    constant = {**base, "eff_rank_fraction": 0.02, "mean_offdiag": CONSTANT_MEAN_OFFDIAG + 0.05, "p_value": 0.001}
+    assert audit_verdict(constant) == VERDICT_COARSE
 
 
 def _audit(df, candidates, **kwargs):
@@ -283,6 +287,31 @@ def test_a_coarse_kernel_whose_groups_follow_the_label_is_informative():
     assert rows.loc["label groups", "verdict"] == VERDICT_INFORMATIVE
     assert rows.loc["random groups", "verdict"] == VERDICT_COARSE
     assert "pools groups of images, and the groups follow label_x" in format_audit(out)
+
+
+def test_informative_priors_rank_by_alignment_and_a_confounded_site_on_within_site_batches_is_coarse():
+    df = _cohort()
+    rng = np.random.default_rng(4)
+    y = df["label_x"].to_numpy()
+    codes = pd.factorize(df["patient_id"])[0].astype(float)
+    df["site"] = np.where(y == 1, "A", "B")  # the site follows the label
+    candidates = {
+        "label, little noise": (RBFKernel("knn", knn_k=5, knn_batch_size=32), y + 0.3 * rng.normal(size=len(y))),
+        "label, much noise": (RBFKernel("knn", knn_k=5, knn_batch_size=32), y + 1.5 * rng.normal(size=len(y))),
+        "patient": PriorCandidate(CategoricalKernel(), codes, fit_groups=None),
+        "site": (CategoricalKernel(), (df["site"] == "A").to_numpy(float)),
+    }
+    out = _audit(df, candidates, sampler_mode="within", sampler_attribute="site").sort_values("rank")
+    informative = out[out["verdict"] == VERDICT_INFORMATIVE]
+    assert {"label, little noise", "patient"} <= set(informative.index)
+    assert list(informative["kta"]) == sorted(informative["kta"], reverse=True)
+    assert out.loc["patient", "cv_auc"] == pytest.approx(0.5)  # a patient kernel says nothing between patients
+    # yet it is better aligned with the label than a noisy between-patient prior of higher CV AUC, and ranks above it
+    noisy = out.loc["label, much noise"]
+    assert noisy["cv_auc"] > 0.6 and noisy["verdict"] == VERDICT_INFORMATIVE
+    assert out.loc["patient", "rank"] < out.loc["label, much noise", "rank"]
+    assert out.loc["site", "p_value"] <= P_VALUE_ALPHA and out.loc["site", "mean_offdiag"] == pytest.approx(1.0)
+    assert out.loc["site", "verdict"] == VERDICT_COARSE and out.loc["site", "rank"] == len(out)
 
 
 def test_uninformative_p_values_are_not_systematically_small():
