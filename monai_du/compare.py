@@ -458,23 +458,34 @@ def _audit_next_to(config: CompareConfig, bundle: Path, manifest: Path, dataset_
     from monai_du.io import write_text_atomic
 
     audited = [key for key in methods if key in kernel_methods(bundle)]
-    if not audited:
+    seed = int(config.seeds[0])
+    tables = {}
+    stage1 = out / "runs" / f"seed{seed}" / "kdu_bootstrap" / "stage1" / "models"
+    if "kdu_bootstrap" in methods and (stage1 / "encoder.pt").is_file():
+        # kdu_bootstrap's prior: the embeddings of its first seed's first-stage encoder, for every labelled row
+        from monai_du.priors import encoder_prior_table, write_prior_table
+
+        path = out / "audit" / "kdu_bootstrap_prior_table.csv"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_prior_table(encoder_prior_table(str(manifest), stage1, root=str(dataset_dir), split="all"), path)
+        tables["kdu_bootstrap"] = path
+    if not audited and not tables:
         return []
     try:
         # the kernels and batches of the first seed's runs: its split, its seed
-        seed = int(config.seeds[0])
         split = {"split_fractions": {"train": 1.0 - config.test_fraction, "test": config.test_fraction},
                  "split_seed": seed, "pretrain_split": "train"}
-        table = run_audit(manifest, [column], dataset_dir=dataset_dir, out=out / "audit", bundle=bundle,
-                          methods=audited, bundle_overrides={**split, **dict(config.overrides)}, batch_size=batch,
-                          seed=seed)
+        table = run_audit(manifest, [column], dataset_dir=dataset_dir, prior_tables=tables, out=out / "audit",
+                          bundle=bundle, methods=audited, bundle_overrides={**split, **dict(config.overrides)},
+                          batch_size=batch, seed=seed)
     except ValueError as err:
         return ["", f"audit skipped: {err}"]
     aucs = results.pivot(index="seed", columns="method_key", values="auc")
     lines = ["", "Audit of the compared priors, before pretraining (monai-du audit, written to "
              f"{out / 'audit'}):", "", format_audit(table), "", "audit verdict beside the measured paired difference:"]
     rows = table.set_index("prior")
-    for key in audited:
+    for key in audited + list(tables):
         if key not in rows.index:
             continue
         measured = ""

@@ -210,6 +210,14 @@ def test_the_audit_of_the_compared_priors_is_printed_beside_the_measured_differe
     beside = (tmp_path / "r" / "audit" / "audit_vs_compare.txt").read_text()
     assert f"kernel DU (age x sex): audit rank {int(audit.loc['kdu_attr', 'rank'])} of {len(audit)}" in beside
     assert expected in beside and expected in "\n".join(lines) and result["audit"]
+    # kdu_bootstrap is audited on its first stage's encoder, through the kdu_encoder method, for every labelled row
+    bootstrap = run_compare(_config(cohort, tmp_path / "b", methods=("du", "kdu_bootstrap"), epochs=2,
+                                    label_sizes=(None,), label_draws=1), log=None)
+    rows = pd.read_csv(tmp_path / "b" / "audit" / "audit.csv").set_index("prior")
+    assert rows.loc["kdu_bootstrap", "kernel"].startswith("kdu_encoder: ")
+    table = pd.read_csv(tmp_path / "b" / "audit" / "kdu_bootstrap_prior_table.csv")
+    assert len(table) == len(pd.read_csv(cohort))
+    assert any(line.startswith("- kernel DU (bootstrap: DU encoder prior): audit rank") for line in bootstrap["audit"])
     skipped = run_compare(_config(cohort, tmp_path / "s", methods=("du", "kdu_attr"), label_sizes=(None,),
                                   label_draws=1, audit=False), log=None)
     assert skipped["audit"] == [] and not (tmp_path / "s" / "audit").exists()
