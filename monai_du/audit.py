@@ -82,7 +82,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
@@ -1000,13 +999,6 @@ def _root_message(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _table_setting(bundle: Path, method: str) -> tuple[bool, bool]:
-    """Whether a method file reads a ``prior_table``, and whether it builds one itself (a non-null default)."""
-    path = bundle / "configs" / "methods" / f"{method}.yaml"
-    content = yaml.safe_load(path.read_text(encoding="utf-8")) or {} if path.is_file() else {}
-    return "prior_table" in content, content.get("prior_table") is not None
-
-
 def bundle_candidates(
     bundle: str | os.PathLike,
     manifest: str | os.PathLike,
@@ -1040,7 +1032,7 @@ def bundle_candidates(
         ``(candidates, skipped)``: candidates by name, and ``{name: reason}`` for the default methods that could
         not be built (a method needing a table that was not given, or a column the manifest lacks).
     """
-    from monai_du.bundle_priors import kernel_methods, method_prior
+    from monai_du.bundle_priors import kernel_methods, method_prior, prior_table_setting
     from monai_du.compare import bundle_path
 
     folder = bundle_path(bundle)
@@ -1050,7 +1042,7 @@ def bundle_candidates(
     jobs: list[tuple[str, str, dict[str, Any]]] = []  # (row name, method, overrides)
     skipped: dict[str, str] = {}
     for key in keys:
-        reads, builds = _table_setting(folder, key)
+        reads, builds = prior_table_setting(folder, key)
         if key in tables:
             if not reads:
                 raise ValueError(f"method {key!r} of {folder} reads no prior table; name the table otherwise.")

@@ -32,7 +32,7 @@ from monai_du.compare import bundle_path, method_files
 from monai_du.data.samplers import draw_batches
 from monai_du.priors import attach_prior_table
 
-__all__ = ["MethodPrior", "kernel_methods", "method_prior"]
+__all__ = ["MethodPrior", "kernel_methods", "prior_table_setting", "method_prior"]
 
 
 @dataclass
@@ -64,15 +64,23 @@ class MethodPrior:
     description: str
 
 
+def _method_settings(path: Path) -> Mapping[str, Any]:
+    """The ids a method file sets, as written (empty for a missing or empty file)."""
+    content = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return content if isinstance(content, Mapping) else {}
+
+
 def kernel_methods(bundle: str | os.PathLike) -> list[str]:
     """The method keys of the bundle's ``configs/methods/`` whose file sets a kernel (not null), sorted."""
     folder = bundle_path(bundle) / "configs" / "methods"
-    out = []
-    for path in sorted(folder.glob("*.yaml")):
-        content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if isinstance(content, Mapping) and content.get("kernel") is not None:
-            out.append(path.stem)
-    return out
+    return [path.stem for path in sorted(folder.glob("*.yaml")) if _method_settings(path).get("kernel") is not None]
+
+
+def prior_table_setting(bundle: str | os.PathLike, method: str) -> tuple[bool, bool]:
+    """Whether a method file of the bundle reads a ``prior_table``, and whether it builds one itself (a non-null
+    default, e.g. ``kdu_gen``'s VAE table) rather than needing one (``kdu_encoder``)."""
+    settings = _method_settings(bundle_path(bundle) / "configs" / "methods" / f"{method}.yaml")
+    return "prior_table" in settings, settings.get("prior_table") is not None
 
 
 def _sampler_words(parser: Any) -> str:
