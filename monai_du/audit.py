@@ -896,10 +896,7 @@ def audit_verdict(row: Mapping[str, Any]) -> str:
         row: a mapping (or ``pandas.Series``) with ``eff_rank_fraction`` (or ``eff_rank`` and ``batch_size``),
             ``mean_offdiag``, ``p_value``, ``cv_auc`` and optionally ``auc_chance``.
     """
-    fraction = row.get("eff_rank_fraction")
-    if fraction is None or (isinstance(fraction, float) and math.isnan(fraction)):
-        fraction = float(row["eff_rank"]) / float(row["batch_size"])
-    fraction, off = float(fraction), float(row["mean_offdiag"])
+    fraction, off = _rank_fraction(row), float(row["mean_offdiag"])
     if fraction >= IDENTITY_RANK_FRACTION and off <= IDENTITY_MEAN_OFFDIAG:
         return VERDICT_IDENTITY
     if off > CONSTANT_MEAN_OFFDIAG:
@@ -909,6 +906,14 @@ def audit_verdict(row: Mapping[str, Any]) -> str:
     if _is_coarse(fraction, off):
         return VERDICT_COARSE
     return VERDICT_UNINFORMATIVE
+
+
+def _rank_fraction(row: Mapping[str, Any]) -> float:
+    """``eff_rank_fraction`` of an audit row, or ``eff_rank / batch_size`` when it is missing."""
+    fraction = row.get("eff_rank_fraction")
+    if fraction is None or (isinstance(fraction, float) and math.isnan(fraction)):
+        fraction = float(row["eff_rank"]) / float(row["batch_size"])
+    return float(fraction)
 
 
 def _is_coarse(fraction: float, mean_offdiag: float) -> bool:
@@ -937,8 +942,7 @@ def _reason(row: Mapping[str, Any]) -> str:
            f"CV AUC {float(row['cv_auc']):.2f} (chance up to {float(row.get('auc_chance', math.nan)):.2f})"
     if verdict == VERDICT_UNINFORMATIVE:
         return f"{info}: its similarities do not follow {row['label']}"
-    fraction = float(row.get("eff_rank_fraction") or rank / b)
-    if _is_coarse(fraction, off):
+    if _is_coarse(_rank_fraction(row), off):
         return (f"{info}; effective rank {rank:.1f} of {b}, mean off-diagonal {off:.2f}: it pools groups of images, "
                 f"and the groups follow {row['label']}")
     return f"{info}; effective rank {rank:.1f} of {b}"
@@ -993,9 +997,9 @@ def write_audit(df: pd.DataFrame, out: str | os.PathLike) -> dict[str, Path]:
 
 def _root_message(err: BaseException) -> str:
     """The first line of the innermost cause: MONAI's config parser wraps an expression's error in a RuntimeError."""
-    while err.__cause__ is not None:
-        err = err.__cause__
-    text = str(err).strip()
+    from monai_du.bundle_priors import innermost_cause
+
+    text = str(innermost_cause(err)).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
 

@@ -32,7 +32,7 @@ from monai_du.compare import bundle_path, method_files
 from monai_du.data.samplers import draw_batches
 from monai_du.priors import attach_prior_table
 
-__all__ = ["MethodPrior", "kernel_methods", "prior_table_setting", "method_prior"]
+__all__ = ["MethodPrior", "kernel_methods", "prior_table_setting", "method_prior", "innermost_cause"]
 
 
 @dataclass
@@ -151,10 +151,15 @@ def method_prior(
         try:
             return _build(parser, name or Path(str(method)).stem, int(n_batches))
         except (RuntimeError, ValueError) as err:  # the config parser wraps an expression's error in a RuntimeError
-            cause: BaseException = err
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
-            raise ValueError(f"method {str(method)!r}: {cause}") from None
+            raise ValueError(f"method {str(method)!r}: {innermost_cause(err)}") from None
+
+
+def innermost_cause(err: BaseException) -> BaseException:
+    """The error at the end of ``err``'s ``__cause__`` chain (MONAI's ``ConfigParser`` wraps an expression's error in
+    a ``RuntimeError``)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
 
 
 def _build(parser: Any, name: str, n_batches: int) -> MethodPrior:
