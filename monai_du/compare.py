@@ -184,12 +184,18 @@ def _label_column(df: pd.DataFrame, label: str, source: str) -> str:
     return column
 
 
+def _split_overrides(seed: int, test_fraction: float) -> dict[str, Any]:
+    """The bundle ids of one seed's patient split: pretraining reads its ``train`` part."""
+    return {"split_fractions": {"train": 1.0 - test_fraction, "test": test_fraction}, "split_seed": int(seed),
+            "pretrain_split": "train"}
+
+
 def _split(df: pd.DataFrame, seed: int, test_fraction: float) -> np.ndarray:
     """Training-patient mask of one seed, as the bundle computes it (select_split with the same arguments)."""
     from monai_du.data.splits import select_split
 
-    fractions = {"train": 1.0 - test_fraction, "test": test_fraction}
-    train = select_split(df, "train", fractions=fractions, seed=seed)
+    split = _split_overrides(seed, test_fraction)
+    train = select_split(df, split["pretrain_split"], fractions=split["split_fractions"], seed=split["split_seed"])
     return df.index.isin(train.index)
 
 
@@ -396,9 +402,8 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
         train_mask = masks[seed]
         n_train = int(train_mask.sum())
         overrides = {
-            "manifest": str(manifest), "dataset_dir": str(dataset_dir), "seed": int(seed), "split_seed": int(seed),
-            "split_fractions": {"train": 1.0 - config.test_fraction, "test": config.test_fraction},
-            "pretrain_split": "train", "max_epochs": epochs, "batch_size": min(batch, n_train),
+            "manifest": str(manifest), "dataset_dir": str(dataset_dir), "seed": int(seed),
+            **_split_overrides(seed, config.test_fraction), "max_epochs": epochs, "batch_size": min(batch, n_train),
             **dict(config.overrides),
         }
         for key, method in files.items():
@@ -474,8 +479,7 @@ def _audit_next_to(config: CompareConfig, bundle: Path, manifest: Path, dataset_
         return []
     try:
         # the kernels and batches of the first seed's runs: its split, its seed
-        split = {"split_fractions": {"train": 1.0 - config.test_fraction, "test": config.test_fraction},
-                 "split_seed": seed, "pretrain_split": "train"}
+        split = _split_overrides(seed, config.test_fraction)
         table = run_audit(manifest, [column], dataset_dir=dataset_dir, prior_tables=tables, out=out / "audit",
                           bundle=bundle, methods=audited, bundle_overrides={**split, **dict(config.overrides)},
                           batch_size=batch, seed=seed)
