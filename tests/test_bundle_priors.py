@@ -27,6 +27,12 @@ def _setting(name: str, method: str | None = None):
     raise KeyError(name)
 
 
+def _pretraining_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows the bundle pretrains on, by the split settings its train.yaml writes."""
+    return select_split(df, _setting("pretrain_split"), fractions=_setting("split_fractions"),
+                        seed=_setting("split_seed"))
+
+
 def _manifest(tmp_path: Path, n_patients: int = 60, sites: int = 1) -> Path:
     """Patients with 1..6 studies (follow_up 0..), age, sex, sites, a label; no image files (none is read)."""
     rng = np.random.default_rng(0)
@@ -62,8 +68,7 @@ def test_patient_time_prior_matches_a_loop_over_the_bundle_settings(tmp_path):
             expected = math.exp(-((t[i] - t[j]) ** 2) / (2 * h * h)) if pid[i] == pid[j] else 0.0
             assert gram[i, j] == pytest.approx(expected, abs=1e-6)
     # the batches are the bundle sampler's: P patients x 2 consecutive studies of the pretraining split
-    train = select_split(df, _setting("pretrain_split"), fractions=_setting("split_fractions"),
-                         seed=_setting("split_seed")).reset_index(drop=True)
+    train = _pretraining_rows(df).reset_index(drop=True)
     assert len(prior.batch_prior) == len(train)
     counts = train["patient_id"].value_counts()
     same = 0
@@ -84,8 +89,7 @@ def test_patient_time_prior_matches_a_loop_over_the_bundle_settings(tmp_path):
 def test_attribute_prior_batches_stay_within_a_site(tmp_path):
     path = _manifest(tmp_path, n_patients=80, sites=2)
     prior = method_prior("cxr", "kdu_attr", path, overrides={"batch_size": 16}, n_batches=10)
-    train = select_split(pd.read_csv(path), _setting("pretrain_split"), fractions=_setting("split_fractions"),
-                         seed=_setting("split_seed")).reset_index(drop=True)
+    train = _pretraining_rows(pd.read_csv(path)).reset_index(drop=True)
     assert prior.sampler == "within:site"
     assert all(train.loc[batch, "site"].nunique() == 1 for batch in prior.batches)
     assert prior.prior.shape == (len(pd.read_csv(path)), 2) and "DecoupledUniformityLoss" in prior.description
@@ -99,8 +103,7 @@ def test_bad_methods_and_tables_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         method_prior("cxr", "nope", path)
     df = pd.read_csv(path)
-    train = select_split(df, _setting("pretrain_split"), fractions=_setting("split_fractions"),
-                         seed=_setting("split_seed"))
+    train = _pretraining_rows(df)
     rng = np.random.default_rng(1)
     table = pd.DataFrame({"image": train["image"], "gen_0": rng.normal(size=len(train)), "gen_1": 0.0})
     table.to_csv(tmp_path / "train_only.csv", index=False)  # what `monai-du prior` writes by default
