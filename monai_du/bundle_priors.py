@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from monai_du.compare import bundle_path, method_files
+from monai_du.bundles import bundle_path, method_files, stage_files
 from monai_du.data.samplers import draw_batches
 from monai_du.priors import attach_prior_table
 
-__all__ = ["MethodPrior", "kernel_methods", "prior_table_setting", "method_prior", "innermost_cause"]
+__all__ = ["MethodPrior", "method_prior", "innermost_cause"]
 
 
 @dataclass
@@ -62,25 +61,6 @@ class MethodPrior:
     lam: float
     instance_weight: float
     description: str
-
-
-def _method_settings(path: Path) -> Mapping[str, Any]:
-    """The ids a method file sets, as written (empty for a missing or empty file)."""
-    content = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    return content if isinstance(content, Mapping) else {}
-
-
-def kernel_methods(bundle: str | os.PathLike) -> list[str]:
-    """The method keys of the bundle's ``configs/methods/`` whose file sets a kernel (not null), sorted."""
-    folder = bundle_path(bundle) / "configs" / "methods"
-    return [path.stem for path in sorted(folder.glob("*.yaml")) if _method_settings(path).get("kernel") is not None]
-
-
-def prior_table_setting(bundle: str | os.PathLike, method: str) -> tuple[bool, bool]:
-    """Whether a method file of the bundle reads a ``prior_table``, and whether it builds one itself (a non-null
-    default, e.g. ``kdu_gen``'s VAE table) rather than needing one (``kdu_encoder``)."""
-    settings = _method_settings(bundle_path(bundle) / "configs" / "methods" / f"{method}.yaml")
-    return "prior_table" in settings, settings.get("prior_table") is not None
 
 
 def _sampler_words(parser: Any) -> str:
@@ -131,9 +111,10 @@ def method_prior(
     folder = bundle_path(bundle)
     path = Path(method).expanduser()
     if path.suffix in (".yaml", ".yml", ".json"):
-        files = method_files(folder, (), extra=[path])[path.stem]
+        spec = method_files(folder, (), extra=[path])[path.stem]
     else:
-        files = method_files(folder, [str(method)])[str(method)]
+        spec = method_files(folder, [str(method)])[str(method)]
+    files = stage_files(folder, spec)
     if len(files) != 1:
         raise ValueError(f"method {str(method)!r} is a composite of several runs; audit its stages instead.")
     manifest = Path(manifest).expanduser()

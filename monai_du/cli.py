@@ -21,6 +21,10 @@ Subcommands:
 
 - ``monai-du audit``: which candidate prior will help, before pretraining (:mod:`monai_du.audit`).
 - ``monai-du cache``: decode a manifest's images once into a training-size cache (:mod:`monai_du.data.cache`).
+- ``monai-du bundle``: where the shipped bundles are installed, or a copy to edit (:mod:`monai_du.bundles`)::
+
+      monai-du bundle path cxr
+      monai-du bundle copy cxr ./my_cxr_bundle
 """
 
 from __future__ import annotations
@@ -63,23 +67,29 @@ def _bandwidth(text: str) -> float | str:
 
 
 def _add_budget(p: argparse.ArgumentParser) -> None:
-    """The options that ``compare`` and ``demo`` share: methods, seeds, budget, report."""
+    """The options that ``compare`` and ``demo`` share: methods, seeds, budget, report. Their defaults are the
+    library's (:class:`~monai_du.compare.CompareConfig`, :func:`~monai_du.demo.demo_config`): an option left out is
+    not passed on."""
     p.add_argument("--methods", nargs="+", default=None,
-                   help="method keys: the bundle's configs/methods/<key>.yaml, or kdu_bootstrap (default: compare runs "
-                        "all of monai_du.compare.DEFAULT_METHODS, demo runs monai_du.demo.DEMO_METHODS)")
-    p.add_argument("--method-config", nargs="+", default=[], metavar="FILE",
+                   help="method keys: the bundle's configs/methods/<key>.yaml (default: compare runs every method "
+                        "with a method_order, demo runs monai_du.demo.DEMO_METHODS)")
+    p.add_argument("--method-config", nargs="+", default=None, metavar="FILE",
                    help="your own method override file(s); each is a method named by its file stem")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (split, initial weights, views)")
-    p.add_argument("--epochs", type=_non_negative_int, default=None, help="pretraining epochs of every method")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="pretraining batch size of every method")
-    p.add_argument("--test-fraction", type=float, default=0.3, help="share of patients held out for the probes")
-    p.add_argument("--label-sizes", type=_positive_int, nargs="+", default=None,
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="distinct seeds >= 0 (split, initial weights, views); default 0 1 2")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="pretraining epochs of every method (default: the bundle's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="pretraining batch size of every method (default: the bundle's)")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="share of patients held out for the probes (default 0.3)")
+    p.add_argument("--label-sizes", type=int, nargs="+", default=None,
                    help="labelled training patients of the label-efficiency curve (all of them is always added)")
-    p.add_argument("--label-draws", type=_positive_int, default=None,
+    p.add_argument("--label-draws", type=int, default=None,
                    help="draws per label-efficiency size (compare: 5, demo: 3)")
-    p.add_argument("--n-bootstrap", type=_non_negative_int, default=1000, help="bootstrap resamples of the AUC CI")
+    p.add_argument("--n-bootstrap", type=int, default=None, help="bootstrap resamples of the AUC CI (default 1000)")
     p.add_argument("--set", nargs="+", default=[], metavar="ID=VALUE",
-                   help="bundle overrides for every run, e.g. num_workers=0 learning_rate=0.0005 (values as YAML)")
+                   help="bundle overrides for every run, e.g. num_workers=0 learning_rate=0.0005 (values as YAML data)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-audit", action="store_true",
                    help="skip the audit of the compared kernel methods' priors (written to OUT/audit)")
@@ -87,6 +97,7 @@ def _add_budget(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(items: Sequence[str]) -> dict:
+    """``ID=VALUE`` items as ``{id: value}``, each value read as YAML data."""
     import yaml
 
     out = {}
@@ -94,17 +105,22 @@ def _overrides(items: Sequence[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects ID=VALUE, got {item!r}.")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            first = str(err).strip().splitlines()[0]
+            raise ValueError(f"--set {key}: the value {value!r} is not valid YAML ({first}).") from None
     return out
 
 
 def _budget(args: argparse.Namespace) -> dict:
-    """The shared options as CompareConfig / demo_config arguments; unset ones keep the callee's default."""
-    chosen = {"methods": tuple(args.methods) if args.methods else None, "label_draws": args.label_draws,
-              "label_sizes": (*args.label_sizes, None) if args.label_sizes else None}
-    return {**{k: v for k, v in chosen.items() if v is not None},
-            "method_configs": tuple(args.method_config), "seeds": tuple(args.seeds), "epochs": args.epochs,
-            "batch_size": args.batch_size, "test_fraction": args.test_fraction, "n_bootstrap": args.n_bootstrap,
+    """The shared options given on the command line, as CompareConfig / demo_config arguments; the others keep the
+    library's defaults."""
+    given = {"methods": args.methods, "method_configs": args.method_config, "seeds": args.seeds,
+             "epochs": args.epochs, "batch_size": args.batch_size, "test_fraction": args.test_fraction,
+             "label_draws": args.label_draws, "n_bootstrap": args.n_bootstrap,
+             "label_sizes": (*args.label_sizes, None) if args.label_sizes else None}
+    return {**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None},
             "overrides": _overrides(args.set), "plots": not args.no_plots, "audit": not args.no_audit}
 
 
@@ -133,8 +149,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", required=True, help="manifest file (.csv, .csv.gz, .tsv, .parquet)")
     p.add_argument("--dataset-dir", default=None, help="folder of relative image paths (default: the manifest's)")
     p.add_argument("--label", required=True, help="label column to probe (label_x or x)")
-    p.add_argument("--bundle", default="cxr", help="pretrain bundle: cxr, brain, or the folder of a bundle")
-    p.add_argument("--out", default="monai_du_compare", help="report folder (default: ./monai_du_compare)")
+    p.add_argument("--bundle", default=None,
+                   help="pretrain bundle: cxr, brain, or the folder of a bundle (default: cxr)")
+    p.add_argument("--out", default=None, help="report folder (default: ./monai_du_compare)")
     _add_budget(p)
     p.set_defaults(func=_run_compare)
 
@@ -142,8 +159,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 def _run_compare(args: argparse.Namespace) -> int:
     from monai_du.compare import CompareConfig, run_compare
 
-    config = CompareConfig(manifest=args.manifest, dataset_dir=args.dataset_dir, label=args.label, bundle=args.bundle,
-                           out=args.out, **_budget(args))
+    given = {k: v for k, v in (("dataset_dir", args.dataset_dir), ("bundle", args.bundle), ("out", args.out))
+             if v is not None}
+    config = CompareConfig(manifest=args.manifest, label=args.label, **given, **_budget(args))
     result = run_compare(config, log=None if args.quiet else (lambda line: print(line, flush=True)))
     _print_result(result, args.quiet)
     return 0
@@ -159,8 +177,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
             "(label lesion). Every method is a run of the pretrain bundle."
         ),
     )
-    p.add_argument("--modality", choices=("cxr", "brain"), default="cxr", help="2D chest X-rays or 3D brain MRI")
-    p.add_argument("--out", default="monai_du_demo", help="report folder (default: ./monai_du_demo)")
+    p.add_argument("--modality", choices=("cxr", "brain"), default=None,
+                   help="2D chest X-rays or 3D brain MRI (default: cxr)")
+    p.add_argument("--out", default=None, help="report folder (default: ./monai_du_demo)")
     _add_budget(p)
     p.set_defaults(func=_run_demo)
 
@@ -168,8 +187,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from monai_du.demo import run_demo
 
-    result = run_demo(log=None if args.quiet else (lambda line: print(line, flush=True)), modality=args.modality,
-                      out=args.out, **_budget(args))
+    given = {k: v for k, v in (("modality", args.modality), ("out", args.out)) if v is not None}
+    result = run_demo(log=None if args.quiet else (lambda line: print(line, flush=True)), **given, **_budget(args))
     _print_result(result, args.quiet)
     return 0
 
@@ -402,6 +421,40 @@ def _run_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bundle(sub: argparse._SubParsersAction) -> None:
+    from monai_du.bundles import PRETRAIN_BUNDLES, SHIPPED_BUNDLES
+
+    names = sorted(PRETRAIN_BUNDLES) + list(SHIPPED_BUNDLES)
+    p = sub.add_parser(
+        "bundle",
+        help="where the shipped MONAI bundles are installed, or a copy of one to edit and run",
+        description=(
+            "The MONAI bundles ship inside the package. 'path NAME' prints a bundle's folder (to pass its config "
+            "files to python -m monai.bundle run, with --bundle_root a folder of yours); 'copy NAME DIR' copies it "
+            f"to DIR, a new folder, to edit and run there. NAME: {', '.join(names)} (cxr and brain are the "
+            "pretrain bundles)."
+        ),
+    )
+    p.add_argument("action", choices=("path", "copy"), help="print the folder, or copy it")
+    p.add_argument("name", choices=names, metavar="NAME", help=f"the bundle: {', '.join(names)}")
+    p.add_argument("destination", nargs="?", default=None, help="copy: the new folder")
+    p.set_defaults(func=_run_bundle)
+
+
+def _run_bundle(args: argparse.Namespace) -> int:
+    from monai_du.bundles import copy_bundle, shipped_bundle
+
+    if args.action == "path":
+        if args.destination is not None:
+            raise ValueError("bundle path takes no destination; did you mean bundle copy?")
+        print(shipped_bundle(args.name))
+        return 0
+    if args.destination is None:
+        raise ValueError("bundle copy needs a destination folder: monai-du bundle copy NAME DIR.")
+    print(copy_bundle(args.name, args.destination))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``monai-du`` and its subcommands."""
     parser = argparse.ArgumentParser(
@@ -411,12 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
     from monai_du import __version__
 
     parser.add_argument("--version", action="version", version=f"monai_du {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,compare,audit,prior,cache}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,compare,audit,prior,cache,bundle}")
     _add_demo(sub)
     _add_compare(sub)
     _add_prior(sub)
     _add_cache(sub)
     _add_audit(sub)
+    _add_bundle(sub)
     return parser
 
 

@@ -1,23 +1,24 @@
 """``monai-du compare``: does a prior help on *your* data? Every method is a run of the pretrain bundle.
 
 For every seed, :func:`run_compare` splits the manifest's patients (train / test), runs the pretrain bundle once per
-method on the training patients (``configs/train.yaml`` plus the method's override file from
-``configs/methods/``, one ``bundle_root`` per method and seed, same epochs and batch size), then probes each exported
-encoder, frozen, on the label: a linear probe whose L2 strength is chosen by inner patient-grouped cross-validation,
-a kNN probe, site leakage, and the label-efficiency curve (AUC against the number of labelled training patients).
+method on the training patients (``configs/train.yaml`` plus the method's file from ``configs/methods/``, one
+``bundle_root`` per method and seed, same epochs and batch size), then probes each exported encoder, frozen, on the
+label: a linear probe whose L2 strength is chosen by inner patient-grouped cross-validation, a kNN probe, site
+leakage, and the label-efficiency curve (AUC against the number of labelled training patients).
 
-Nothing here builds a trainer, loss, sampler, network or kernel: the bundle defines the run. A finished run leaves
-``compare_done.json`` in its ``models/`` folder and ``probe.json`` in its ``eval/`` folder, so a killed comparison
-resumes without redoing them, and an interrupted run resumes from its last checkpoint (the bundle's ``resume``).
+Nothing here builds a trainer, loss, sampler, network or kernel: the bundle defines the run, and each method file
+declares its printed name, its place in the table and, for a composite method, its stages (:mod:`monai_du.bundles`).
 
-Composite method ``kdu_bootstrap``: plain DU for the first half of the epochs, then kernel DU on the embeddings of
-that first encoder (``methods/kdu_encoder.yaml``, started from its weights) for the second half: the same total
-budget as every other method.
+Reruns never serve stale numbers. A run records everything that shaped it (the manifest's content hash, the bundle
+config and method files' content, every override, the package versions) in ``models/compare_started.json`` before it
+starts and ``models/compare_done.json`` when it ends (:class:`monai_du.io.DoneMarker`): a finished run with the same
+inputs is reused, an interrupted one resumes from its last checkpoint (the bundle's ``resume``), and a run folder that
+holds a run of other inputs is refused with what changed. A probe (``eval/probe.json``) is reused only for the same
+run, label and probe settings, and redone otherwise.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -27,138 +28,89 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import monai
 import numpy as np
 import pandas as pd
 import torch
-import yaml
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.data import Dataset
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from threadpoolctl import threadpool_limits
 
-__all__ = [
-    "BUNDLES",
-    "METHOD_NAMES",
-    "DEFAULT_METHODS",
-    "COMPOSITE_METHODS",
-    "CompareConfig",
-    "bundle_path",
-    "method_files",
-    "run_compare",
-]
-
-#: Pretrain bundles by modality (folders of the repository's ``bundles/``).
-BUNDLES: dict[str, str] = {"cxr": "cxr_du_pretrain", "brain": "brain_mri_du_pretrain"}
-
-#: Printed names of the shipped methods (``configs/methods/<key>.yaml``); a user's method file is named by its stem.
-METHOD_NAMES: dict[str, str] = {
-    "random": "random init",
-    "du": "plain DU",
-    "simclr": "SimCLR (InfoNCE)",
-    "kdu_attr": "kernel DU (age x sex)",
-    "kdu_gen": "kernel DU (generative prior)",
-    "yaware": "y-Aware InfoNCE (age x sex)",
-    "kdu_patient": "kernel DU (patient x time, PK batches)",
-    "kdu_bootstrap": "kernel DU (bootstrap: DU encoder prior)",
-    "kdu_encoder": "kernel DU (encoder prior)",
-}
-
-DEFAULT_METHODS: tuple[str, ...] = (
-    "random", "du", "simclr", "kdu_attr", "kdu_gen", "yaware", "kdu_patient", "kdu_bootstrap",
+from monai_du import report
+from monai_du.audit import format_audit, run_audit
+from monai_du.bundles import (
+    MethodSpec,
+    bundle_path,
+    check_overrides,
+    default_methods,
+    kernel_methods,
+    method_files,
+    stage_files,
 )
-"""The methods of a comparison, in table order."""
+from monai_du.data.loading import load_images
+from monai_du.data.manifest import read_manifest, resolve_label_column
+from monai_du.data.splits import select_split
+from monai_du.encoders import load_encoder
+from monai_du.evaluation import extract_features, knn_probe, label_efficiency, linear_probe, site_leakage
+from monai_du.io import DoneMarker, file_digest, write_text_atomic
+from monai_du.priors import encoder_prior_table, write_prior_table
 
-#: Methods made of stages: (method file, share of the epochs); a stage after the first starts from the previous
-#: stage's weights and reads the prior table of its encoder.
-COMPOSITE_METHODS: dict[str, tuple[tuple[str, float], ...]] = {"kdu_bootstrap": (("du", 0.5), ("kdu_encoder", 0.5))}
+__all__ = ["CompareConfig", "run_bundle", "run_compare"]
 
+_STARTED = "compare_started.json"
 _DONE = "compare_done.json"
 _PROBE = "probe.json"
 
-
-def bundle_path(bundle: str | Path) -> Path:
-    """The pretrain bundle folder: a modality key of :data:`BUNDLES` (the repository's ``bundles/``) or a path."""
-    if str(bundle) in BUNDLES:
-        path = Path(__file__).resolve().parents[1] / "bundles" / BUNDLES[str(bundle)]
-    else:
-        path = Path(bundle).expanduser()
-    if not (path / "configs" / "train.yaml").is_file():
-        raise ValueError(
-            f"bundle {str(bundle)!r}: no configs/train.yaml under {path}. Pass --bundle with the folder of a pretrain "
-            "bundle (the repository's bundles/cxr_du_pretrain when monai_du is installed from a clone)."
-        )
-    return path
+#: Bundle ids that compare sets for every run from its own options; ``overrides`` may not set them.
+_OWN_IDS: dict[str, str] = {
+    "manifest": "manifest", "dataset_dir": "dataset_dir", "seed": "seeds", "split_seed": "seeds",
+    "split_fractions": "test_fraction", "pretrain_split": "test_fraction", "max_epochs": "epochs",
+    "batch_size": "batch_size", "bundle_root": "out",
+}
 
 
-def _check_method_file(path: Path) -> Path:
-    try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"method file {path} does not parse: {first}") from None
-    if content is not None and not isinstance(content, Mapping):
-        raise ValueError(f"method file {path} must hold a mapping of bundle ids, got {type(content).__name__}.")
-    return path
-
-
-def method_files(bundle: Path, methods: Sequence[str], extra: Sequence[str | Path] = ()) -> dict[str, list[Path]]:
-    """The override files of each method (the stages of a composite method are resolved later).
-
-    Args:
-        bundle: the pretrain bundle folder.
-        methods: method keys (``configs/methods/<key>.yaml`` of the bundle, or :data:`COMPOSITE_METHODS`).
-        extra: the user's own method files; each becomes a method named by its file stem.
-
-    Returns:
-        ``{method key: [override files]}`` in table order (a composite method maps to its stages' files).
-
-    Raises:
-        ValueError: an unknown method (naming the choices), or a method file that does not parse.
-    """
-    folder = bundle / "configs" / "methods"
-    shipped = sorted(p.stem for p in folder.glob("*.yaml")) + sorted(COMPOSITE_METHODS)
-    out: dict[str, list[Path]] = {}
-    for key in methods:
-        stages = [name for name, _ in COMPOSITE_METHODS.get(key, ((key, 1.0),))]
-        paths = [folder / f"{name}.yaml" for name in stages]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise ValueError(f"unknown method {key!r}: choose from {shipped}, or pass your own with --method-config.")
-        out[key] = [_check_method_file(p) for p in paths]
-    for item in extra:
-        path = Path(item).expanduser()
-        if not path.is_file():
-            raise ValueError(f"method file {path} does not exist.")
-        out[path.stem] = [_check_method_file(path)]
-    return out
+def _whole(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
+    return int(value)
 
 
 @dataclass
 class CompareConfig:
-    """Settings of :func:`run_compare`.
+    """Settings of :func:`run_compare`, checked when the config is made (the same messages in Python and from
+    ``monai-du compare``, before any work starts).
 
     Attributes:
         manifest: the manifest file (``monai_du.data.manifest`` schema).
-        label: the label to probe (``label_x`` or ``x``).
+        label: the label to probe (``label_x``, ``x`` or a finding name).
         dataset_dir: root of relative image paths (default: the manifest's folder).
-        bundle: pretrain bundle, a key of :data:`BUNDLES` or a folder.
-        methods: method keys, in table order.
+        bundle: pretrain bundle, a modality key (``cxr``, ``brain``) or a folder.
+        methods: method keys, in table order (None: the bundle's default methods, by their ``method_order``).
         method_configs: the user's own method files (named by their stem).
-        seeds: seeds; each draws a patient split, initial weights and augmentations.
+        seeds: distinct seeds >= 0; each draws a patient split, initial weights and augmentations.
         epochs, batch_size: the budget of every method (None: the bundle's).
         out: report folder; runs go to ``out/runs/seed<k>/<method>``.
         test_fraction: share of patients held out for the probes.
         label_sizes: labelled training patients of the label-efficiency curve (None: all).
         label_draws: draws per size.
         n_bootstrap: patient-level bootstrap resamples of the AUC CI.
-        overrides: further bundle overrides for every run (e.g. ``{"num_workers": 0}``).
+        overrides: further bundle overrides for every run (e.g. ``{"num_workers": 0}``): ids of the bundle, values as
+            data (no ``$`` expressions); epochs, batch size, split and paths have their own settings.
         plots: write PNG plots.
         audit: also audit the priors of the compared kernel methods (:func:`monai_du.audit.run_audit`, with the same
             bundle, batch size and overrides) and print each one's verdict next to its measured difference from
             plain DU; the audit goes to ``out/audit``.
+
+    Raises:
+        ValueError: naming the setting, for a bad value.
     """
 
     manifest: str | Path
     label: str
     dataset_dir: str | Path | None = None
     bundle: str | Path = "cxr"
-    methods: Sequence[str] = DEFAULT_METHODS
+    methods: Sequence[str] | None = None
     method_configs: Sequence[str | Path] = ()
     seeds: Sequence[int] = (0, 1, 2)
     epochs: int | None = None
@@ -172,18 +124,55 @@ class CompareConfig:
     plots: bool = True
     audit: bool = True
 
+    def __post_init__(self) -> None:
+        # paths become absolute: a value that starts with '$' is a file name here, never a config expression
+        self.manifest = Path(self.manifest).expanduser().absolute()
+        if not self.manifest.is_file():
+            raise ValueError(f"manifest {self.manifest} does not exist.")
+        self.dataset_dir = Path(self.dataset_dir or self.manifest.parent).expanduser().absolute()
+        if not self.dataset_dir.is_dir():
+            raise ValueError(f"dataset_dir {self.dataset_dir} is not a folder.")
+        self.out = Path(self.out).expanduser().absolute()
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"out {self.out} is a file, not a folder.")
+        if not str(self.label).strip():
+            raise ValueError("label must name a label column, got an empty string.")
+        self.bundle = bundle_path(self.bundle)
+        if self.methods is None:
+            self.methods = default_methods(self.bundle)
+        self.methods = tuple(str(m) for m in self.methods)
+        self.method_configs = tuple(self.method_configs)
+        if not self.methods and not self.method_configs:
+            raise ValueError("methods is empty: name at least one method.")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods lists a method twice: {list(self.methods)}.")
+        method_files(self.bundle, self.methods, self.method_configs)  # unknown methods, unreadable files
+        self.seeds = tuple(_whole(seed, "each seed", 0) for seed in self.seeds)
+        if not self.seeds:
+            raise ValueError("seeds is empty: give at least one seed.")
+        repeated = sorted({seed for seed in self.seeds if self.seeds.count(seed) > 1})
+        if repeated:
+            raise ValueError(f"seeds {repeated} are given twice: a repeated seed is the same run again, not another "
+                             "replicate.")
+        if self.epochs is not None:
+            self.epochs = _whole(self.epochs, "epochs", 1)
+        if self.batch_size is not None:
+            self.batch_size = _whole(self.batch_size, "batch_size", 2)
+        if not isinstance(self.test_fraction, (int, float)) or not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must lie in (0, 1), got {self.test_fraction!r}.")
+        self.label_sizes = tuple(None if n is None else _whole(n, "each label size", 1) for n in self.label_sizes)
+        self.label_draws = _whole(self.label_draws, "label_draws", 1)
+        self.n_bootstrap = _whole(self.n_bootstrap, "n_bootstrap", 0)
+        for key in self.overrides:
+            if key in _OWN_IDS:
+                raise ValueError(f"override {key!r}: compare sets it for every run; use its {_OWN_IDS[key]} setting "
+                                 f"(--{_OWN_IDS[key].replace('_', '-')}).")
+        self.overrides = check_overrides(self.bundle, self.overrides, self.method_configs)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------------------------------
-def _label_column(df: pd.DataFrame, label: str, source: str) -> str:
-    column = label if label in df.columns else f"label_{label}"
-    if column not in df.columns:
-        labels = [c for c in df.columns if c.startswith("label_")]
-        raise ValueError(f"manifest {source} has no column {label!r} (nor 'label_{label}'); label columns: {labels}.")
-    return column
-
-
 def _split_overrides(seed: int, test_fraction: float) -> dict[str, Any]:
     """The bundle ids of one seed's patient split: pretraining reads its ``train`` part."""
     return {"split_fractions": {"train": 1.0 - test_fraction, "test": test_fraction}, "split_seed": int(seed),
@@ -192,8 +181,6 @@ def _split_overrides(seed: int, test_fraction: float) -> dict[str, Any]:
 
 def _split(df: pd.DataFrame, seed: int, test_fraction: float) -> np.ndarray:
     """Training-patient mask of one seed, as the bundle computes it (select_split with the same arguments)."""
-    from monai_du.data.splits import select_split
-
     split = _split_overrides(seed, test_fraction)
     train = select_split(df, split["pretrain_split"], fractions=split["split_fractions"], seed=split["split_seed"])
     return df.index.isin(train.index)
@@ -212,24 +199,63 @@ def _check_classes(y: pd.Series, train_mask: np.ndarray, column: str, seed: int)
 # ---------------------------------------------------------------------------------------------------------------------
 # running the bundle
 # ---------------------------------------------------------------------------------------------------------------------
-def _signature(files: Sequence[Path], overrides: Mapping[str, Any]) -> str:
-    text = json.dumps({"files": [str(f) for f in files], "contents": [f.read_text(encoding="utf-8") for f in files],
-                       "overrides": {k: str(v) for k, v in sorted(overrides.items())}}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+def _run_inputs(config_files: Sequence[Path], overrides: Mapping[str, Any], manifest_sha256: str) -> dict[str, Any]:
+    """Everything that shapes a run: config contents, overrides, the manifest's content, versions."""
+    from monai_du import __version__
+
+    return {
+        "config_files": {f.name: f.read_text(encoding="utf-8") for f in config_files},
+        "overrides": dict(sorted(overrides.items())),
+        "manifest_sha256": manifest_sha256,
+        "versions": {"monai_du": __version__, "monai": monai.__version__, "torch": torch.__version__},
+    }
 
 
-def run_bundle(files: Sequence[Path], bundle_root: Path, overrides: Mapping[str, Any], bundle: Path) -> bool:
+def _changed(changes: list[str], old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> str:
+    """The changed inputs in words (override ids by name)."""
+    words = []
+    for key in changes:
+        if key == "overrides" and old is not None:
+            before, after = old.get("overrides", {}), new.get("overrides", {})
+            ids = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+            words += [f"{k} ({before.get(k, 'unset')!r} -> {after.get(k, 'unset')!r})" for k in ids]
+        else:
+            words.append(key)
+    return ", ".join(words)
+
+
+def run_bundle(files: Sequence[Path], bundle_root: Path, overrides: Mapping[str, Any], bundle: Path,
+               manifest_sha256: str | None = None) -> bool:
     """Run the pretrain bundle in-process (``monai.bundle.ConfigWorkflow``): ``configs/train.yaml`` plus ``files``.
 
-    Returns False without running when ``bundle_root`` already holds a finished run of the same files and overrides.
-    """
-    from monai.bundle import ConfigWorkflow
+    Args:
+        files: the method file(s) after ``configs/train.yaml``.
+        bundle_root: the run folder.
+        overrides: bundle ids (data values).
+        bundle: the pretrain bundle folder.
+        manifest_sha256: the manifest's content hash (default: computed from ``overrides["manifest"]``).
 
+    Returns:
+        False without running when ``bundle_root`` holds a finished run of the same inputs, else True.
+
+    Raises:
+        ValueError: when ``bundle_root`` holds a run (finished or not) of other inputs, naming what changed.
+    """
     config_files = [bundle / "configs" / "train.yaml", *files]
-    signature = _signature(config_files, overrides)
-    done = bundle_root / "models" / _DONE
-    if done.is_file() and json.loads(done.read_text(encoding="utf-8")).get("signature") == signature:
+    digest = manifest_sha256 or file_digest(overrides["manifest"])
+    inputs = _run_inputs(config_files, overrides, digest)
+    done = DoneMarker(bundle_root / "models" / _DONE, inputs)
+    if done.is_done():
         return False
+    started = DoneMarker(bundle_root / "models" / _STARTED, inputs)
+    changes = started.changes() or done.changes()
+    if changes:
+        old = (started.recorded() or done.recorded() or {}).get("inputs")
+        raise ValueError(
+            f"{bundle_root} holds a run of other inputs (changed: {_changed(changes, old, started.inputs)}). Use a new "
+            "--out, or delete that folder to start the run afresh."
+        )
+    started.write()  # an interrupted run of these inputs resumes from its checkpoint; other inputs are refused
     workflow = ConfigWorkflow(
         config_file=[str(f) for f in config_files],
         meta_file=str(bundle / "configs" / "metadata.json"),
@@ -241,16 +267,12 @@ def run_bundle(files: Sequence[Path], bundle_root: Path, overrides: Mapping[str,
     workflow.initialize()
     workflow.run()
     workflow.finalize()
-    from monai_du.io import write_text_atomic
-
-    write_text_atomic(done, json.dumps({"signature": signature}) + "\n")
+    done.write()
     return True
 
 
 def _training_losses(bundle_root: Path) -> list[float]:
     """The per-iteration ``train_loss`` of a run, read back from its TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     folder = bundle_root / "eval" / "tensorboard"
     if not folder.is_dir():
         return []
@@ -267,11 +289,6 @@ def _training_losses(bundle_root: Path) -> list[float]:
 # probing one run
 # ---------------------------------------------------------------------------------------------------------------------
 def _features(models_dir: Path, images: np.ndarray, device: str) -> np.ndarray:
-    from monai.data import Dataset
-
-    from monai_du.evaluation import extract_features
-    from monai_du.priors import load_encoder
-
     encoder = load_encoder(models_dir)
     dataset = Dataset([{"image": torch.from_numpy(img)} for img in images])
     features, _ = extract_features(encoder, dataset, device=device, batch_size=64)
@@ -280,10 +297,6 @@ def _features(models_dir: Path, images: np.ndarray, device: str) -> np.ndarray:
 
 def _probe(features: np.ndarray, df: pd.DataFrame, column: str, train_mask: np.ndarray, seed: int,
            config: CompareConfig) -> dict[str, Any]:
-    from threadpoolctl import threadpool_limits
-
-    from monai_du.evaluation import knn_probe, label_efficiency, linear_probe, site_leakage
-
     notes: list[str] = []
     groups = df["patient_id"].astype(str).to_numpy()
     split = {"groups": groups, "train_mask": train_mask}
@@ -311,32 +324,53 @@ def _probe(features: np.ndarray, df: pd.DataFrame, column: str, train_mask: np.n
 # ---------------------------------------------------------------------------------------------------------------------
 # one method of one seed
 # ---------------------------------------------------------------------------------------------------------------------
-def _run_method(key: str, files: list[Path], root: Path, overrides: dict[str, Any], bundle: Path,
-                df: pd.DataFrame, say: Callable[[str], None]) -> tuple[float, int]:
+def _stage_roots(root: Path, spec: MethodSpec) -> list[Path]:
+    """The run folder of each stage: ``root/stage<i>`` for the stages before the last, ``root`` for the last."""
+    n = max(1, len(spec.stages))
+    return [root / f"stage{i + 1}" for i in range(n - 1)] + [root]
+
+
+def _stage_epochs(epochs: int, spec: MethodSpec) -> list[int]:
+    """Each stage's epochs: its share of ``epochs`` (at least 1), the last stage taking what is left."""
+    if not spec.stages:
+        return [epochs]
+    out = [max(1, round(epochs * stage.share)) for stage in spec.stages[:-1]]
+    return out + [max(0, epochs - sum(out))]
+
+
+def _run_method(spec: MethodSpec, root: Path, overrides: dict[str, Any], bundle: Path,
+                manifest_sha256: str) -> tuple[float, int]:
     """Pretrain one method (all its stages) into ``root``; returns (wall seconds, steps)."""
     started = time.perf_counter()
-    stages = COMPOSITE_METHODS.get(key)
-    if stages is None:
-        run_bundle(files, root, overrides, bundle)
-    else:
-        from monai_du.priors import encoder_prior_table, write_prior_table
-
-        epochs = int(overrides["max_epochs"])
-        first = max(1, round(epochs * stages[0][1])) if epochs else 0
-        stage_root = root / "stage1"
-        run_bundle(files[:1], stage_root, {**overrides, "max_epochs": first}, bundle)
-        table_path = stage_root / "eval" / "encoder_prior_table.csv"
-        if not table_path.is_file():
-            table = encoder_prior_table(
-                overrides["manifest"], stage_root / "models", root=overrides["dataset_dir"], split="train",
-                fractions=overrides["split_fractions"], split_seed=overrides["split_seed"],
-            )
-            write_prior_table(table, table_path)
-        second = {**overrides, "max_epochs": epochs - first, "prior_table": str(table_path),
-                  "init_checkpoint": str(stage_root / "models" / "model.pt")}
-        run_bundle(files[1:], root, second, bundle)
-    steps = len(_training_losses(root)) + (len(_training_losses(root / "stage1")) if stages else 0)
+    files = stage_files(bundle, spec)
+    roots = _stage_roots(root, spec)
+    epochs = _stage_epochs(int(overrides["max_epochs"]), spec)
+    stages = spec.stages or (None,)
+    for i, (stage, path, stage_root, n_epochs) in enumerate(zip(stages, files, roots, epochs)):
+        stage_overrides = {**overrides, "max_epochs": n_epochs}
+        if stage is not None and stage.init_from_previous:
+            stage_overrides["init_checkpoint"] = str(roots[i - 1] / "models" / "model.pt")
+        if stage is not None and stage.prior_from_previous:
+            stage_overrides["prior_table"] = str(_encoder_table(roots[i - 1], overrides))
+        run_bundle([path], stage_root, stage_overrides, bundle, manifest_sha256)
+    steps = sum(len(_training_losses(r)) for r in roots)
     return time.perf_counter() - started, steps
+
+
+def _encoder_table(stage_root: Path, overrides: Mapping[str, Any], split: str = "train") -> Path:
+    """The prior table of a finished stage's encoder (written once into its ``eval/``): the embeddings of the
+    pretraining rows (``split="train"``), or of every row (``"all"``)."""
+    path = stage_root / "eval" / f"encoder_prior_table{'' if split == 'train' else '_' + split}.csv"
+    marker = DoneMarker(path.with_suffix(".done.json"),
+                        {"encoder": file_digest(stage_root / "models" / "encoder.pt"), "split": split,
+                         **{k: overrides[k] for k in ("manifest", "dataset_dir", "split_fractions", "split_seed")}})
+    if not marker.is_done():
+        table = encoder_prior_table(overrides["manifest"], stage_root / "models", root=overrides["dataset_dir"],
+                                    split=split, fractions=overrides["split_fractions"],
+                                    split_seed=overrides["split_seed"])
+        write_prior_table(table, path)
+        marker.write()
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -356,27 +390,16 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     Raises:
         ValueError: with one line naming the file, column or method, for bad input.
     """
-    from monai_du import report
-    from monai_du.data.manifest import read_manifest
-    from monai_du.priors import load_images
-
     say = log or (lambda _: None)
     started = time.perf_counter()
-    bundle = bundle_path(config.bundle)
-    files = method_files(bundle, config.methods, config.method_configs)
-    manifest = Path(config.manifest).expanduser()
-    if not manifest.is_file():
-        raise ValueError(f"manifest {manifest} does not exist.")
-    dataset_dir = Path(config.dataset_dir).expanduser() if config.dataset_dir else manifest.parent
+    bundle, manifest, dataset_dir, out = Path(config.bundle), Path(config.manifest), Path(config.dataset_dir), \
+        Path(config.out)
+    specs = method_files(bundle, config.methods, config.method_configs)
     df = read_manifest(manifest, root=dataset_dir).reset_index(drop=True)
-    column = _label_column(df, config.label, str(manifest))
-    if not 0 < config.test_fraction < 1:
-        raise ValueError(f"test_fraction must lie in (0, 1), got {config.test_fraction}.")
+    column = resolve_label_column(df, config.label, f"manifest {manifest}")
     masks = {seed: _split(df, seed, config.test_fraction) for seed in config.seeds}
     for seed, mask in masks.items():
         _check_classes(df[column], mask, column, seed)
-
-    from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "train.yaml"))
@@ -384,10 +407,19 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     epochs = int(config.epochs if config.epochs is not None else parser["max_epochs"])
     batch = int(config.batch_size if config.batch_size is not None else parser["batch_size"])
     modality = "2d" if len(spatial) == 2 else "3d"
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"out {out}: cannot create the report folder ({err.strerror}).") from None
+    manifest_sha256 = file_digest(manifest)
+    # a batch larger than a seed's training images is clamped to them: say so, and audit with what training used
+    batches = {seed: min(batch, int(mask.sum())) for seed, mask in masks.items()}
+    if min(batches.values()) < batch:
+        batch_words = f"batch {batch} (clamped to the training images: {sorted(set(batches.values()))})"
+    else:
+        batch_words = f"batch {batch}"
     say(f"monai-du compare: {len(df)} images of {df['patient_id'].nunique()} patients from {manifest}; label {column}; "
-        f"methods {list(files)}; seeds {list(config.seeds)}; {epochs} epochs, batch {batch}; bundle {bundle}; "
+        f"methods {list(specs)}; seeds {list(config.seeds)}; {epochs} epochs, {batch_words}; bundle {bundle}; "
         f"report -> {out}")
     t0 = time.perf_counter()
     images = load_images(df, modality=modality, image_size=int(spatial[0]))
@@ -396,38 +428,41 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
 
     rows: list[dict[str, Any]] = []
     efficiency: list[dict[str, Any]] = []
-    losses: dict[str, dict[int, list[float]]] = {key: {} for key in files}
-    total = len(files) * len(config.seeds)
+    losses: dict[str, dict[int, list[float]]] = {key: {} for key in specs}
+    total = len(specs) * len(config.seeds)
     for seed in config.seeds:
         train_mask = masks[seed]
         n_train = int(train_mask.sum())
         overrides = {
             "manifest": str(manifest), "dataset_dir": str(dataset_dir), "seed": int(seed),
-            **_split_overrides(seed, config.test_fraction), "max_epochs": epochs, "batch_size": min(batch, n_train),
+            **_split_overrides(seed, config.test_fraction), "max_epochs": epochs, "batch_size": batches[seed],
             **dict(config.overrides),
         }
-        for key, method in files.items():
-            name = METHOD_NAMES.get(key, key)
+        for key, spec in specs.items():
             root = out / "runs" / f"seed{seed}" / key
+            probe_marker = DoneMarker(root / "eval" / "probe_done.json", {
+                "run": _run_inputs([bundle / "configs" / "train.yaml", *stage_files(bundle, spec)], overrides,
+                                   manifest_sha256),
+                "label": column, "test_fraction": config.test_fraction, "label_sizes": list(config.label_sizes),
+                "label_draws": config.label_draws, "n_bootstrap": config.n_bootstrap})
             probe_file = root / "eval" / _PROBE
             done = len(rows) + 1
-            if probe_file.is_file():
+            if probe_marker.is_done() and probe_file.is_file():
                 row = json.loads(probe_file.read_text(encoding="utf-8"))
-                say(f"[{done}/{total}] seed {seed} {name}: done before, AUC {row['auc']:.3f}")
+                say(f"[{done}/{total}] seed {seed} {spec.name}: done before, AUC {row['auc']:.3f}")
             else:
-                say(f"[{done}/{total}] seed {seed} {name}: pretraining ({epochs} epochs) in {root}")
-                wall, steps = _run_method(key, method, root, overrides, bundle, df, say)
-                say(f"[{done}/{total}] seed {seed} {name}: probing the frozen encoder")
+                say(f"[{done}/{total}] seed {seed} {spec.name}: pretraining ({epochs} epochs) in {root}")
+                wall, steps = _run_method(spec, root, overrides, bundle, manifest_sha256)
+                say(f"[{done}/{total}] seed {seed} {spec.name}: probing the frozen encoder")
                 probe = _probe(_features(root / "models", images, device), df, column, train_mask, seed, config)
-                row = {"method_key": key, "method": name, "seed": int(seed), **probe, "wall_time_s": wall,
+                row = {"method_key": key, "method": spec.name, "seed": int(seed), **probe, "wall_time_s": wall,
                        "steps": steps, "n_train_images": n_train,
                        "n_train_patients": int(df.loc[train_mask, "patient_id"].nunique())}
-                from monai_du.io import write_text_atomic
-
                 write_text_atomic(probe_file, json.dumps(report.json_safe(row), indent=2) + "\n")
-                say(f"[{done}/{total}] seed {seed} {name}: AUC {row['auc']:.3f} (C {row['chosen_C']:.3g}), "
+                probe_marker.write()
+                say(f"[{done}/{total}] seed {seed} {spec.name}: AUC {row['auc']:.3f} (C {row['chosen_C']:.3g}), "
                     f"{steps} steps, {wall:.1f} s")
-            efficiency += [{"method_key": key, "method": name, "seed": seed,
+            efficiency += [{"method_key": key, "method": spec.name, "seed": seed,
                             **{k: v for k, v in r.items() if k != "patients"}} for r in row.pop("label_efficiency")]
             rows.append(row)
             losses[key][seed] = _training_losses(root)
@@ -436,9 +471,9 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     curve = pd.DataFrame(efficiency)
     wall = time.perf_counter() - started
     header = (f"monai-du compare: {manifest.name}, {len(df)} images, {df['patient_id'].nunique()} patients; label "
-              f"{column}; seeds {list(config.seeds)}; {epochs} epochs, batch {batch}; linear probe (C by inner "
+              f"{column}; seeds {list(config.seeds)}; {epochs} epochs, {batch_words}; linear probe (C by inner "
               f"patient-grouped CV) on held-out patients ({config.test_fraction:.0%}); total wall time {wall:.0f} s")
-    written = report.write_report(out, header, results, curve, losses, list(files), plots=config.plots,
+    written = report.write_report(out, header, results, curve, losses, list(specs), plots=config.plots,
                                   config=asdict(config) | {"manifest": str(manifest), "label": column, "epochs": epochs,
                                                           "batch": batch})
     for line in [""] + written["lines"]:
@@ -446,7 +481,7 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     say(f"report written to {out}: {', '.join(sorted(written['files']))}")
     audit_lines: list[str] = []
     if config.audit:
-        audit_lines = _audit_next_to(config, bundle, manifest, dataset_dir, column, batch, list(files), results, out)
+        audit_lines = _audit_next_to(config, specs, column, batches[config.seeds[0]], results)
         for line in audit_lines:
             say(line)
     return {"results": results, "summary": written["summary"], "efficiency": curve, "table": written["table"],
@@ -454,32 +489,30 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
             "files": written["files"], "audit": audit_lines, "wall_time_s": wall}
 
 
-def _audit_next_to(config: CompareConfig, bundle: Path, manifest: Path, dataset_dir: Path, column: str, batch: int,
-                   methods: list[str], results: pd.DataFrame, out: Path) -> list[str]:
+def _audit_next_to(config: CompareConfig, specs: Mapping[str, MethodSpec], column: str, batch: int,
+                   results: pd.DataFrame) -> list[str]:
     """Audit the compared kernel methods' priors; lines of the audit table and of each verdict beside the measured
-    paired difference from plain DU."""
-    from monai_du.audit import format_audit, run_audit
-    from monai_du.bundle_priors import kernel_methods
-    from monai_du.io import write_text_atomic
+    paired difference from plain DU.
 
-    audited = [key for key in methods if key in kernel_methods(bundle)]
+    A composite method whose last stage takes its prior from the stage before is audited on the first seed's
+    previous-stage encoder: its embeddings of every row are the prior table of that last stage's method."""
+    bundle, manifest, dataset_dir, out = Path(config.bundle), Path(config.manifest), Path(config.dataset_dir), \
+        Path(config.out)
+    kernels = kernel_methods(bundle)
+    audited = [key for key in specs if key in kernels]
     seed = int(config.seeds[0])
+    split = _split_overrides(seed, config.test_fraction)
     tables = {}
-    stage1 = out / "runs" / f"seed{seed}" / "kdu_bootstrap" / "stage1" / "models"
-    if "kdu_bootstrap" in methods and (stage1 / "encoder.pt").is_file():
-        # kdu_bootstrap's prior: the embeddings of its first seed's first-stage encoder, for every labelled row
-        from monai_du.priors import encoder_prior_table, write_prior_table
-
-        path = out / "audit" / "kdu_bootstrap_prior_table.csv"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_prior_table(encoder_prior_table(str(manifest), stage1, root=str(dataset_dir), split="all"), path)
-        tables["kdu_bootstrap"] = path
+    for key, spec in specs.items():
+        if spec.stages and spec.stages[-1].prior_from_previous:
+            previous = _stage_roots(out / "runs" / f"seed{seed}" / key, spec)[-2]
+            if (previous / "models" / _DONE).is_file():
+                tables[key] = _encoder_table(previous, {"manifest": str(manifest), "dataset_dir": str(dataset_dir),
+                                                        **split}, split="all")
     if not audited and not tables:
         return []
     try:
         # the kernels and batches of the first seed's runs: its split, its seed
-        split = _split_overrides(seed, config.test_fraction)
         table = run_audit(manifest, [column], dataset_dir=dataset_dir, prior_tables=tables, out=out / "audit",
                           bundle=bundle, methods=audited, bundle_overrides={**split, **dict(config.overrides)},
                           batch_size=batch, seed=seed)
@@ -496,7 +529,7 @@ def _audit_next_to(config: CompareConfig, bundle: Path, manifest: Path, dataset_
         if "du" in aucs.columns and key in aucs.columns:
             diff = (aucs[key] - aucs["du"]).dropna()
             measured = f"; measured {diff.mean():+.3f} AUC vs plain DU over {len(diff)} seeds"
-        lines.append(f"- {METHOD_NAMES.get(key, key)}: audit rank {int(rows.loc[key, 'rank'])} of {len(rows)}, "
+        lines.append(f"- {specs[key].name}: audit rank {int(rows.loc[key, 'rank'])} of {len(rows)}, "
                      f"{rows.loc[key, 'verdict']}{measured}")
     write_text_atomic(out / "audit" / "audit_vs_compare.txt", "\n".join(lines[1:]) + "\n")
     return lines

@@ -2,7 +2,7 @@
 
 - ``cxr`` (default): the real embedded cohort, 498 NIH ChestX-ray14 radiographs of 140 patients
   (:mod:`monai_du.data.real_cohort`), label ``No Finding`` (normal vs abnormal), through ``bundles/cxr_du_pretrain``.
-- ``brain``: the generated brain MRI phantom cohort (:func:`monai_du.data.cohorts.ensure_demo_cohort`), label
+- ``brain``: the generated brain MRI phantom cohort (:func:`monai_du.phantoms.ensure_demo_cohort`), label
   ``lesion``, through ``bundles/brain_mri_du_pretrain``.
 
 Everything else (methods, runs, probes, report) is the comparison's; see :mod:`monai_du.compare`.
@@ -20,7 +20,7 @@ __all__ = ["DEMO_DEFAULTS", "DEMO_METHODS", "demo_config", "run_demo"]
 
 #: Methods of the demo: the floor, the two baselines, and one metadata and one patient prior, so that three seeds fit
 #: in about 10 minutes on 2 CPU cores. ``--methods`` (or ``methods=``) runs any others, e.g. all of
-#: :data:`~monai_du.compare.DEFAULT_METHODS`.
+#: the bundle's default methods (:func:`monai_du.bundles.default_methods`).
 DEMO_METHODS: tuple[str, ...] = ("random", "du", "simclr", "kdu_attr", "kdu_patient")
 
 #: Label, budget and label-efficiency sizes of the demo, per modality.
@@ -50,7 +50,7 @@ def demo_config(
 
         manifest = nih_cxr_dev_manifest()
     else:
-        from monai_du.data.cohorts import ensure_demo_cohort
+        from monai_du.phantoms import ensure_demo_cohort
 
         manifest = ensure_demo_cohort(Path(out) / "cohort", "brain", n=defaults["n"], size=defaults["size"])
     return CompareConfig(

@@ -10,14 +10,13 @@ Data-loader glue: :class:`EpochSeededDataset` and :class:`EpochBatchSampler` mak
 epoch ``e`` a function of ``(seed, e, i)`` alone, so that the views do not depend on the number of worker processes,
 on persistent workers, on the rank that draws the item, or on whether the run was resumed.
 
-Helpers for bundle configs: :func:`fit_prior_kernel`, :func:`load_pretrained_encoder`, :func:`load_initial_weights`,
-:func:`default_num_workers`, :func:`default_num_threads` and :func:`default_bundle_root`.
+Helpers for bundle configs: :func:`fit_prior_kernel`, :func:`default_num_workers`, :func:`default_num_threads` and
+:func:`default_bundle_root`. Loading weights into a bundle's network is :mod:`monai_du.encoders`' job.
 """
 
 from __future__ import annotations
 
 import ast
-import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -35,15 +34,10 @@ __all__ = [
     "EpochSeededDataset",
     "EpochBatchSampler",
     "fit_prior_kernel",
-    "load_pretrained_encoder",
-    "load_initial_weights",
     "default_num_workers",
     "default_num_threads",
     "default_bundle_root",
 ]
-
-logger = logging.getLogger(__name__)
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # prepare_batch
@@ -226,76 +220,6 @@ def default_num_threads(num_workers: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# pretrained encoder of a fine-tuning run
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def load_pretrained_encoder(
-    network: torch.nn.Module, pretrained: str | os.PathLike | None, require: bool = False, mode: str = ""
-) -> torch.nn.Module:
-    """Load the encoder weights of a pretraining run into ``network.encoder`` (strict), for the fine-tune bundles.
-
-    Args:
-        network: a :class:`~monai_du.networks.ProbeClassifier` (anything with an ``encoder``).
-        pretrained: ``encoder.pt`` of the pretrain bundle, or any checkpoint
-            :func:`~monai_du.networks.encoder_state_dict` reads; None / ``"null"`` / ``""`` keeps the random
-            initialisation on purpose.
-        require: a missing file is an error instead of a warning.
-        mode: run mode, for the log line ("linear_probe", "finetune").
-
-    Returns:
-        ``network``.
-    """
-    from monai_du.networks import encoder_state_dict
-
-    if pretrained is None or str(pretrained).lower() in ("", "null", "none"):
-        logger.warning(f"mode={mode}: no pretrained encoder requested; the encoder starts from RANDOM initialisation.")
-        return network
-    if not os.path.isfile(pretrained):
-        if require:
-            raise ValueError(f"pretrained encoder file {os.fspath(pretrained)!r} not found (require_pretrained=true).")
-        logger.warning(
-            f"mode={mode}: pretrained encoder file {os.fspath(pretrained)!r} not found; the encoder starts from RANDOM "
-            "initialisation. Run the pretrain bundle first, set `pretrained` to its models/encoder.pt, or set "
-            "require_pretrained=true to make this an error."
-        )
-        return network
-    result = network.encoder.load_state_dict(encoder_state_dict(pretrained))
-    logger.info(f"mode={mode}: loaded the pretrained encoder from {os.fspath(pretrained)}: {result}")
-    return network
-
-
-def load_initial_weights(network: torch.nn.Module, checkpoint: str | os.PathLike | None) -> torch.nn.Module:
-    """Start a pretraining run from earlier weights: a whole-network checkpoint (``model.pt``, or a
-    ``checkpoint_epoch=N.pt`` holding it under ``model``) loads into ``network``; an encoder-only file
-    (``encoder.pt``) loads into ``network.encoder`` and leaves the projection head as initialised.
-
-    Args:
-        network: a :class:`~monai_du.networks.ContrastiveEncoder`.
-        checkpoint: the file, or None to keep the initialisation.
-
-    Returns:
-        ``network``.
-    """
-    from monai_du.networks import encoder_state_dict
-
-    if checkpoint is None or str(checkpoint).lower() in ("", "null", "none"):
-        return network
-    if not os.path.isfile(checkpoint):
-        raise ValueError(f"init_checkpoint {os.fspath(checkpoint)!r} does not exist.")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
-        state = state["model"]
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    if any(k.startswith("encoder.") for k in state):
-        network.load_state_dict(state)
-    else:
-        network.encoder.load_state_dict(encoder_state_dict(state))
-    logger.info(f"initial weights loaded from {os.fspath(checkpoint)}")
-    return network
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # prior kernel of a pretraining run
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -349,6 +273,8 @@ def default_bundle_root(fallback: str = ".") -> str:
     ``python -m monai.bundle run --config_file bundles/X/configs/train.yaml`` gives ``bundles/X`` (the parent of the
     ``configs`` folder; the folder of the file itself when it is not called ``configs``), so that ``models/``,
     ``eval/`` and the demo data land in the bundle whatever the working directory, as MONAI does for ``sys.path``.
+    A bundle inside the installed package (``monai-du bundle path NAME``) is never written to: its runs go to
+    ``./<bundle name>`` in the working directory.
     A list of config files (``"['a.yaml','b.yaml']"``) uses the first. Called another way (``monai.bundle.run(...)``
     from Python), it returns ``fallback``; ``--bundle_root`` always overrides it.
     """
@@ -372,4 +298,8 @@ def default_bundle_root(fallback: str = ".") -> str:
     if not isinstance(parsed, str):
         return fallback
     folder = Path(parsed).expanduser().resolve().parent
-    return str(folder.parent if folder.name == "configs" else folder)
+    folder = folder.parent if folder.name == "configs" else folder
+    if folder.is_relative_to(Path(__file__).resolve().parent):
+        # a bundle run straight from the installed package writes into the working directory, never site-packages
+        return str(Path.cwd() / folder.name)
+    return str(folder)

@@ -1,14 +1,31 @@
-"""Atomic file writes: a reader, or a run killed mid-write, sees the previous file or the complete new one."""
+"""Files that a killed run cannot leave half written, and the marker that says a result is finished and for what.
+
+- :func:`atomic_write`, :func:`write_text_atomic`: a reader, or a run killed mid-write, sees the previous file or the
+  complete new one.
+- :class:`DoneMarker`: a JSON file written last, beside a finished result, recording everything that shaped it (the
+  inputs' content hashes, settings, versions). A result is reused only when the marker's inputs equal the current ones;
+  otherwise :meth:`DoneMarker.changes` names what changed.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write", "write_text_atomic", "remove_stale_temporaries"]
+__all__ = [
+    "DoneMarker",
+    "atomic_write",
+    "file_digest",
+    "fingerprint",
+    "remove_stale_temporaries",
+    "write_text_atomic",
+]
 
 
 @contextmanager
@@ -63,3 +80,88 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` as plain JSON types (paths and other objects as text), so that equal inputs give equal JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if value == value else "nan"
+    return str(value)
+
+
+def fingerprint(value: Any) -> str:
+    """SHA-256 (hex) of ``value`` as canonical JSON (sorted keys)."""
+    text = json.dumps(_canonical(value), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class DoneMarker:
+    """The marker of a finished result: a JSON file written last, recording the inputs that shaped it.
+
+    Args:
+        path: the marker file.
+        inputs: everything the result depends on, as JSON-able values (content hashes of input files, settings,
+            versions). Keys name the inputs in :meth:`changes`.
+
+    Example::
+
+        marker = DoneMarker(out / "done.json", {"manifest": file_digest(manifest), "epochs": 10})
+        if not marker.is_done():
+            build(out)
+            marker.write()
+    """
+
+    FORMAT = "monai_du.done/1"
+
+    def __init__(self, path: str | os.PathLike, inputs: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        self.inputs = _canonical(dict(inputs))
+        self.key = fingerprint(self.inputs)
+
+    def recorded(self) -> dict[str, Any] | None:
+        """The marker's content, or None when there is no marker (or an unreadable one: the result is unfinished)."""
+        try:
+            content = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return content if isinstance(content, dict) and content.get("format") == self.FORMAT else None
+
+    def changes(self) -> list[str] | None:
+        """None when nothing finished here; [] when the finished result has these inputs; else the input keys that
+        differ (added, removed or changed)."""
+        content = self.recorded()
+        if content is None:
+            return None
+        if content.get("key") == self.key:
+            return []
+        old = content.get("inputs") if isinstance(content.get("inputs"), dict) else {}
+        return sorted(k for k in set(old) | set(self.inputs) if old.get(k, None) != self.inputs.get(k, None)) or [
+            "format"]
+
+    def is_done(self) -> bool:
+        """Whether a finished result with exactly these inputs is here."""
+        return self.changes() == []
+
+    def write(self, **extra: Any) -> Path:
+        """Record the result as finished (atomically); ``extra`` is stored beside the inputs."""
+        content = {"format": self.FORMAT, "key": self.key, "inputs": self.inputs, **_canonical(extra)}
+        return write_text_atomic(self.path, json.dumps(content, indent=1, sort_keys=True) + "\n")
+
+    def clear(self) -> None:
+        """Remove the marker (the result is to be rebuilt)."""
+        self.path.unlink(missing_ok=True)

@@ -3,9 +3,11 @@
 The paper's first claim is that a generative model, viewed as a prior representation, improves a contrastive one.
 This module provides that prior on any manifest:
 
-1. :func:`train_prior_autoencoder` trains a small :class:`monai.networks.nets.VarAutoEncoder` (2D or 3D) on the
-   cohort's images, or :func:`load_prior_autoencoder` loads one saved by :func:`save_prior_autoencoder`;
-2. :func:`encode_images` maps every image to its latent mean ``(N, k)``;
+1. :func:`monai_du.prior_autoencoder.train_prior_autoencoder` trains a small
+   :class:`monai.networks.nets.VarAutoEncoder` (2D or 3D) on the cohort's images (loaded with
+   :func:`monai_du.data.loading.load_images`), or :func:`monai_du.prior_autoencoder.load_prior_autoencoder` loads one
+   saved by :func:`monai_du.prior_autoencoder.save_prior_autoencoder`;
+2. :func:`monai_du.prior_autoencoder.encode_images` maps every image to its latent mean ``(N, k)``;
 3. :func:`make_prior_table` / :func:`write_prior_table` store the embeddings as a table with one row per image:
    column ``image`` (the manifest's image path, the key) and ``gen_0 .. gen_{k-1}`` (CSV, or Parquet with pyarrow);
 4. :func:`load_prior_table` reads it back (validated) and :func:`attach_prior_table` merges it into a manifest
@@ -29,9 +31,9 @@ needs). :func:`ensure_prior_table` caches the table for bundle configs, keyed by
 split included) and by the manifest's content.
 
 A prior from **any encoder** trained elsewhere or earlier (an embedding that carries information the
-augmentations cannot create) comes from :func:`encoder_prior_table`; :func:`load_encoder` accepts a TorchScript file,
-a monai_du export (``encoder.pt`` + ``encoder_info.json`` of :class:`monai_du.handlers.PretrainedEncoderExporter`)
-or a MONAI bundle's network (config + network id + checkpoint)::
+augmentations cannot create) comes from :func:`encoder_prior_table`; :func:`monai_du.encoders.load_encoder` accepts a
+TorchScript file, a monai_du export (``encoder.pt`` + ``encoder_info.json`` of
+:class:`monai_du.handlers.PretrainedEncoderExporter`) or a MONAI bundle's network (config + network id + checkpoint)::
 
     monai-du prior --manifest data/manifest.csv --out prior.csv --encoder runs/du/models          # export folder
     monai-du prior --manifest data/manifest.csv --out prior.csv --encoder encoder.ts --image-size 64
@@ -48,31 +50,40 @@ In Python::
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 import posixpath
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from monai.data import DataLoader
 
-from monai_du.io import atomic_write
+from monai_du.data.cache import _package_version
+from monai_du.data.loading import load_image_transforms, load_images, manifest_to_dataset
+from monai_du.data.manifest import read_manifest
+from monai_du.data.splits import DEFAULT_FRACTIONS, select_split
+from monai_du.encoders import resolve_encoder
+from monai_du.io import DoneMarker, atomic_write, file_digest
 from monai_du.kernels import CosineKernel, PriorKernel, RBFKernel
+from monai_du.prior_autoencoder import (
+    encode_images,
+    load_prior_autoencoder,
+    save_prior_autoencoder,
+    train_prior_autoencoder,
+)
 
 __all__ = [
     "PRIOR_PREFIX",
     "PRIOR_KEY_COLUMN",
     "prior_columns",
-    "build_prior_autoencoder",
-    "train_prior_autoencoder",
-    "save_prior_autoencoder",
-    "load_prior_autoencoder",
-    "encode_images",
-    "load_images",
     "make_prior_table",
     "write_prior_table",
     "load_prior_table",
@@ -80,7 +91,6 @@ __all__ = [
     "generative_prior_kernel",
     "build_prior_table",
     "ensure_prior_table",
-    "load_encoder",
     "encoder_prior_table",
     "build_encoder_prior_table",
 ]
@@ -92,8 +102,6 @@ PRIOR_KEY_COLUMN = "image"
 """Key column of a prior table: the image path as written in the manifest."""
 
 _GEN_COLUMN = re.compile(r"^gen_(\d+)$")
-_CHECKPOINT_FORMAT = "monai_du.prior_autoencoder"
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # columns and keys
@@ -147,217 +155,6 @@ def _check_unique(keys: pd.Series, where: str) -> None:
             f"{where}: {len(names)} image key(s) appear more than once: {_describe(names)}; a prior table needs one "
             "row per image."
         )
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# the autoencoder
-# ---------------------------------------------------------------------------------------------------------------------
-def build_prior_autoencoder(
-    spatial_dims: int = 2,
-    image_size: int | Sequence[int] = 32,
-    in_channels: int = 1,
-    latent_dim: int = 16,
-    channels: Sequence[int] = (16, 32, 64),
-    strides: Sequence[int] | None = None,
-) -> torch.nn.Module:
-    """A small MONAI :class:`~monai.networks.nets.VarAutoEncoder` whose latent mean is the prior embedding.
-
-    Args:
-        spatial_dims: 2 or 3.
-        image_size: spatial size of the (resized) input, an int or one value per axis; each side must be divisible
-            by the product of ``strides``.
-        in_channels: image channels ``C``.
-        latent_dim: embedding size ``k``.
-        channels: channels of the encoder stages.
-        strides: stride of each stage (default 2 for every stage).
-
-    Returns:
-        the network: ``(N, C, *image_size) -> (reconstruction, mu (N, k), logvar (N, k), z (N, k))``.
-    """
-    from monai.networks.nets import VarAutoEncoder
-
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"build_prior_autoencoder: spatial_dims must be 2 or 3, got {spatial_dims!r}.")
-    if isinstance(image_size, (int, np.integer)):
-        size = (int(image_size),) * spatial_dims
-    else:
-        size = tuple(int(s) for s in image_size)
-    strides = tuple(strides) if strides is not None else (2,) * len(channels)
-    if len(size) != spatial_dims or len(strides) != len(channels) or not channels:
-        raise ValueError(
-            f"build_prior_autoencoder: image_size {size} must have {spatial_dims} values and strides {strides} one per "
-            f"channel stage {tuple(channels)}."
-        )
-    factor = int(np.prod(strides))
-    if any(s % factor for s in size):
-        raise ValueError(f"build_prior_autoencoder: image_size {size} must be divisible by prod(strides) = {factor}.")
-    if int(latent_dim) < 1:
-        raise ValueError(f"build_prior_autoencoder: latent_dim must be >= 1, got {latent_dim!r}.")
-    net = VarAutoEncoder(
-        spatial_dims=spatial_dims,
-        in_shape=(int(in_channels), *size),
-        out_channels=int(in_channels),
-        latent_size=int(latent_dim),
-        channels=tuple(int(c) for c in channels),
-        strides=strides,
-        norm="BATCH",
-        use_sigmoid=True,
-    )
-    net.prior_config = {  # what save_prior_autoencoder writes, to rebuild the same network
-        "spatial_dims": int(spatial_dims),
-        "image_size": list(size),
-        "in_channels": int(in_channels),
-        "latent_dim": int(latent_dim),
-        "channels": [int(c) for c in channels],
-        "strides": [int(s) for s in strides],
-    }
-    return net
-
-
-def _as_image_tensor(images: Any, where: str) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(images, dtype=np.float32)) if not isinstance(images, torch.Tensor) else images
-    if x.ndim not in (4, 5):
-        raise ValueError(f"{where}: images must have shape (N, C, H, W) or (N, C, H, W, D), got {tuple(x.shape)}.")
-    if x.shape[0] < 1:
-        raise ValueError(f"{where}: got no images (shape {tuple(x.shape)}).")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{where}: images of shape {tuple(x.shape)} hold NaN or inf values.")
-    return x.float()
-
-
-def train_prior_autoencoder(
-    images: Any,
-    latent_dim: int = 16,
-    epochs: int = 5,
-    batch_size: int = 32,
-    learning_rate: float = 1e-3,
-    kl_weight: float = 1e-3,
-    channels: Sequence[int] = (16, 32, 64),
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    model: torch.nn.Module | None = None,
-    log: Callable[[str], None] | None = None,
-) -> tuple[torch.nn.Module, list[float]]:
-    """Train a variational autoencoder on images in memory (reconstruction MSE + ``kl_weight`` * KL).
-
-    Inputs should be scaled to [0, 1] (the decoder ends with a sigmoid). Training is deterministic for a ``seed``
-    on CPU (shuffling and the reparameterisation noise use a private generator).
-
-    Args:
-        images: (N, C, *spatial) array or tensor, every side divisible by ``2 ** len(channels)``.
-        latent_dim: embedding size ``k`` (ignored when ``model`` is given).
-        epochs: passes over the images (0 returns the untrained network).
-        batch_size: images per step.
-        learning_rate: Adam learning rate.
-        kl_weight: weight of the KL term (small: the latent mean is used as a feature, not for sampling).
-        channels: encoder channels (ignored when ``model`` is given).
-        seed: seed of the initialisation, the shuffling and the noise.
-        device: training device.
-        model: a network from :func:`build_prior_autoencoder` to continue training.
-        log: optional callable receiving one line per epoch.
-
-    Returns:
-        ``(model, losses)``: the trained network (eval mode, on ``device``) and the mean loss of each epoch.
-    """
-    x = _as_image_tensor(images, "train_prior_autoencoder")
-    if int(epochs) < 0 or int(batch_size) < 1 or not learning_rate > 0 or kl_weight < 0:
-        raise ValueError(
-            f"train_prior_autoencoder: need epochs >= 0, batch_size >= 1, learning_rate > 0, kl_weight >= 0; got "
-            f"{epochs}, {batch_size}, {learning_rate}, {kl_weight}."
-        )
-    spatial_dims = x.ndim - 2
-    gen = torch.Generator().manual_seed(int(seed))
-    if model is None:
-        torch.manual_seed(int(seed))
-        model = build_prior_autoencoder(spatial_dims, tuple(x.shape[2:]), x.shape[1], latent_dim, channels)
-    model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(learning_rate))
-    n, losses = x.shape[0], []
-    step_batch = max(2, min(int(batch_size), n)) if n > 1 else 1
-    for epoch in range(int(epochs)):
-        model.train()
-        order = torch.randperm(n, generator=gen)
-        total, count = 0.0, 0
-        for start in range(0, n, step_batch):
-            idx = order[start : start + step_batch]
-            if len(idx) < 2 and n > 1:  # batch norm needs two samples; the remainder joins the next epoch
-                continue
-            batch = x[idx].to(device)
-            mu, logvar = model.encode_forward(batch)
-            noise = torch.randn(mu.shape, generator=gen).to(device)
-            z = mu + noise * torch.exp(0.5 * logvar)
-            recon = model.decode_forward(z, True)
-            mse = torch.mean((recon - batch) ** 2)
-            kl = -0.5 * torch.mean(torch.sum(1 + logvar - mu**2 - logvar.exp(), dim=1))
-            loss = mse + kl_weight * kl
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        losses.append(total / max(count, 1))
-        if log is not None:
-            log(f"prior autoencoder epoch {epoch + 1}/{epochs}: loss {losses[-1]:.5f}")
-    model.eval()
-    return model, losses
-
-
-def save_prior_autoencoder(model: torch.nn.Module, path: str | os.PathLike) -> Path:
-    """Save a network from :func:`build_prior_autoencoder` (its config and weights), written atomically."""
-    config = getattr(model, "prior_config", None)
-    if not isinstance(config, dict):
-        raise ValueError(
-            "save_prior_autoencoder: the model has no prior_config; build it with build_prior_autoencoder."
-        )
-    path = Path(path)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_write(path) as tmp:
-        torch.save({"format": _CHECKPOINT_FORMAT, "config": config, "state_dict": state}, tmp)
-    return path
-
-
-def load_prior_autoencoder(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load a network saved by :func:`save_prior_autoencoder` (eval mode)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"load_prior_autoencoder: no such checkpoint file {str(path)!r}.")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
-        raise ValueError(f"load_prior_autoencoder: {str(path)!r} is not a prior autoencoder checkpoint.")
-    model = build_prior_autoencoder(**ckpt["config"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval()
-
-
-@torch.no_grad()
-def encode_images(
-    model: torch.nn.Module, images: Any, batch_size: int = 64, device: str | torch.device = "cpu"
-) -> np.ndarray:
-    """Latent means of images: (N, C, *spatial) -> float32 array (N, k), in input order.
-
-    Args:
-        model: a network with ``encode_forward(x) -> (mu, logvar)`` (:func:`build_prior_autoencoder`).
-        images: (N, C, *spatial) array or tensor of the size the network was built for.
-        batch_size: images per forward pass.
-        device: device of the forward passes.
-    """
-    x = _as_image_tensor(images, "encode_images")
-    config = getattr(model, "prior_config", None)
-    if isinstance(config, dict) and list(x.shape[1:]) != [config["in_channels"], *config["image_size"]]:
-        raise ValueError(
-            f"encode_images: the autoencoder takes images of shape (N, {config['in_channels']}, "
-            f"{', '.join(map(str, config['image_size']))}), got {tuple(x.shape)}."
-        )
-    was_training = model.training
-    model.eval().to(device)
-    try:
-        out = [
-            model.encode_forward(x[i : i + batch_size].to(device))[0].float().cpu()
-            for i in range(0, len(x), batch_size)
-        ]
-    finally:
-        model.train(was_training)
-    return torch.cat(out).numpy().astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -596,8 +393,6 @@ def _split_mask(
             counts = df["split"].value_counts(dropna=False).to_dict()
             raise ValueError(f"{where}: no row has split {what}; the manifest's 'split' column counts {counts}.")
         return mask
-    from monai_du.data.splits import select_split
-
     try:
         selected = select_split(df.reset_index(drop=True), names, fractions=fractions, seed=int(split_seed))
     except ValueError as err:
@@ -613,8 +408,6 @@ def _read_manifest_frame(
     """The manifest as a DataFrame, and its name for error messages."""
     if isinstance(manifest, pd.DataFrame):
         return manifest, "manifest DataFrame"
-    from monai_du.data.manifest import read_manifest
-
     try:
         return read_manifest(manifest, root=root), str(manifest)
     except FileNotFoundError as err:
@@ -624,34 +417,6 @@ def _read_manifest_frame(
 # ---------------------------------------------------------------------------------------------------------------------
 # from a manifest to a table: the autoencoder
 # ---------------------------------------------------------------------------------------------------------------------
-def load_images(
-    df: pd.DataFrame,
-    modality: str = "2d",
-    image_size: int | Sequence[int] = 32,
-    root: str | os.PathLike | None = None,
-    intensity: str | None = "minmax",
-) -> np.ndarray:
-    """Load every manifest image with :func:`monai_du.data.loading.load_image_transforms`, resized, in row order.
-
-    Args:
-        df: manifest rows (``image``, resolved against ``root``, or the ``image_path`` column of ``read_manifest``).
-        modality: "2d" / "cxr" or "3d" / "brain" (see ``load_image_transforms``).
-        image_size: size of the resized images: a side (int) or one value per axis.
-        root: folder of relative image paths.
-        intensity: intensity scaling of ``load_image_transforms`` ("minmax", "percentile" or None).
-
-    Returns:
-        float32 array (N, 1, *spatial), scaled to [0, 1] per image (with "minmax" or "percentile").
-    """
-    from monai_du.data.loading import load_image_transforms, manifest_to_dataset
-
-    size = int(image_size) if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size]
-    transform = load_image_transforms(keys="image", modality=modality, spatial_size=size, intensity=intensity)
-    dataset = manifest_to_dataset(df, root=root, transform=transform, columns=[])
-    images = [np.asarray(item["image"], dtype=np.float32) for item in dataset]
-    return np.stack(images)
-
-
 def build_prior_table(
     manifest: str | os.PathLike,
     out: str | os.PathLike,
@@ -685,15 +450,16 @@ def build_prior_table(
         root: folder of relative image paths (default: the manifest's folder).
         modality: "2d" / "cxr" or "3d" / "brain".
         image_size: side of the images the autoencoder sees (divisible by 8 with the default channels).
-        latent_dim, epochs, batch_size, learning_rate, kl_weight, seed, device: see :func:`train_prior_autoencoder`.
+        latent_dim, epochs, batch_size, learning_rate, kl_weight, seed, device: see
+            :func:`monai_du.prior_autoencoder.train_prior_autoencoder`.
         split: the split(s) whose rows train the autoencoder: "train" (default), "val", "test", a list of these,
             or "all" (every row, held-out patients included). A manifest ``split`` column is used as it is;
             without one, patients are split with ``fractions`` and ``split_seed``
             (:func:`monai_du.data.splits.select_split`).
         fractions: fractions of patients per split (default 0.8 / 0.1 / 0.1, as in the bundles).
         split_seed: seed of the patient split (default 0, as in the bundles).
-        checkpoint: load this autoencoder (:func:`save_prior_autoencoder`) instead of training one (then ``split``
-            plays no part).
+        checkpoint: load this autoencoder (:func:`monai_du.prior_autoencoder.save_prior_autoencoder`) instead of
+            training one (then ``split`` plays no part).
         save_checkpoint: where to save the trained autoencoder.
         log: callable for progress lines, or None.
 
@@ -732,277 +498,6 @@ def build_prior_table(
 # ---------------------------------------------------------------------------------------------------------------------
 # from a manifest to a table: any encoder
 # ---------------------------------------------------------------------------------------------------------------------
-_EXPORT_INFO = "encoder_info.json"
-_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-_SPEC_KEYS = ("encoder", "bundle_config", "network_id", "checkpoint", "submodule")
-
-
-class _Encoder(NamedTuple):
-    """A loaded encoder, what it records about its input, and the files that define it."""
-
-    module: torch.nn.Module
-    spatial_size: list[int] | None
-    spatial_dims: int | None
-    source: str
-    files: list[Path]
-
-
-def _spatial_list(value: Any, dims: int | None) -> list[int] | None:
-    if value is None:
-        return None
-    if isinstance(value, (int, np.integer)):
-        return [int(value)] * (dims or 2)
-    try:
-        return [int(v) for v in value]
-    except (TypeError, ValueError):
-        return None
-
-
-def _load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        own, given = set(module.state_dict()), set(state)
-        missing, unexpected = sorted(own - given), sorted(given - own)
-        detail = (
-            f"missing keys {_describe(missing)}; unexpected keys {_describe(unexpected)}"
-            if missing or unexpected
-            else str(err).strip().splitlines()[-1].strip()
-        )
-        raise ValueError(
-            f"load_encoder: the weights in {str(source)!r} do not fit the {type(module).__name__} network: {detail}."
-        ) from None
-
-
-def _torchscript_encoder(path: Path) -> _Encoder:
-    import warnings
-
-    try:
-        with warnings.catch_warnings():  # the caller chose TorchScript; torch's deprecation notice is not theirs
-            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu")
-    except (RuntimeError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(
-            f"load_encoder: {str(path)!r} is not a TorchScript file ({first}). A monai_du export needs "
-            f"{_EXPORT_INFO} beside its encoder.pt; a bundle network needs its .yaml/.json config, a network id and "
-            "a checkpoint."
-        ) from None
-    return _Encoder(module, None, None, f"the TorchScript file {str(path)!r}", [path])
-
-
-def _export_encoder(folder: Path) -> _Encoder:
-    import json
-
-    from monai_du.networks import build_encoder, encoder_state_dict
-
-    info_path = folder / _EXPORT_INFO
-    if not info_path.is_file():
-        raise ValueError(
-            f"load_encoder: {str(folder)!r} is not a monai_du export: no {_EXPORT_INFO} in it "
-            "(monai_du.handlers.PretrainedEncoderExporter writes encoder.pt and encoder_info.json)."
-        )
-    try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"load_encoder: {str(info_path)!r} is not valid JSON: {err}.") from None
-    if not isinstance(info, dict):
-        raise ValueError(f"load_encoder: {str(info_path)!r} must hold a JSON object, got {type(info).__name__}.")
-    weights = folder / str(info.get("encoder_file", "encoder.pt"))
-    if not weights.is_file():
-        raise ValueError(f"load_encoder: the export {str(folder)!r} has no weights file {weights.name!r}.")
-    backbone, kwargs = info.get("backbone"), info.get("backbone_kwargs") or {}
-    if not isinstance(backbone, str) or not isinstance(kwargs, dict):
-        raise ValueError(
-            f"load_encoder: {str(info_path)!r} needs a 'backbone' name (and optional 'backbone_kwargs' object) for "
-            "monai_du.networks.build_encoder; export with PretrainedEncoderExporter(info={'backbone': ..., "
-            f"'backbone_kwargs': ..., 'spatial_size': ...}}); found backbone={backbone!r}, backbone_kwargs={kwargs!r}."
-        )
-    raw_size = info.get("spatial_size")
-    dims = info.get("spatial_dims")
-    if dims is None:
-        dims = len(raw_size) if isinstance(raw_size, (list, tuple)) else 2
-    try:
-        module, _ = build_encoder(backbone, int(dims), int(info.get("in_channels", 1)), **kwargs)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"load_encoder: {str(info_path)!r} does not describe a backbone: {err}") from None
-    _load_weights(module, encoder_state_dict(weights), weights)
-    size = _spatial_list(raw_size, int(dims))
-    return _Encoder(module, size, int(dims), f"the monai_du export {str(folder)!r}", [info_path, weights])
-
-
-def _is_export_weights(path: Path) -> bool:
-    """Whether ``path`` is the weights file named by an ``encoder_info.json`` beside it."""
-    import json
-
-    info_path = path.parent / _EXPORT_INFO
-    if not info_path.is_file():
-        return False
-    try:
-        info = json.loads(info_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return path.name == "encoder.pt"
-    return path.name == str(info.get("encoder_file", "encoder.pt")) if isinstance(info, dict) else False
-
-
-def _bundle_encoder(
-    configs: str | os.PathLike | Sequence[str | os.PathLike],
-    network_id: str,
-    checkpoint: str | os.PathLike | None,
-) -> _Encoder:
-    from monai.bundle import ConfigParser
-
-    from monai_du.networks import encoder_state_dict
-
-    files = [Path(configs)] if isinstance(configs, (str, os.PathLike)) else [Path(c) for c in configs]
-    if not files:
-        raise ValueError("load_encoder: give at least one bundle config file.")
-    for file in files:
-        if not file.is_file():
-            raise ValueError(f"load_encoder: no such bundle config file {str(file)!r}.")
-    where = ", ".join(str(f) for f in files)
-    if checkpoint is None:
-        raise ValueError(
-            f"load_encoder: the bundle network {network_id!r} of {where} needs a checkpoint (a state dict file, or a "
-            "checkpoint holding one under 'model')."
-        )
-    ckpt = Path(checkpoint)
-    if not ckpt.is_file():
-        raise ValueError(f"load_encoder: no such checkpoint file {str(ckpt)!r}.")
-    parser = ConfigParser()
-    parser.read_config([str(f) for f in files] if len(files) > 1 else str(files[0]))
-    if network_id not in parser:
-        top = parser.get()
-        ids = list(top) if isinstance(top, dict) else []
-        raise ValueError(
-            f"load_encoder: no network id {network_id!r} in the bundle config {where}; its top-level ids are "
-            f"{_describe(ids, limit=20)}."
-        )
-    try:
-        network = parser.get_parsed_content(network_id, instantiate=True)
-    except Exception as err:  # any error of the user's config: report it with the id and the file
-        raise ValueError(f"load_encoder: could not build {network_id!r} of the bundle config {where}: {err}") from err
-    if not isinstance(network, torch.nn.Module):
-        raise ValueError(
-            f"load_encoder: {network_id!r} of the bundle config {where} is a {type(network).__name__}, not a "
-            "torch.nn.Module."
-        )
-    _load_weights(network, encoder_state_dict(ckpt, prefix=""), ckpt)
-    size = None
-    if "spatial_size" in parser:
-        try:
-            size = _spatial_list(parser.get_parsed_content("spatial_size"), None)
-        except Exception:  # a spatial_size that needs the run's context: the caller gives image_size
-            size = None
-    return _Encoder(
-        network, size, len(size) if size else None, f"the bundle network {network_id!r} of {where}", [*files, ckpt]
-    )
-
-
-def _resolve_encoder(
-    spec: Any,
-    network_id: str = "network_def",
-    checkpoint: str | os.PathLike | None = None,
-    submodule: str | None = None,
-) -> _Encoder:
-    if isinstance(spec, _Encoder):
-        return spec
-    if isinstance(spec, Mapping):
-        unknown = [k for k in spec if k not in _SPEC_KEYS]
-        if unknown or ("encoder" in spec) == ("bundle_config" in spec):
-            raise ValueError(
-                f"load_encoder: a mapping spec has the keys {list(_SPEC_KEYS)}, with exactly one of 'encoder' (a "
-                f"TorchScript file or monai_du export) and 'bundle_config'; got keys {list(spec)}."
-            )
-        network_id = str(spec.get("network_id") or network_id)
-        checkpoint = spec.get("checkpoint", checkpoint)
-        submodule = spec.get("submodule", submodule)
-        if "encoder" in spec:
-            return _resolve_encoder(spec["encoder"], network_id=network_id, checkpoint=checkpoint, submodule=submodule)
-        resolved = _bundle_encoder(spec["bundle_config"], network_id, checkpoint)
-    elif isinstance(spec, torch.nn.Module):
-        resolved = _Encoder(spec, None, None, f"the {type(spec).__name__} module", [])
-    elif isinstance(spec, (list, tuple)):
-        resolved = _bundle_encoder(spec, network_id, checkpoint)
-    elif isinstance(spec, (str, os.PathLike)):
-        path = Path(spec)
-        if not path.exists():
-            raise ValueError(f"load_encoder: no such encoder file or folder {str(path)!r}.")
-        if path.is_file() and path.name.lower().endswith(_CONFIG_SUFFIXES) and path.name != _EXPORT_INFO:
-            resolved = _bundle_encoder(path, network_id, checkpoint)
-        else:
-            if checkpoint is not None:
-                raise ValueError(
-                    f"load_encoder: a checkpoint goes with a bundle config; {str(path)!r} holds its own weights."
-                )
-            if path.is_dir():
-                resolved = _export_encoder(path)
-            elif path.name == _EXPORT_INFO or _is_export_weights(path):
-                resolved = _export_encoder(path.parent)
-            else:
-                resolved = _torchscript_encoder(path)
-    else:
-        raise ValueError(
-            "load_encoder: give a TorchScript file, a monai_du export folder (or its encoder.pt), a bundle config "
-            f"(with network_id and checkpoint), a mapping {list(_SPEC_KEYS)} or a torch.nn.Module; got "
-            f"{type(spec).__name__}."
-        )
-    if submodule:
-        module = resolved.module
-        for part in str(submodule).split("."):
-            child = getattr(module, part, None)
-            if not isinstance(child, torch.nn.Module):
-                raise ValueError(f"load_encoder: {resolved.source} has no submodule {submodule!r} (at {part!r}).")
-            module = child
-        resolved = resolved._replace(module=module, source=f"{resolved.source}, submodule {submodule!r}")
-    return resolved
-
-
-def load_encoder(
-    spec: Any,
-    network_id: str = "network_def",
-    checkpoint: str | os.PathLike | None = None,
-    submodule: str | None = None,
-    device: str | torch.device = "cpu",
-) -> torch.nn.Module:
-    """Load an encoder mapping images ``(N, C, *spatial)`` to features ``(N, D)`` (or ``(N, D, ...)``).
-
-    ``spec`` is one of:
-
-    - the path of a **TorchScript** file (``torch.jit.load``);
-    - a **monai_du export**: the folder written by :class:`monai_du.handlers.PretrainedEncoderExporter`, or its
-      ``encoder.pt`` or ``encoder_info.json``. The backbone is rebuilt with :func:`monai_du.networks.build_encoder`
-      from the info's ``backbone``, ``backbone_kwargs``, ``spatial_dims`` and ``in_channels``, and the state dict
-      of ``encoder.pt`` is loaded into it;
-    - a **MONAI bundle's network**: the path of a bundle config (``.yaml``, ``.yml``, ``.json``; a list of them is
-      merged as ``monai.bundle`` merges ``--config_file``), read with :class:`monai.bundle.ConfigParser`;
-      ``network_id`` is instantiated and the state dict in ``checkpoint`` loaded into it (a plain state dict, or a
-      checkpoint holding it under ``model``, ``network``, ``net`` or ``state_dict``, as the monai_du bundles'
-      checkpoints do; DDP's ``module.`` prefix is removed). The mapping
-      ``{"bundle_config": ..., "network_id": ..., "checkpoint": ..., "submodule": ...}`` says the same;
-    - a ``torch.nn.Module`` (returned as it is).
-
-    Args:
-        spec: see above.
-        network_id: the bundle config id of the network (default ``network_def``).
-        checkpoint: the bundle network's weights (bundle form only).
-        submodule: a dotted attribute of the loaded network to use instead, e.g. ``"encoder"`` for the backbone of a
-            :class:`monai_du.networks.ContrastiveEncoder` (whose forward gives the projection head's output).
-        device: device of the returned module.
-
-    Returns:
-        the module, in eval mode, on ``device``.
-
-    Raises:
-        ValueError: for a missing file or folder, a file that is none of these forms, an unknown network id, or
-            weights that do not fit, each naming the file or id.
-    """
-    resolved = _resolve_encoder(spec, network_id=network_id, checkpoint=checkpoint, submodule=submodule)
-    if isinstance(spec, torch.nn.Module) and not submodule:
-        return spec
-    return resolved.module.to(device).eval()
-
-
 def _pooled_features(module: torch.nn.Module, x: torch.Tensor, pool: str, where: str) -> torch.Tensor:
     """Encoder output ``(N, D)``; ``(N, D, ...)`` is averaged over its trailing axes (``"mean"``) or flattened."""
     out = module(x)
@@ -1052,9 +547,9 @@ def encoder_prior_table(
 
     Args:
         manifest: the manifest file (relative paths resolved against ``root`` or its folder) or DataFrame.
-        encoder: what :func:`load_encoder` accepts: a TorchScript file, a monai_du export folder (or its
-            ``encoder.pt``), a mapping ``{"bundle_config", "network_id", "checkpoint", "submodule"}`` for a MONAI
-            bundle's network, or a ``torch.nn.Module`` (put in eval mode for the pass, and moved to ``device``).
+        encoder: what :func:`monai_du.encoders.load_encoder` accepts: a TorchScript file, a monai_du export folder
+            (or its ``encoder.pt``), a mapping ``{"bundle_config", "network_id", "checkpoint", "submodule"}`` for a
+            MONAI bundle's network, or a ``torch.nn.Module`` (put in eval mode for the pass, and moved to ``device``).
         root: folder of relative image paths.
         split: the split(s) to encode ("train", "val", "test" or a list of them), or "all".
         image_size: input size: a side or one value per axis. Default: the export's ``spatial_size``
@@ -1078,15 +573,11 @@ def encoder_prior_table(
         ValueError: for a missing encoder file, an unknown network id, an unknown input size, an output that is not
             ``(N, D, ...)``, a split with no row, or non-finite features (naming the images).
     """
-    from monai.data import DataLoader
-
-    from monai_du.data.loading import load_image_transforms, manifest_to_dataset
-
     if pool not in ("mean", "flatten"):
         raise ValueError(f"encoder_prior_table: pool must be 'mean' or 'flatten', got {pool!r}.")
     if int(batch_size) < 1:
         raise ValueError(f"encoder_prior_table: batch_size must be >= 1, got {batch_size!r}.")
-    resolved = _resolve_encoder(encoder)
+    resolved = resolve_encoder(encoder)
     df, source = _read_manifest_frame(manifest, root)
     rows = df.iloc[np.flatnonzero(_split_mask(df, split, fractions, split_seed, source))]
     if image_size is not None:
@@ -1144,7 +635,7 @@ def build_encoder_prior_table(
     Args:
         manifest: the manifest file or DataFrame.
         out: the table to write.
-        encoder: see :func:`load_encoder`.
+        encoder: see :func:`monai_du.encoders.load_encoder`.
         log: callable for progress lines, or None.
         kwargs: the keyword arguments of :func:`encoder_prior_table` (``root``, ``split``, ``image_size``, ...).
 
@@ -1163,29 +654,17 @@ def build_encoder_prior_table(
 # ---------------------------------------------------------------------------------------------------------------------
 # the cached table of a bundle
 # ---------------------------------------------------------------------------------------------------------------------
-_SETTINGS_FORMAT = "monai_du.prior_table_settings/1"
 # arguments that do not change the table's content
 _UNKEYED = ("out", "log", "device", "save_checkpoint", "num_workers")
 
 
-def _settings_path(path: Path) -> Path:
-    """Where :func:`ensure_prior_table` records the settings that built the table at ``path``."""
-    return path.with_name(path.name + ".settings.json")
+def _file_input(path: str | os.PathLike) -> dict[str, str]:
+    """A file as an input of a table: its absolute path and the SHA-256 of its content."""
+    return {"path": os.path.abspath(path), "sha256": file_digest(path)}
 
 
-def _file_key(path: str | os.PathLike) -> dict[str, str]:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return {"path": os.path.abspath(path), "sha256": digest.hexdigest()}
-
-
-def _module_key(module: torch.nn.Module) -> dict[str, str]:
-    import hashlib
-
+def _module_input(module: torch.nn.Module) -> dict[str, str]:
+    """A module given as the encoder, as an input of a table: its class and the SHA-256 of its state dict."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         value = tensor.detach().cpu().contiguous()
@@ -1194,12 +673,9 @@ def _module_key(module: torch.nn.Module) -> dict[str, str]:
     return {"module": type(module).__qualname__, "sha256": digest.hexdigest()}
 
 
-def _cache_settings(manifest: Any, encoder: Any, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """The settings that determine a table (JSON-ready), and the encoder spec resolved once for the build."""
-    import inspect
-
-    from monai_du.data.splits import DEFAULT_FRACTIONS
-
+def _table_inputs(manifest: Any, encoder: Any, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """What determines a table (the inputs of its :class:`~monai_du.io.DoneMarker`), and the encoder resolved once
+    for the build."""
     if not isinstance(manifest, (str, os.PathLike)) or not Path(manifest).is_file():
         raise ValueError(f"ensure_prior_table: no such manifest file {manifest!r}.")
     if encoder is None:
@@ -1210,25 +686,25 @@ def _cache_settings(manifest: Any, encoder: Any, kwargs: dict[str, Any]) -> tupl
         kind = "encoder"
     bound.apply_defaults()
     args = {k: v for k, v in bound.arguments.items() if k not in _UNKEYED}
-    args["manifest"] = _file_key(manifest)
+    args["manifest"] = _file_input(manifest)
     args["root"] = None if args.get("root") is None else os.path.abspath(args["root"])
     split = args.get("split")
     args["split"] = ALL_ROWS if split is None else split if isinstance(split, str) else [str(s) for s in split]
     fractions = DEFAULT_FRACTIONS if args.get("fractions") is None else args["fractions"]
     args["fractions"] = {str(k): float(v) for k, v in dict(fractions).items()}
     if kind == "autoencoder":
-        args["checkpoint"] = None if args.get("checkpoint") is None else _file_key(args["checkpoint"])
+        args["checkpoint"] = None if args.get("checkpoint") is None else _file_input(args["checkpoint"])
     else:
         args.pop("batch_size", None)  # eval-mode features do not depend on the batching
-        encoder = _resolve_encoder(encoder)
+        encoder = resolve_encoder(encoder)
         args["encoder"] = {
             "source": encoder.source,
-            "files": [_file_key(f) for f in encoder.files] if encoder.files else [_module_key(encoder.module)],
+            "files": [_file_input(f) for f in encoder.files] if encoder.files else [_module_input(encoder.module)],
         }
     for name in ("image_size",):
         if isinstance(args.get(name), (tuple, list)):
             args[name] = [int(s) for s in args[name]]
-    return {"kind": kind, **args}, encoder
+    return {"kind": kind, **args, "monai_du_version": _package_version()}, encoder
 
 
 def ensure_prior_table(
@@ -1250,12 +726,13 @@ def ensure_prior_table(
                       root=@dataset_dir, split=@pretrain_split, fractions=@split_fractions, split_seed=@split_seed)"
 
     With ``encoder=None`` the table comes from :func:`build_prior_table` (the autoencoder), otherwise from
-    :func:`encoder_prior_table` (see there for ``encoder``). Next to the table, ``<path>.settings.json`` records
-    what built it: every argument that changes the table (the split, its fractions and seed included), a SHA-256 of
-    the manifest file, and of the encoder's or checkpoint's files. A table whose record differs is rebuilt, with a
-    warning naming the changed settings, so that a changed split is never served stale. A table without a record
-    (written by ``monai-du prior`` or by hand) is kept, with a warning that it could not be checked; pass
-    ``rebuild=True`` or delete it to rebuild. An existing table is validated (:func:`load_prior_table`);
+    :func:`encoder_prior_table` (see there for ``encoder``). Next to the table, the done marker
+    ``<path>.settings.json`` (:class:`monai_du.io.DoneMarker`, written after the table) records what built it: every
+    argument that changes the table (the split, its fractions and seed included), a SHA-256 of the manifest file and
+    of the encoder's or checkpoint's files, and the monai_du version. A table whose record differs (or cannot be
+    read) is rebuilt, with a warning naming the changed settings, so that a changed split is never served stale. A
+    table without a record (written by ``monai-du prior`` or by hand) is kept, with a warning that it could not be
+    checked; pass ``rebuild=True`` or delete it to rebuild. An existing table is validated (:func:`load_prior_table`);
     :func:`attach_prior_table` names any image it lacks. In a multi-process run, build the table once beforehand
     (``monai-du prior``): concurrent builds would each write it.
 
@@ -1270,41 +747,31 @@ def ensure_prior_table(
     Returns:
         ``path`` as a string.
     """
-    import json
-    import warnings
-
-    from monai_du.io import write_text_atomic
-
     path = Path(path)
-    settings, resolved = _cache_settings(manifest, encoder, kwargs)
-    record = json.loads(json.dumps({"format": _SETTINGS_FORMAT, "settings": settings}, default=str))
-    sidecar = _settings_path(path)
+    inputs, resolved = _table_inputs(manifest, encoder, kwargs)
+    marker = DoneMarker(path.with_name(path.name + ".settings.json"), inputs)
     if path.is_file() and not rebuild:
-        if not sidecar.is_file():
+        if not marker.path.is_file():
             load_prior_table(path)
             warnings.warn(
-                f"ensure_prior_table: kept {path}, which has no settings record {sidecar.name}: it was not built by "
-                "ensure_prior_table, so its split and settings could not be checked. Pass rebuild=True or delete it "
-                "to rebuild it.",
+                f"ensure_prior_table: kept {path}, which has no settings record {marker.path.name}: it was not built "
+                "by ensure_prior_table, so its split and settings could not be checked. Pass rebuild=True or delete "
+                "it to rebuild it.",
                 stacklevel=2,
             )
             return str(path)
-        try:
-            stored = json.loads(sidecar.read_text())
-        except (OSError, json.JSONDecodeError):
-            stored = None
-        if stored == record:
+        changed = marker.changes()
+        if changed == []:
             load_prior_table(path)
             return str(path)
-        old = stored.get("settings", {}) if isinstance(stored, dict) else {}
-        old = old if isinstance(old, dict) else {}
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != record["settings"].get(k))
+        if changed is None:  # a record that cannot be read says nothing about the build: every setting changed
+            changed = sorted(marker.inputs)
         warnings.warn(f"ensure_prior_table: rebuilding {path}; changed settings: {changed}.", stacklevel=2)
-    sidecar.unlink(missing_ok=True)  # never leave the record of an older build beside a newer table
+    marker.clear()  # never leave the record of an older build beside a newer table
     kwargs.setdefault("log", None)
     if encoder is None:
         build_prior_table(manifest, path, **kwargs)
     else:
         build_encoder_prior_table(manifest, path, resolved, **kwargs)
-    write_text_atomic(sidecar, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    marker.write()
     return str(path)

@@ -92,7 +92,7 @@ def free_port() -> int:
 
 def make_phantom(folder: Path, n: int, size: int = 64) -> Path:
     """The demo chest X-ray phantom (4 acquisition sites, NIH-like patients and follow-ups) in ``folder``."""
-    from monai_du.data.cohorts import ensure_demo_cohort
+    from monai_du.phantoms import ensure_demo_cohort
 
     return ensure_demo_cohort(folder, "cxr", n=n, seed=0, size=size)
 

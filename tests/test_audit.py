@@ -24,9 +24,6 @@ from monai_du.audit import (
     VERDICT_INFORMATIVE,
     VERDICT_UNINFORMATIVE,
     PriorCandidate,
-    _nw_oof_scores,
-    _permutation_indices,
-    _row_aucs,
     audit_priors,
     audit_verdict,
     batch_kernel_stats,
@@ -40,6 +37,7 @@ from monai_du.audit import (
     run_audit,
     write_audit,
 )
+from monai_du.audit.statistics import _nw_oof_scores, _permutation_indices, _row_aucs
 from monai_du.kernels import CategoricalKernel, RBFKernel
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

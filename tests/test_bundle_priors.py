@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from monai_du.bundle_priors import kernel_methods, method_prior
+from monai_du.bundle_priors import method_prior
+from monai_du.bundles import kernel_methods
 from monai_du.data.splits import select_split
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cxr_du_pretrain" / "configs"

@@ -137,6 +137,45 @@ def test_settings_key_changes_with_every_setting_and_is_never_stale(tmp_path, mo
         DecodedImageCache(tmp_path / "c", store_dtype="int8")
 
 
+def _replace(path: Path, seed: int) -> None:
+    """Write other pixels at ``path`` and move its modification time 5 s on, so that the change is never hidden by a
+    coarse file-system clock."""
+    before = path.stat().st_mtime_ns
+    _png16(path, seed=seed)
+    os.utime(path, ns=(before + 5_000_000_000, before + 5_000_000_000))
+
+
+def test_replaced_file_is_decoded_again(tmp_path):
+    root = tmp_path / "img"
+    paths = [_png16(root / f"{i}.png", seed=i) for i in range(2)]
+    df = pd.DataFrame({"image": [p.name for p in paths], "patient_id": ["p0", "p1"]})
+    cache = DecodedImageCache(tmp_path / "c", spatial_size=16)
+    first = build_image_cache(df, tmp_path / "c", root=root, spatial_size=16)
+    assert (first.n_built, first.n_existing, first.n_rebuilt) == (2, 0, 0)
+    old = cache.read(paths[0])
+    # the same path, other pixels: the build decodes it again, reports it rebuilt and drops the old entry
+    _replace(paths[0], seed=7)
+    fresh = _fresh(paths[0], spatial_size=16)
+    assert np.abs(old - fresh).max() > 0.1
+    assert paths[0] not in cache and paths[1] in cache
+    second = build_image_cache(df, tmp_path / "c", root=root, spatial_size=16)
+    assert (second.n_built, second.n_existing, second.n_rebuilt, len(second.skipped)) == (1, 1, 1, 0)
+    np.testing.assert_allclose(cache.read(paths[0]), fresh, rtol=0, atol=1e-6)
+    assert len(_npy_files(cache)) == 2
+    # replaced again, read by training: never the stale entry; on_miss="build" decodes and stores the new file
+    _replace(paths[0], seed=8)
+    fresh = _fresh(paths[0], spatial_size=16)
+    with pytest.raises(LookupError, match="not in the image cache"):
+        LoadCachedImaged("image", cache, on_miss="raise")({"image": str(paths[0])})
+    out = cached_load_transforms(tmp_path / "c", spatial_size=16)({"image": str(paths[0])})["image"]
+    np.testing.assert_allclose(out.numpy(), fresh, rtol=0, atol=1e-6)
+    out = LoadCachedImaged("image", cache, on_miss="raise")({"image": str(paths[0])})["image"]
+    np.testing.assert_allclose(out.numpy(), fresh, rtol=0, atol=1e-6)
+    # that entry is current: the next build decodes nothing and removes the entry of the earlier file
+    third = build_image_cache(df, tmp_path / "c", root=root, spatial_size=16)
+    assert (third.n_built, third.n_existing, third.n_rebuilt) == (0, 2, 0) and len(_npy_files(cache)) == 2
+
+
 def _slow_build(cache_dir: str, paths: list[str]) -> None:
     """Child process: a build whose decoding takes 0.1 s an image, so that the parent can kill it midway."""
     torch.set_num_threads(1)

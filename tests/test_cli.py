@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,33 +13,33 @@ import pytest
 from monai_du.cli import build_parser, main
 
 
-def test_demo_and_compare_defaults_and_options():
+def test_demo_and_compare_defaults_are_the_librarys():
     from monai_du.cli import _budget
 
     args = build_parser().parse_args(["demo"])
-    assert (args.modality, args.seeds) == ("cxr", [0, 1, 2])
-    budget = _budget(args)  # unset options keep the demo's (or compare's) own defaults
-    assert "methods" not in budget and "label_draws" not in budget and budget["epochs"] is None
+    assert args.modality is None and args.seeds is None
+    budget = _budget(args)  # unset options are not passed on: the demo's (or compare's) own defaults apply
+    assert set(budget) == {"overrides", "plots", "audit"}
     args = build_parser().parse_args(
         ["compare", "--manifest", "m.csv", "--label", "effusion", "--methods", "du", "kdu_attr", "--seeds", "3", "4",
          "--epochs", "2", "--method-config", "a.yaml", "b.yaml", "--set", "num_workers=0", "lam=0.1", "--out", "r"]
     )
     assert args.manifest == "m.csv" and args.label == "effusion" and args.methods == ["du", "kdu_attr"]
     assert args.seeds == [3, 4] and args.epochs == 2 and args.method_config == ["a.yaml", "b.yaml"]
-    from monai_du.cli import _overrides
-
-    assert _overrides(args.set) == {"num_workers": 0, "lam": 0.1}
+    budget = _budget(args)
+    assert budget["seeds"] == (3, 4) and budget["methods"] == ("du", "kdu_attr") and budget["epochs"] == 2
+    assert budget["overrides"] == {"num_workers": 0, "lam": 0.1}
 
 
 @pytest.mark.parametrize(
     "argv",
     [
         ["demo", "--modality", "ct"],
-        ["demo", "--epochs", "-1"],
-        ["demo", "--batch-size", "0"],
+        ["demo", "--epochs", "two"],
         ["compare", "--label", "x"],  # --manifest is required
         ["compare", "--manifest", "m.csv"],  # --label is required
         ["prior", "--out", "t.csv"],  # --manifest is required
+        ["bundle", "path", "nope"],
     ],
 )
 def test_bad_arguments_exit_with_usage_error(argv, capsys):
@@ -53,10 +54,44 @@ def test_no_command_prints_help(capsys):
     assert "{demo,compare," in capsys.readouterr().out
 
 
-def test_invalid_settings_are_one_line_errors(tmp_path, capsys):
-    assert main(["demo", "--test-fraction", "1.5", "--out", str(tmp_path / "r")]) == 1
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (["--test-fraction", "1.5"], "test_fraction must lie in (0, 1)"),
+        (["--epochs", "0"], "epochs must be a whole number >= 1, got 0"),
+        (["--epochs", "-1"], "epochs must be a whole number >= 1, got -1"),
+        (["--batch-size", "0"], "batch_size must be a whole number >= 2"),
+        (["--seeds", "0", "0"], "seeds [0] are given twice"),
+        (["--seeds", "-1"], "each seed must be a whole number >= 0, got -1"),
+        (["--label-draws", "0"], "label_draws must be a whole number >= 1"),
+        (["--n-bootstrap", "-5"], "n_bootstrap must be a whole number >= 0"),
+        (["--set", "lerning_rate=0.1"], "no such id; did you mean learning_rate?"),
+        (["--set", "learning_rate=[1"], "--set learning_rate: the value '[1' is not valid YAML"),
+        (["--set", "max_epochs=3"], "override 'max_epochs': compare sets it for every run; use its epochs setting"),
+        (["--set", "time_column=$__import__('os')"], "would run as code"),
+        (["--methods", "du", "du"], "lists a method twice"),
+    ],
+)
+def test_invalid_settings_are_one_line_errors_before_any_work(tmp_path, capsys, options, words):
+    """The library checks every setting when the config is made; the CLI prints its message in one line."""
+    out = tmp_path / "r"
+    assert main(["demo", "--out", str(out), *options]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("monai-du demo: error:") and "test_fraction" in err and "Traceback" not in err
+    assert err.startswith("monai-du demo: error:") and words in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()  # nothing ran, nothing was written
+
+
+def test_the_library_gives_the_same_messages_as_the_cli(tmp_path):
+    from monai_du.compare import CompareConfig
+    from monai_du.data.real_cohort import nih_cxr_dev_manifest
+
+    with pytest.raises(ValueError, match=r"seeds \[0\] are given twice"):
+        CompareConfig(manifest=nih_cxr_dev_manifest(), label="no_finding", seeds=(0, 0), out=tmp_path / "r")
+    with pytest.raises(ValueError, match="epochs must be a whole number >= 1, got 0"):
+        CompareConfig(manifest=nih_cxr_dev_manifest(), label="no_finding", epochs=0, out=tmp_path / "r")
+    with pytest.raises(ValueError, match="manifest .*missing.csv does not exist"):
+        CompareConfig(manifest=tmp_path / "missing.csv", label="x")
 
 
 def test_help_of_the_module_entry_point():
@@ -83,6 +118,31 @@ def test_subcommand_help(command, options, capsys):
         assert option in text
 
 
+def test_bundle_command_prints_and_copies_the_shipped_bundles(tmp_path, capsys):
+    from monai_du.bundles import SHIPPED_BUNDLES
+
+    assert main(["bundle", "path", "cxr"]) == 0
+    source = Path(capsys.readouterr().out.strip())
+    assert source.name == "cxr_du_pretrain" and (source / "configs" / "train.yaml").is_file()
+    for name in SHIPPED_BUNDLES:
+        assert main(["bundle", "path", name]) == 0
+        assert (Path(capsys.readouterr().out.strip()) / "configs" / "metadata.json").is_file(), name
+    target = tmp_path / "my_bundle"
+    assert main(["bundle", "copy", "cxr", str(target)]) == 0
+    assert Path(capsys.readouterr().out.strip()) == target
+
+    def files(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                      if p.is_file() and not {"__pycache__", "models", "eval", "logs", "data"} & set(p.parts))
+
+    assert files(target) == files(source) and "configs/methods/du.yaml" in files(target)
+    assert (target / "configs" / "train.yaml").read_bytes() == (source / "configs" / "train.yaml").read_bytes()
+    assert main(["bundle", "copy", "cxr", str(target)]) == 1  # never over an existing folder
+    assert "exists already" in capsys.readouterr().err
+    assert main(["bundle", "copy", "cxr"]) == 1
+    assert "needs a destination" in capsys.readouterr().err
+
+
 def test_help_of_the_console_script():
     exe = shutil.which("monai-du")
     if exe is None:
@@ -92,7 +152,7 @@ def test_help_of_the_console_script():
 
 
 def test_prior_command_writes_a_table_keyed_by_image(tmp_path, capsys):
-    from monai_du.data.cohorts import make_cxr_cohort
+    from monai_du.phantoms import make_cxr_cohort
     from monai_du.priors import load_prior_table
 
     manifest = make_cxr_cohort(tmp_path / "cohort", n=10, seed=1, size=16)

@@ -1,4 +1,4 @@
-"""Tests of the embedded demo cohorts (monai_du.data.cohorts).
+"""Tests of the generated phantom cohorts (monai_du.phantoms).
 
 Properties are measured on the written files (PNG via PIL, DICOM via pydicom, NIfTI via nibabel) and checked with
 independent statistics (scipy, scikit-learn). The embedded real-table constants are recomputed from ../shared/data
@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monai_du.data.cohorts import (
+from monai_du.data.manifest import read_manifest
+from monai_du.phantoms import (
     ABIDE_SITES,
     CHEXPERT_LABEL_LOGIT,
     NIH_AGE_BIN_EDGES,
@@ -28,7 +29,6 @@ from monai_du.data.cohorts import (
     make_brain_cohort,
     make_cxr_cohort,
 )
-from monai_du.data.manifest import read_manifest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -502,3 +502,68 @@ def test_ensure_demo_cohort_generates_once_and_repairs_partial(tmp_path):
     assert (other / "scan.dcm").exists()
     with pytest.raises(ValueError, match="modality"):
         ensure_demo_cohort(tmp_path / "x", "ct")
+
+
+def test_ensure_demo_cohort_done_marker_keys_on_what_shapes_the_cohort(tmp_path, monkeypatch):
+    import json
+
+    import monai_du
+    from monai_du.io import DoneMarker
+
+    folder = tmp_path / "demo"
+    manifest = ensure_demo_cohort(folder, "cxr", n=5, seed=2, size=16)
+    recorded = json.loads((folder / ".monai_du_demo.json").read_text())
+    assert recorded["format"] == DoneMarker.FORMAT
+    assert recorded["inputs"] == {
+        "modality": "cxr", "n": 5, "seed": 2, "size": 16, "monai_du_version": monai_du.__version__
+    }
+    stamp = manifest.stat().st_mtime_ns
+    # another package version: regenerated
+    monkeypatch.setattr(monai_du, "__version__", "999.0")
+    ensure_demo_cohort(folder, "cxr", n=5, seed=2, size=16)
+    assert manifest.stat().st_mtime_ns != stamp
+    stamp = manifest.stat().st_mtime_ns
+    assert ensure_demo_cohort(folder, "cxr", n=5, seed=2, size=16) == manifest and manifest.stat().st_mtime_ns == stamp
+    # another argument of the cohort function: regenerated with it
+    ensure_demo_cohort(folder, "cxr", n=5, seed=2, size=16, formats=("dicom",))
+    assert pd.read_csv(manifest)["image"].str.endswith(".dcm").all()
+    # a marker of the earlier scheme (the bare arguments) is not trusted
+    (folder / ".monai_du_demo.json").write_text(json.dumps({"modality": "cxr", "n": 5, "seed": 2, "size": 16}))
+    stamp = manifest.stat().st_mtime_ns
+    ensure_demo_cohort(folder, "cxr", n=5, seed=2, size=16)
+    assert manifest.stat().st_mtime_ns != stamp and pd.read_csv(manifest)["image"].str.endswith(".png").all()
+
+
+def _ensure_counting(folder: str, calls: str) -> None:
+    """Child process: ensure_demo_cohort with a cohort function that logs each call and takes a while."""
+    import time
+
+    import monai_du.phantoms as phantoms
+
+    make = phantoms.make_cxr_cohort
+
+    def slow_make(*args, **kwargs):
+        with open(calls, "a") as fh:
+            fh.write("call\n")
+        time.sleep(0.5)
+        return make(*args, **kwargs)
+
+    phantoms.make_cxr_cohort = slow_make
+    phantoms.ensure_demo_cohort(folder, "cxr", n=6, seed=1, size=16)
+
+
+def test_ensure_demo_cohort_concurrent_callers_generate_once(tmp_path):
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs the fork start method")
+    folder, calls = tmp_path / "demo", tmp_path / "calls.txt"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_ensure_counting, args=(str(folder), str(calls))) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert calls.read_text().splitlines() == ["call"]
+    assert len(pd.read_csv(folder / "manifest.csv")) == 6

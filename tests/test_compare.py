@@ -5,6 +5,7 @@ resumes without rerunning, the same encoder as a command-line bundle run, and th
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
+from monai_du.bundles import bundle_path, method_files, stage_files
 from monai_du.cli import main
-from monai_du.compare import CompareConfig, bundle_path, method_files, run_compare
-from monai_du.data.cohorts import make_cxr_cohort
+from monai_du.compare import CompareConfig, run_compare
+from monai_du.phantoms import make_cxr_cohort
 from monai_du.report import paired_difference, summarise, verdict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,8 +54,9 @@ def test_unknown_method_and_bad_method_file_are_named(tmp_path):
     listed.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="must hold a mapping"):
         method_files(bundle, [], [listed])
-    files = method_files(bundle, ["du", "kdu_bootstrap"])
-    assert [p.name for p in files["kdu_bootstrap"]] == ["du.yaml", "kdu_encoder.yaml"]
+    specs = method_files(bundle, ["du", "kdu_bootstrap"])
+    assert [p.name for p in stage_files(bundle, specs["kdu_bootstrap"])] == ["du.yaml", "kdu_encoder.yaml"]
+    assert [p.name for p in stage_files(bundle, specs["du"])] == ["du.yaml"]
 
 
 def test_bad_manifest_and_labels_are_one_line_cli_errors(cohort, tmp_path, capsys):
@@ -61,7 +64,7 @@ def test_bad_manifest_and_labels_are_one_line_cli_errors(cohort, tmp_path, capsy
     base = ["compare", "--manifest", str(cohort), "--out", str(out), "--seeds", "0", "--epochs", "1"]
     assert main(base + ["--label", "fracture"]) == 1
     err = capsys.readouterr().err
-    assert "has no column 'fracture'" in err and str(cohort) in err and "Traceback" not in err
+    assert "label column 'fracture' is not in the manifest" in err and str(cohort) in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     # a label with one class in a split
     df = pd.read_csv(cohort)
@@ -126,6 +129,62 @@ def test_a_finished_comparison_resumes_without_rerunning(tiny, cohort):
     assert any("random init: done before" in line for line in lines)
     pd.testing.assert_frame_equal(again["results"].drop(columns="wall_time_s"),
                                   result["results"].drop(columns="wall_time_s"), check_exact=False, atol=1e-12)
+
+
+def test_a_rerun_with_another_label_probes_again_and_matches_a_fresh_folder(tiny, cohort, tmp_path):
+    """The runs do not depend on the label and are reused; the probes do, and are redone."""
+    _, out, _ = tiny
+    lines: list[str] = []
+    again = run_compare(_config(cohort, out, label="cardiomegaly"), log=lines.append)
+    assert not any("done before" in line for line in lines)  # no probe of label_effusion is served
+    fresh = run_compare(_config(cohort, tmp_path / "fresh", label="cardiomegaly"), log=None)
+    columns = ["method_key", "auc", "knn_auc", "chosen_C"]
+    pd.testing.assert_frame_equal(again["results"][columns], fresh["results"][columns], check_exact=False,
+                                  atol=1e-12)
+    assert again["results"]["auc"].tolist() != pytest.approx(tiny[0]["results"]["auc"].tolist(), abs=1e-12)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"epochs": 2}, "max_epochs (1 -> 2)"),
+    ({"overrides": {**TINY, "learning_rate": 0.01}}, "learning_rate ('unset' -> 0.01)"),
+    ({"manifest": "other"}, "manifest_sha256"),
+])
+def test_a_run_folder_of_other_inputs_is_refused_with_what_changed(tiny, cohort, tmp_path, change, words):
+    _, out, _ = tiny
+    if change.get("manifest") == "other":  # the same file name and rows, one age changed: other content
+        df = pd.read_csv(cohort)
+        df.loc[0, "age"] = float(df.loc[0, "age"]) + 1
+        copy = tmp_path / Path(cohort).name
+        df.to_csv(copy, index=False)
+        cohort, change = copy, {"dataset_dir": Path(cohort).parent}
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="holds a run of other inputs") as info:
+        run_compare(_config(cohort, out, **change), log=None)
+    assert words in str(info.value) and "Use a new --out, or delete that folder" in str(info.value)
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == before  # nothing lost
+
+
+def test_no_path_runs_as_code(cohort, tmp_path, monkeypatch):
+    """--out, --manifest and --dataset-dir values that start with '$' are file names, and a manifest cell is data."""
+    monkeypatch.chdir(tmp_path)
+    pwned = tmp_path / "pwned"
+    code = "$__import__('os').mkdir('pwned') or 'zz'"  # run in tmp_path, it would make tmp_path / pwned
+    data = tmp_path / code
+    data.mkdir()
+    df = pd.read_csv(cohort)
+    for name in df["image"]:
+        target = data / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(cohort).parent / name, target)
+    df.loc[0, "patient_id"] = code  # a cell is data too
+    manifest = tmp_path / f"{code}.csv"
+    df.to_csv(manifest, index=False)
+    assert main(["compare", "--manifest", code + ".csv", "--dataset-dir", code, "--out", code, "--label", "effusion",
+                 "--methods", "random", "--seeds", "0", "--epochs", "1", "--batch-size", "8", "--label-sizes", "5",
+                 "--label-draws", "1", "--n-bootstrap", "10", "--no-plots", "--no-audit", "--set", "num_workers=0",
+                 "spatial_size=[32, 32]", "widen_factor=0.125"]) == 0
+    assert not pwned.exists()
+    assert (tmp_path / code / "runs" / "seed0" / "random" / "models" / "encoder.pt").is_file()
 
 
 def test_compare_and_the_bundle_command_give_the_same_encoder(tiny, cohort, tmp_path):
@@ -215,7 +274,8 @@ def test_the_audit_of_the_compared_priors_is_printed_beside_the_measured_differe
                                     label_sizes=(None,), label_draws=1), log=None)
     rows = pd.read_csv(tmp_path / "b" / "audit" / "audit.csv").set_index("prior")
     assert rows.loc["kdu_bootstrap", "kernel"].startswith("kdu_encoder: ")
-    table = pd.read_csv(tmp_path / "b" / "audit" / "kdu_bootstrap_prior_table.csv")
+    table = pd.read_csv(tmp_path / "b" / "runs" / "seed0" / "kdu_bootstrap" / "stage1" / "eval"
+                        / "encoder_prior_table_all.csv")
     assert len(table) == len(pd.read_csv(cohort))
     assert any(line.startswith("- kernel DU (bootstrap: DU encoder prior): audit rank") for line in bootstrap["audit"])
     skipped = run_compare(_config(cohort, tmp_path / "s", methods=("du", "kdu_attr"), label_sizes=(None,),

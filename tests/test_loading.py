@@ -204,7 +204,7 @@ def test_size_modes(tmp_path):
 
 
 def test_cohort_png_and_dicom_load_alike(tmp_path):
-    from monai_du.data.cohorts import make_cxr_cohort
+    from monai_du.phantoms import make_cxr_cohort
 
     df = pd.read_csv(make_cxr_cohort(tmp_path, n=12, seed=0, size=32, formats=("png", "dicom")))
     t = load_image_transforms(spatial_size=32)
@@ -260,7 +260,7 @@ def test_manifest_to_dataset_keeps_types_and_resolves_paths(tmp_path):
 def test_dataset_with_transforms_cache_and_dataloader(tmp_path):
     from monai.data import DataLoader
 
-    from monai_du.data.cohorts import make_cxr_cohort
+    from monai_du.phantoms import make_cxr_cohort
 
     path = make_cxr_cohort(tmp_path, n=10, seed=1, size=32)
     df = pd.read_csv(path)

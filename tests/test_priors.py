@@ -1,5 +1,6 @@
-"""Tests of monai_du.priors: the prior table (round trip, joins by key, errors), the prior autoencoder (fitted on the
-pretraining split), priors from any encoder (TorchScript, monai_du export, MONAI bundle network) and the table cache."""
+"""Tests of monai_du.priors: the prior table (round trip, joins by key, errors), the prior autoencoder
+(monai_du.prior_autoencoder, fitted on the pretraining split), priors from any encoder (monai_du.encoders: TorchScript,
+monai_du export, MONAI bundle network) and the table cache."""
 
 from __future__ import annotations
 
@@ -8,19 +9,22 @@ import pandas as pd
 import pytest
 import torch
 
+from monai_du.encoders import load_encoder
 from monai_du.kernels import CosineKernel, RBFKernel
+from monai_du.prior_autoencoder import (
+    build_prior_autoencoder,
+    encode_images,
+    load_prior_autoencoder,
+    save_prior_autoencoder,
+    train_prior_autoencoder,
+)
 from monai_du.priors import (
     attach_prior_table,
-    build_prior_autoencoder,
     build_prior_table,
-    encode_images,
     generative_prior_kernel,
-    load_prior_autoencoder,
     load_prior_table,
     make_prior_table,
     prior_columns,
-    save_prior_autoencoder,
-    train_prior_autoencoder,
     write_prior_table,
 )
 
@@ -199,7 +203,7 @@ def test_autoencoder_argument_errors():
 
 
 def test_build_prior_table_from_a_manifest(tmp_path):
-    from monai_du.data.cohorts import make_cxr_cohort
+    from monai_du.phantoms import make_cxr_cohort
 
     manifest = make_cxr_cohort(tmp_path / "cohort", n=12, seed=3, size=16)
     out = build_prior_table(
@@ -233,7 +237,7 @@ SIDE = 16  # the cohort's image side: the pipeline's resize is then the identity
 @pytest.fixture(scope="module")
 def small_cohort(tmp_path_factory):
     """A 20-image chest X-ray cohort (12 patients, follow-ups included) with no split column."""
-    from monai_du.data.cohorts import make_cxr_cohort
+    from monai_du.phantoms import make_cxr_cohort
 
     folder = tmp_path_factory.mktemp("cohort")
     return make_cxr_cohort(folder, n=20, seed=5, size=SIDE)
@@ -314,7 +318,7 @@ def _check_train_only(manifest, table):
 
 
 def test_torchscript_encoder_prior_table(tmp_path, small_cohort):
-    from monai_du.priors import encoder_prior_table, load_encoder
+    from monai_du.priors import encoder_prior_table
 
     torch.manual_seed(0)
     model = _ConvFeatures().eval()
@@ -337,7 +341,7 @@ def test_torchscript_encoder_prior_table(tmp_path, small_cohort):
 
 def test_export_encoder_prior_table(tmp_path, small_cohort):
     from monai_du.handlers import PretrainedEncoderExporter
-    from monai_du.priors import encoder_prior_table, load_encoder
+    from monai_du.priors import encoder_prior_table
 
     net = _small_contrastive_net(seed=1)
     info = {"backbone": "resnet10", "backbone_kwargs": {"widen_factor": 0.125}, "spatial_size": [SIDE, SIDE]}
@@ -393,7 +397,6 @@ def test_bundle_network_prior_table(tmp_path, small_cohort):
 
 def test_encoder_errors_name_the_file_or_id(tmp_path, small_cohort):
     from monai_du.handlers import PretrainedEncoderExporter
-    from monai_du.priors import load_encoder
 
     with pytest.raises(ValueError, match="no such encoder file or folder.*absent.ts"):
         load_encoder(tmp_path / "absent.ts")
@@ -478,8 +481,8 @@ def test_ensure_prior_table_keys_the_cache_on_the_split(tmp_path, small_cohort, 
     kw = dict(image_size=SIDE, latent_dim=3, epochs=1, batch_size=4)
     path = tmp_path / "prior_table.csv"
     assert ensure_prior_table(small_cohort, path, **kw) == str(path) and len(seen) == 1
-    record = json.loads((tmp_path / "prior_table.csv.settings.json").read_text())
-    assert record["settings"]["split"] == "train" and record["settings"]["split_seed"] == 0
+    record = json.loads((tmp_path / "prior_table.csv.settings.json").read_text())  # a monai_du.io.DoneMarker
+    assert record["inputs"]["split"] == "train" and record["inputs"]["split_seed"] == 0
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # an up-to-date table is served silently
         ensure_prior_table(small_cohort, path, **kw)
@@ -511,6 +514,26 @@ def test_ensure_prior_table_keys_the_cache_on_the_split(tmp_path, small_cohort, 
     with pytest.warns(UserWarning, match="encoder"):
         ensure_prior_table(small_cohort, enc_path, encoder=ts, image_size=SIDE)
     assert not np.allclose(load_prior_table(enc_path)[prior_columns(first)], first[prior_columns(first)])
+
+
+def test_ensure_prior_table_rebuilds_beside_an_unreadable_record(tmp_path, small_cohort):
+    import json
+
+    from monai_du.priors import ensure_prior_table
+
+    ts = tmp_path / "features.ts"
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(_ConvFeatures()), str(ts))
+    path, marker = tmp_path / "prior.csv", tmp_path / "prior.csv.settings.json"
+    ensure_prior_table(small_cohort, path, encoder=ts, image_size=SIDE)
+    record = json.loads(marker.read_text())
+    assert len(record["inputs"]["manifest"]["sha256"]) == 64 and record["inputs"]["monai_du_version"]
+    # a torn record, or one of another format (an older monai_du's), cannot vouch for the table: it is rebuilt
+    for text in ("{not json", json.dumps({"format": "monai_du.prior_table_settings/1", "settings": record["inputs"]})):
+        marker.write_text(text)
+        with pytest.warns(UserWarning, match="rebuilding .*'manifest'"):
+            ensure_prior_table(small_cohort, path, encoder=ts, image_size=SIDE)
+        assert json.loads(marker.read_text()) == record
 
 
 def test_prior_command_with_an_encoder(tmp_path, small_cohort, capsys):

@@ -1,16 +1,11 @@
-"""Manifests, builders, patient-level splits, attribute-conditioned samplers and demo cohorts."""
+"""Manifests, builders, loading, the decode cache, patient-level splits, attribute-conditioned samplers and the
+real NIH cohort."""
 
 from __future__ import annotations
 
 from monai_du.data import cache  # noqa: F401  (monai_du.data.cache in bundle configs)
 from monai_du.data.adapters import adapter_names
 from monai_du.data.bids import manifest_from_bids
-from monai_du.data.cohorts import (
-    brain_site_profiles,
-    cxr_site_profiles,
-    make_brain_cohort,
-    make_cxr_cohort,
-)
 from monai_du.data.dicom import manifest_from_dicom, parse_dicom_age, pseudonymize
 from monai_du.data.loading import (
     CollapseColorChannelsd,

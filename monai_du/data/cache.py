@@ -13,8 +13,11 @@ Layout on disk::
   size mode, intensity normalisation, orientation as resolved axis codes, MONOCHROME1 inversion, colour collapse,
   interpolation), the stored dtype, the cache format, and the monai_du and MONAI versions. Any change of these is a
   new folder, so a changed setting is never served from an old one.
-- The **path key** is the first 32 hex digits of the SHA-256 of the image's absolute path (``os.path.abspath``).
-  A source file rewritten in place under the same path is not detected: rebuild with ``overwrite=True``.
+- The **path key** names the source file as it is now: the first 32 hex digits of the SHA-256 of its absolute path
+  (``os.path.abspath``), a dash, and 16 hex digits of the SHA-256 of its size and modification time (``st_size``,
+  ``st_mtime_ns``). A file replaced under the same path has another key, so it is decoded again, never served from the
+  old entry; the next build removes the old entry. (A replacement with the same size within the file system's
+  timestamp resolution is not detected: rebuild with ``overwrite=True``.)
 
 Storage: one ``.npy`` per image, chosen from ``benchmarks/bench_pipeline.py`` (section 1: read time of one cached
 224 px float32 image, warm page cache, median of 5 passes over 128, on 2 shared cores): one ``.npy`` 166 us, MONAI
@@ -75,8 +78,8 @@ __all__ = [
     "settings_key",
 ]
 
-CACHE_FORMAT = 1
-"""Version of the on-disk layout; part of the settings key."""
+CACHE_FORMAT = 2
+"""Version of the on-disk layout; part of the settings key. 2: path keys include the source file's size and mtime."""
 
 _STORE_DTYPES = ("float32", "float16")
 _ON_MISS = ("build", "decode", "raise")
@@ -164,9 +167,23 @@ def settings_key(settings: Mapping) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def path_key(path: str | os.PathLike) -> str:
-    """First 32 hex digits of the SHA-256 of the absolute, normalised image path."""
+def _path_hash(path: str | os.PathLike) -> str:
     return hashlib.sha256(os.path.abspath(os.fspath(path)).encode("utf-8")).hexdigest()[:32]
+
+
+def path_key(path: str | os.PathLike) -> str:
+    """The cache key of an image file as it is now: ``<path hash>-<stamp hash>``.
+
+    The path hash is the first 32 hex digits of the SHA-256 of the absolute, normalised path; the stamp hash the first
+    16 of the SHA-256 of the file's ``st_size`` and ``st_mtime_ns`` (of "missing" when the file does not exist), so a
+    file replaced under the same path gets a new key.
+    """
+    try:
+        st = os.stat(path)
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        stamp = "missing"
+    return f"{_path_hash(path)}-{hashlib.sha256(stamp.encode('utf-8')).hexdigest()[:16]}"
 
 
 def _decode_failure(err: BaseException) -> str:
@@ -188,6 +205,8 @@ class CacheBuildResult:
         skipped: one row per image that could not be used, columns ``row``, ``image``, ``path``, ``reason``.
         report_path: where the skip report was written (always ``<folder>/skipped.csv``, plus any copy asked for).
         seconds: wall time of the build.
+        n_rebuilt: of ``n_built``, images whose cache entry was made from an earlier file at the same path (replaced
+            or modified since: another size or modification time); that entry is removed.
     """
 
     folder: Path
@@ -198,6 +217,7 @@ class CacheBuildResult:
     skipped: pd.DataFrame
     report_path: Path
     seconds: float
+    n_rebuilt: int = 0
 
     @property
     def n_cached(self) -> int:
@@ -281,9 +301,11 @@ class DecodedImageCache:
         }
 
     def file_for(self, path: str | os.PathLike) -> Path:
-        """The cache file of an image path (whether or not it exists)."""
-        k = path_key(path)
-        return self.folder / "images" / k[:2] / f"{k}.npy"
+        """The cache file of an image file as it is now (see :func:`path_key`), whether or not it exists."""
+        return self._file_of_key(path_key(path))
+
+    def _file_of_key(self, key: str) -> Path:
+        return self.folder / "images" / key[:2] / f"{key}.npy"
 
     def __contains__(self, path: str | os.PathLike) -> bool:
         return self.file_for(path).is_file()
@@ -316,8 +338,10 @@ class DecodedImageCache:
             raise ValueError(
                 f"{path}: cached image must be (C, *spatial) with {dims} spatial dims, got shape {array.shape}."
             )
+        return self._store(self.file_for(path), array)
+
+    def _store(self, file: Path, array: np.ndarray) -> Path:
         self._write_settings()
-        file = self.file_for(path)
         with atomic_write(file) as tmp, open(tmp, "wb") as fh:
             np.save(fh, np.ascontiguousarray(array, dtype=self.settings["store_dtype"]))
         return file
@@ -328,8 +352,11 @@ class DecodedImageCache:
         Raises:
             LookupError: the image is not in this cache (naming the path, the folder and the command that fills it).
         """
+        return self._load(path, self.file_for(path))
+
+    def _load(self, path: str | os.PathLike, file: Path) -> np.ndarray:
         try:
-            array = np.load(self.file_for(path))
+            array = np.load(file)
         except FileNotFoundError:
             raise LookupError(
                 f"{path}: not in the image cache {self.folder} (settings key {self.key}); fill it with "
@@ -343,14 +370,15 @@ class DecodedImageCache:
         ``"decode"`` decodes without storing, ``"raise"`` raises ``LookupError``."""
         if on_miss not in _ON_MISS:
             raise ValueError(f"on_miss must be one of {_ON_MISS}, got {on_miss!r}.")
+        file = self.file_for(path)  # keyed on the file as it is before decoding
         try:
-            return self.read(path)
+            return self._load(path, file)
         except LookupError:
             if on_miss == "raise":
                 raise
         array = self.decode(path)
         if on_miss == "build":
-            self.write(path, array)
+            self._store(file, array)
         return array.astype(np.float32, copy=False)
 
     def _remove_stale_tmp(self) -> None:
@@ -365,8 +393,24 @@ class DecodedImageCache:
             except FileNotFoundError:
                 pass
 
-    def _build_one(self, path: str) -> str | None:
-        """Decode and store one image; returns why it was skipped, or None. Write errors propagate."""
+    def _existing_keys(self, shards: set[str]) -> dict[str, list[str]]:
+        """The keys stored in these shard folders (``images/<ab>``), grouped by path hash."""
+        found: dict[str, list[str]] = {}
+        for shard in shards:
+            try:
+                with os.scandir(self.folder / "images" / shard) as entries:
+                    for entry in entries:
+                        if entry.name.endswith(".npy") and not entry.name.startswith("."):
+                            key = entry.name[: -len(".npy")]
+                            found.setdefault(key.split("-", 1)[0], []).append(key)
+            except FileNotFoundError:
+                pass
+        return found
+
+    def _build_one(self, path: str, key: str | None = None) -> str | None:
+        """Decode and store one image under ``key`` (default: its key now, taken before decoding); returns why it was
+        skipped, or None. Write errors propagate."""
+        file = self._file_of_key(key if key is not None else path_key(path))
         reason = check_image_file(path)
         if reason is not None:
             return reason
@@ -374,7 +418,7 @@ class DecodedImageCache:
             array = self.decode(path)
         except Exception as err:  # noqa: BLE001 - any decoding failure is a reason to skip and report
             return _decode_failure(err)
-        self.write(path, array)
+        self._store(file, array)
         return None
 
     def build(
@@ -391,7 +435,9 @@ class DecodedImageCache:
         """Decode every image not cached yet, in worker processes, and report the ones that cannot be used.
 
         Restartable: images already stored are not decoded again, and every image is written atomically, so a killed
-        build leaves only complete files and the next build continues with the rest. Each image is first checked
+        build leaves only complete files and the next build continues with the rest. An image whose file was replaced
+        or modified since it was cached (another size or modification time) is decoded again and counted in
+        ``n_rebuilt``; its old entry is removed. Each image is first checked
         like :func:`~monai_du.data.loading.check_images` (header level), then decoded; a failure of either skips the
         image (others are still cached) and adds a report row. The report is written to ``<folder>/skipped.csv``
         (also when empty, replacing an older one) and to ``report_path`` when given, and a warning says how many
@@ -420,7 +466,11 @@ class DecodedImageCache:
         unique = list(dict.fromkeys(paths))
         self._write_settings()
         self._remove_stale_tmp()
-        todo = unique if overwrite else [p for p in unique if not self.file_for(p).is_file()]
+        keys = {p: path_key(p) for p in unique}  # taken before decoding: a file changed meanwhile is rebuilt next time
+        existing = self._existing_keys({k[:2] for k in keys.values()})
+        stored = {p: existing.get(k.split("-", 1)[0], []) for p, k in keys.items()}
+        todo = unique if overwrite else [p for p in unique if keys[p] not in stored[p]]
+        outdated = {p: [k for k in stored[p] if k != keys[p]] for p in unique}
         reasons: dict[str, str] = {}
         bar = None
         if progress:
@@ -430,7 +480,7 @@ class DecodedImageCache:
         try:
             if num_workers == 0 or len(todo) <= 1:
                 for p in todo:
-                    reason = self._build_one(p)
+                    reason = self._build_one(p, keys[p])
                     if reason is not None:
                         reasons[p] = reason
                     if bar is not None:
@@ -441,7 +491,8 @@ class DecodedImageCache:
                 with ctx.Pool(
                     int(num_workers), initializer=_init_worker, initargs=(os.fspath(self.cache_dir), self._init_kwargs)
                 ) as pool:
-                    for p, reason in pool.imap_unordered(_worker_build_one, todo, chunksize=chunksize):
+                    jobs = [(p, keys[p]) for p in todo]
+                    for p, reason in pool.imap_unordered(_worker_build_one, jobs, chunksize=chunksize):
                         if reason is not None:
                             reasons[p] = reason
                         if bar is not None:
@@ -449,6 +500,8 @@ class DecodedImageCache:
         finally:
             if bar is not None:
                 bar.close()
+        for old in (k for p in unique for k in outdated[p]):  # entries of earlier files at these paths
+            self._file_of_key(old).unlink(missing_ok=True)
         skipped = pd.DataFrame(
             [(r, i, p, reasons[p]) for r, i, p in zip(rows, images, paths) if p in reasons],
             columns=list(CHECK_REPORT_COLUMNS),
@@ -468,7 +521,7 @@ class DecodedImageCache:
         return CacheBuildResult(
             folder=self.folder, key=self.key, n_images=len(unique), n_built=n_built,
             n_existing=len(unique) - len(todo), skipped=skipped, report_path=self.report_path,
-            seconds=time.perf_counter() - start,
+            seconds=time.perf_counter() - start, n_rebuilt=sum(1 for p in todo if outdated[p] and p not in reasons),
         )
 
 
@@ -482,9 +535,10 @@ def _init_worker(cache_dir: str, init_kwargs: dict) -> None:
     _WORKER_CACHE._settings_written = True  # the parent wrote it
 
 
-def _worker_build_one(path: str) -> tuple[str, str | None]:
+def _worker_build_one(job: tuple[str, str]) -> tuple[str, str | None]:
     assert _WORKER_CACHE is not None
-    return path, _WORKER_CACHE._build_one(path)
+    path, key = job
+    return path, _WORKER_CACHE._build_one(path, key)
 
 
 def _manifest_paths(

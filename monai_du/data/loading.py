@@ -7,6 +7,7 @@
   type (``PydicomReader`` for DICOM, ``PILReader`` for PNG/JPEG/BMP, ``NibabelReader`` for NIfTI),
   ``EnsureChannelFirstd``, MONOCHROME1 inversion, colour collapse, orientation, intensity scaling to [0, 1] and
   resizing or padding.
+- :func:`load_images` loads every image of a manifest with that pipeline into one array ``(N, 1, *spatial)``.
 
 MONAI's ``PydicomReader`` returns the stored pixel values (after RescaleSlope/Intercept) and does not look at
 ``PhotometricInterpretation``: a MONOCHROME1 radiograph (low values bright, as CR systems often store them) comes
@@ -49,6 +50,7 @@ __all__ = [
     "check_images",
     "check_image_file",
     "load_image_transforms",
+    "load_images",
     "InvertMonochrome1d",
     "CollapseColorChannelsd",
     "CHECK_REPORT_COLUMNS",
@@ -602,3 +604,29 @@ def manifest_to_dataset(
         ds = Dataset(records, transform=transform)
     ds.report = report
     return ds
+
+
+def load_images(
+    df: pd.DataFrame,
+    modality: str = "2d",
+    image_size: int | Sequence[int] = 32,
+    root: str | os.PathLike | None = None,
+    intensity: str | None = "minmax",
+) -> np.ndarray:
+    """Load every manifest image with :func:`load_image_transforms`, resized, in row order, into one array.
+
+    Args:
+        df: manifest rows (``image``, resolved against ``root``, or the ``image_path`` column of ``read_manifest``).
+        modality: "2d" / "cxr" or "3d" / "brain" (see ``load_image_transforms``).
+        image_size: size of the resized images: a side (int) or one value per axis.
+        root: folder of relative image paths.
+        intensity: intensity scaling of ``load_image_transforms`` ("minmax", "percentile" or None).
+
+    Returns:
+        float32 array (N, 1, *spatial), scaled to [0, 1] per image (with "minmax" or "percentile").
+    """
+    size = int(image_size) if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size]
+    transform = load_image_transforms(keys="image", modality=modality, spatial_size=size, intensity=intensity)
+    dataset = manifest_to_dataset(df, root=root, transform=transform, columns=[])
+    images = [np.asarray(item["image"], dtype=np.float32) for item in dataset]
+    return np.stack(images)

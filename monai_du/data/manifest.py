@@ -249,6 +249,25 @@ def label_column_name(name: str) -> str:
     return LABEL_PREFIX + slug
 
 
+def resolve_label_column(df: pd.DataFrame, name: str, source: str = "manifest") -> str:
+    """The label column that ``name`` means: the column itself, ``label_<name>``, or the column of a finding name
+    (``"Pleural Effusion"`` -> ``label_pleural_effusion``, :func:`label_column_name`).
+
+    Raises:
+        ValueError: naming ``source`` and the label columns it has, when none matches.
+    """
+    candidates = [str(name), LABEL_PREFIX + str(name)]
+    try:
+        candidates.append(label_column_name(name))
+    except ValueError:
+        pass
+    for column in candidates:
+        if column in df.columns:
+            return column
+    known = [c for c in df.columns if str(c).startswith(LABEL_PREFIX)]
+    raise ValueError(f"{source}: label column {name!r} is not in the manifest (label columns: {known}).")
+
+
 @dataclass
 class ManifestBuildResult:
     """What a manifest builder returns: the manifest and the report of what it skipped or changed.

@@ -1,4 +1,5 @@
-"""Embedded demo cohorts: synthetic chest X-rays (PNG / DICOM) and T1-like brain MRIs (NIfTI, BIDS).
+"""Generated phantom cohorts for fast tests and the brain demo: synthetic chest X-rays (PNG / DICOM) and T1-like
+brain MRIs (NIfTI, BIDS).
 
 The cohorts are phantoms drawn on a coordinate grid, written as real image files together with a manifest that
 follows the schema of ``data_manifests/README.md``. They carry the structure that makes prior knowledge matter:
@@ -36,8 +37,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 
-from monai_du.io import write_text_atomic
+from monai_du.io import DoneMarker
 
 __all__ = [
     "make_cxr_cohort",
@@ -902,7 +904,7 @@ def make_brain_cohort(
         "Name": "monai_du synthetic brain demo cohort",
         "BIDSVersion": "1.8.0",
         "DatasetType": "raw",
-        "GeneratedBy": [{"Name": "monai_du.data.cohorts.make_brain_cohort", "Description": f"seed={seed}"}],
+        "GeneratedBy": [{"Name": "monai_du.phantoms.make_brain_cohort", "Description": f"seed={seed}"}],
     }
     (out / "dataset_description.json").write_text(json.dumps(description, indent=2) + "\n")
     path = out / "manifest.csv"
@@ -918,29 +920,10 @@ _DEMO_PARTIAL = ".monai_du_demo.partial"
 _DEMO_LOCK = ".monai_du_demo.lock"
 
 
-class _FileLock:
-    """An exclusive advisory lock on a file (``fcntl.flock``); a no-op where ``fcntl`` does not exist."""
+def _package_version() -> str:
+    import monai_du  # read at call time: the package sets __version__ after importing its modules
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fh = None
-
-    def __enter__(self) -> _FileLock:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            return self
-        self._fh = open(self.path, "a+")
-        fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._fh is not None:
-            import fcntl
-
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
+    return str(getattr(monai_du, "__version__", "unknown"))
 
 
 def ensure_demo_cohort(
@@ -953,11 +936,11 @@ def ensure_demo_cohort(
 ) -> Path:
     """The manifest of the embedded demo cohort in ``dataset_dir``, generated on first use.
 
-    The cohort is made by :func:`monai_du.data.cohorts.make_cxr_cohort` (PNG chest X-rays) or
-    :func:`~monai_du.data.cohorts.make_brain_cohort` (NIfTI brain MRIs, BIDS layout). A marker file written last
-    records the arguments; the next call with the same arguments returns at once. A cohort left half-written (by a
-    killed run) or made with other arguments is deleted and made again. Concurrent calls (the ranks of a ``torchrun``
-    job) wait on a lock file, so the cohort is generated once.
+    The cohort is made by :func:`make_cxr_cohort` (PNG chest X-rays) or :func:`make_brain_cohort` (NIfTI brain MRIs,
+    BIDS layout). A :class:`monai_du.io.DoneMarker` written last records what shapes the cohort (modality, n, seed,
+    size, the other arguments and the monai_du version); the next call with the same inputs returns at once. A cohort
+    left half-written (by a killed run) or made with other inputs is deleted and made again. Concurrent calls (the
+    ranks of a ``torchrun`` job) wait on a lock file (``filelock.FileLock``), so the cohort is generated once.
 
     A ``dataset_dir`` that holds other files but no demo cohort is refused, so that user data is never deleted.
 
@@ -982,15 +965,12 @@ def ensure_demo_cohort(
               "size": int(size if size is not None else defaults["size"]), **kwargs}
     folder = Path(dataset_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    marker, partial, manifest = folder / _DEMO_MARKER, folder / _DEMO_PARTIAL, folder / "manifest.csv"
-    with _FileLock(folder / _DEMO_LOCK):
-        if marker.is_file() and manifest.is_file():
-            try:
-                if json.loads(marker.read_text(encoding="utf-8")) == json.loads(json.dumps(params)):
-                    return manifest
-            except json.JSONDecodeError:
-                pass
-        ours = marker.exists() or partial.exists()
+    partial, manifest = folder / _DEMO_PARTIAL, folder / "manifest.csv"
+    done = DoneMarker(folder / _DEMO_MARKER, {**params, "monai_du_version": _package_version()})
+    with FileLock(folder / _DEMO_LOCK):
+        if done.is_done() and manifest.is_file() and not partial.exists():
+            return manifest
+        ours = done.path.exists() or partial.exists()
         others = [p for p in folder.iterdir() if p.name not in (_DEMO_LOCK, _DEMO_MARKER, _DEMO_PARTIAL)]
         if others and not ours:
             raise ValueError(
@@ -999,9 +979,8 @@ def ensure_demo_cohort(
             )
         if others:
             logger.info(f"Removing an incomplete or outdated demo cohort from {folder}.")
-        if marker.exists():
-            marker.unlink()
-        partial.write_text(json.dumps(params) + "\n", encoding="utf-8")
+        partial.write_text(json.dumps(params) + "\n", encoding="utf-8")  # claims the folder before anything goes
+        done.clear()
         for path in others:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         logger.info(f"Generating the {modality} demo cohort ({params['n']} images) in {folder}.")
@@ -1010,6 +989,6 @@ def ensure_demo_cohort(
         written = Path(make(folder, **extra))
         if written.resolve() != manifest.resolve():
             raise RuntimeError(f"ensure_demo_cohort: the cohort function wrote {written}, expected {manifest}.")
-        write_text_atomic(marker, json.dumps(params, indent=2) + "\n")
+        done.write()
         partial.unlink()
     return manifest
