@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from monai_du.bundles import bundle_path, method_files, stage_files
+from monai_du.bundles import bundle_path, check_overrides, method_files, stage_files
 from monai_du.data.samplers import draw_batches
 from monai_du.priors import attach_prior_table
 
@@ -121,11 +121,14 @@ def method_prior(
     with tempfile.TemporaryDirectory(prefix="monai_du_audit_") as scratch:
         parser = ConfigParser()
         parser.read_config([str(folder / "configs" / "train.yaml"), str(files[0])])
+        # paths as absolute paths and overrides as checked data: no value from a user reaches the parser as code
+        overrides = {k: str(Path(v).expanduser().absolute()) if k == "prior_table" and isinstance(v, (str, Path)) else v
+                     for k, v in (overrides or {}).items()}
         parser.update({
-            "manifest": str(manifest),
-            "dataset_dir": str(Path(dataset_dir).expanduser() if dataset_dir else manifest.parent),
-            "bundle_root": str(bundle_root if bundle_root is not None else scratch),
-            **dict(overrides or {}),
+            "manifest": str(manifest.absolute()),
+            "dataset_dir": str(Path(dataset_dir or manifest.parent).expanduser().absolute()),
+            "bundle_root": str(Path(bundle_root if bundle_root is not None else scratch).absolute()),
+            **check_overrides(folder, overrides, files),
         })
         if parser.get("kernel") is None:
             raise ValueError(f"method {str(method)!r} of {folder} sets no kernel: there is no prior to audit.")

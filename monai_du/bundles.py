@@ -297,6 +297,25 @@ def _code_in(value: Any) -> str | None:
     return None
 
 
+def _check_type(key: str, value: Any, default: Any) -> None:
+    """A value of the kind the bundle's own setting has: a number for a number, a list for a list, true/false for a
+    flag (an expression or a null default takes anything)."""
+    if isinstance(default, str) and default.startswith(_CODE_PREFIXES) or default is None or value is None:
+        return
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, (int, float)):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, (list, tuple)):
+        ok, kind = isinstance(value, (list, tuple)), "a list"
+    elif isinstance(default, Mapping):
+        ok, kind = isinstance(value, Mapping), "a mapping"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"override {key!r}: expected {kind} like the bundle's {default!r}, got {value!r}.")
+
+
 def check_overrides(bundle: str | os.PathLike, overrides: Mapping[str, Any],
                     method_paths: Sequence[str | os.PathLike] = ()) -> dict[str, Any]:
     """Check a user's bundle overrides before any run: every id exists, and every value is data.
@@ -310,8 +329,9 @@ def check_overrides(bundle: str | os.PathLike, overrides: Mapping[str, Any],
         the overrides, as a dict.
 
     Raises:
-        ValueError: an id that neither ``configs/train.yaml`` nor a method file sets (naming the closest ids), or a
-            value that MONAI's config parser would run as code: a string starting with ``$``, ``@`` or ``%``, or a
+        ValueError: an id that neither ``configs/train.yaml`` nor a method file sets (naming the closest ids), a value
+            of another kind than the bundle's own (text for a number, ...), or a value that MONAI's config parser
+            would run as code: a string starting with ``$``, ``@`` or ``%``, or a
             mapping with ``_target_`` (write such settings in a method file of your own, ``--method-config``).
     """
     from monai.bundle import ConfigParser
@@ -329,6 +349,7 @@ def check_overrides(bundle: str | os.PathLike, overrides: Mapping[str, Any],
             close = difflib.get_close_matches(str(key), ids, n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see configs/train.yaml for the ids"
             raise ValueError(f"override {key!r}: the bundle {folder.name} has no such id{hint}")
+        _check_type(str(key), value, known.get(str(key)))
         code = _code_in(value)
         if code is not None:
             raise ValueError(f"override {key!r}: {code!r} would run as code in the bundle config; values are data "

@@ -310,14 +310,14 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
                    help="a prior table (image + gen_* columns) for every manifest image: NAME kdu_gen or "
                         "kdu_encoder gives that method its table; any other NAME is audited through kdu_encoder "
                         "(repeatable)")
-    p.add_argument("--bundle", default="cxr",
+    p.add_argument("--bundle", default=None,
                    help="pretrain bundle whose kernel methods are audited with their own kernel, sampler, lam and "
-                        "instance weight: cxr, brain, a bundle folder, or none (generic candidates only)")
+                        "instance weight: cxr, brain, a bundle folder, or none (generic candidates only); default cxr")
     p.add_argument("--methods", nargs="+", default=None,
                    help="the bundle's methods to audit (default: every method file that sets a kernel)")
     p.add_argument("--set", nargs="+", default=[], metavar="ID=VALUE",
                    help="bundle overrides for every method, as compare --set, e.g. time_column=study_offset_days")
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="training batch size")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default 64)")
     p.add_argument("--sampler-mode", choices=SAMPLER_MODES, default=None,
                    help="sampler of the single-attribute and prior-table candidates (default: within site when the "
                         "manifest has several sites, else random); the bundle's methods use their own")
@@ -327,13 +327,15 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler-order", default=None, metavar="COLUMN",
                    help="pk: a block's K images are consecutive in this column (e.g. follow_up), as the bundles' "
                         "sampler_order")
-    p.add_argument("--n-batches", type=_positive_int, default=20, help="batches the kernel statistics average over")
-    p.add_argument("--n-permutations", type=_positive_int, default=999, help="permutations of the p-value")
-    p.add_argument("--lam", type=float, default=0.01, help="kernel DU ridge lam (> 0) of the generic candidates")
-    p.add_argument("--instance-weight", type=float, default=0.05,
-                   help="kernel DU instance term (>= 0) of the generic candidates")
-    p.add_argument("--knn-k", type=_positive_int, default=5, help="neighbour rank of the knn bandwidth rule")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of batches, permutations and folds")
+    p.add_argument("--n-batches", type=int, default=None,
+                   help="batches the kernel statistics average over (default 20)")
+    p.add_argument("--n-permutations", type=int, default=None, help="permutations of the p-value (default 999)")
+    p.add_argument("--lam", type=float, default=None,
+                   help="kernel DU ridge lam (> 0) of the generic candidates (default 0.01)")
+    p.add_argument("--instance-weight", type=float, default=None,
+                   help="kernel DU instance term (>= 0) of the generic candidates (default 0.05)")
+    p.add_argument("--knn-k", type=int, default=None, help="neighbour rank of the knn bandwidth rule (default 5)")
+    p.add_argument("--seed", type=int, default=None, help="seed of batches, permutations and folds (default 0)")
     p.add_argument("--out", default=None, help="report folder (audit.csv, audit.json, audit.txt)")
     p.set_defaults(func=_run_audit)
 
@@ -353,14 +355,13 @@ def _run_audit(args: argparse.Namespace) -> int:
         if name in tables:
             raise ValueError(f"--prior-table name {name!r} is given twice.")
         tables[name] = path
-    result = run_audit(
-        args.manifest, args.label, dataset_dir=args.dataset_dir, prior_tables=tables, out=args.out,
-        batch_size=args.batch_size, sampler_mode=args.sampler_mode, sampler_attribute=args.sampler_attribute,
-        images_per_patient=args.images_per_patient, sampler_order=args.sampler_order, n_batches=args.n_batches,
-        n_permutations=args.n_permutations, bundle=None if str(args.bundle).lower() == "none" else args.bundle,
-        methods=args.methods, bundle_overrides=_overrides(args.set), lam=args.lam,
-        instance_weight=args.instance_weight, knn_k=args.knn_k, seed=args.seed,
-    )
+    given = {name: getattr(args, name) for name in (
+        "batch_size", "sampler_mode", "sampler_attribute", "images_per_patient", "sampler_order", "n_batches",
+        "n_permutations", "lam", "instance_weight", "knn_k", "seed", "methods") if getattr(args, name) is not None}
+    if args.bundle is not None:
+        given["bundle"] = None if str(args.bundle).lower() == "none" else args.bundle
+    result = run_audit(args.manifest, args.label, dataset_dir=args.dataset_dir, prior_tables=tables, out=args.out,
+                       bundle_overrides=_overrides(args.set), **given)
     print(format_audit(result))
     if args.out is not None:
         print(f"\nwrote {args.out}/audit.csv, audit.json and audit.txt")

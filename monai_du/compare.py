@@ -196,6 +196,29 @@ def _check_classes(y: pd.Series, train_mask: np.ndarray, column: str, seed: int)
             )
 
 
+#: Fewer labelled patients of a class than this in a test split: its confidence interval means little.
+MIN_TEST_PATIENTS_PER_CLASS = 5
+
+
+def _label_notes(df: pd.DataFrame, column: str, masks: Mapping[int, np.ndarray]) -> list[str]:
+    """What the probes read of the label: rows left out per reason, and a warning for each seed whose test split
+    holds too few patients of a class for its confidence interval to mean much."""
+    y = pd.to_numeric(df[column], errors="coerce")
+    blank, uncertain = int(y.isna().sum()), int((y == -1).sum())
+    labelled = y.isin([0.0, 1.0])
+    other = int(len(y) - labelled.sum() - blank - uncertain)
+    lines = [f"label {column}: {int(labelled.sum())} labelled images ({int((y == 1).sum())} positive); left out of "
+             f"the probes: {blank} blank, {uncertain} uncertain (-1)" + (f", {other} other values" if other else "")]
+    for seed, mask in masks.items():
+        test = labelled.to_numpy() & ~mask
+        counts = {value: int(df.loc[test & (y == value).to_numpy(), "patient_id"].nunique()) for value in (0.0, 1.0)}
+        if min(counts.values()) < MIN_TEST_PATIENTS_PER_CLASS:
+            lines.append(f"warning: the test split of seed {seed} holds {counts[1.0]} positive and {counts[0.0]} "
+                         f"negative patients: fewer than {MIN_TEST_PATIENTS_PER_CLASS} of a class, so its AUC and "
+                         "95 % CI mean little; use more labelled patients or a larger test fraction.")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # running the bundle
 # ---------------------------------------------------------------------------------------------------------------------
@@ -400,6 +423,7 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     masks = {seed: _split(df, seed, config.test_fraction) for seed in config.seeds}
     for seed, mask in masks.items():
         _check_classes(df[column], mask, column, seed)
+    notes = _label_notes(df, column, masks)
 
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "train.yaml"))
@@ -421,6 +445,8 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     say(f"monai-du compare: {len(df)} images of {df['patient_id'].nunique()} patients from {manifest}; label {column}; "
         f"methods {list(specs)}; seeds {list(config.seeds)}; {epochs} epochs, {batch_words}; bundle {bundle}; "
         f"report -> {out}")
+    for line in notes:
+        say(line)
     t0 = time.perf_counter()
     images = load_images(df, modality=modality, image_size=int(spatial[0]))
     say(f"images for the probes: {tuple(images.shape)} ({time.perf_counter() - t0:.1f} s)")
@@ -472,7 +498,9 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     wall = time.perf_counter() - started
     header = (f"monai-du compare: {manifest.name}, {len(df)} images, {df['patient_id'].nunique()} patients; label "
               f"{column}; seeds {list(config.seeds)}; {epochs} epochs, {batch_words}; linear probe (C by inner "
-              f"patient-grouped CV) on held-out patients ({config.test_fraction:.0%}); total wall time {wall:.0f} s")
+              f"patient-grouped CV) on held-out patients ({config.test_fraction:.0%}); total wall time {wall:.0f} s"
+              + (f"; overrides {dict(config.overrides)}" if config.overrides else "")
+              + "".join(f"\n{n}" for n in notes))
     written = report.write_report(out, header, results, curve, losses, list(specs), plots=config.plots,
                                   config=asdict(config) | {"manifest": str(manifest), "label": column, "epochs": epochs,
                                                           "batch": batch})

@@ -169,3 +169,29 @@ def test_prior_command_writes_a_table_keyed_by_image(tmp_path, capsys):
     assert main(["prior", "--manifest", str(manifest), "--out", str(tmp_path / "p2.csv"), "--image-size", "16",
                  "--epochs", "1", "--train-split", "val"]) == 1
     assert "no row has split == 'val'" in capsys.readouterr().err
+
+
+def test_audit_settings_and_skipped_candidates_are_named(tmp_path, capsys):
+    """Bad audit settings are one line before any work; an attribute left out of the candidates says why."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 80
+    df = pd.DataFrame({"image": [f"i{k}.png" for k in range(n)], "patient_id": [f"p{k // 2}" for k in range(n)],
+                       "age": np.nan, "sex": rng.choice(["M", "F"], n), "site": "A",
+                       "label_x": rng.integers(0, 2, n).astype(float)})
+    manifest = tmp_path / "m.csv"
+    df.to_csv(manifest, index=False)
+    base = ["audit", "--manifest", str(manifest), "--label", "x"]
+    for options, words in ((["--batch-size", "1"], "batch_size must be a whole number >= 2, got 1"),
+                           (["--seed", "-1"], "seed must be a whole number >= 0, got -1"),
+                           (["--set", "lerning_rate=0.1"], "did you mean learning_rate?")):
+        assert main(base + options) == 1
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+    assert main(base + ["--bundle", "none", "--batch-size", "16", "--n-permutations", "19"]) == 0
+    out = capsys.readouterr().out
+    assert "- age: skipped (column 'age' has 0 distinct known value(s); a prior needs 2)" in out
+    assert "- site: skipped (column 'site' has 1 distinct known value(s); a prior needs 2)" in out
+    assert "- view: skipped (the manifest has no 'view' column)" in out
+    assert "- age x sex: skipped (needs both age and sex" in out

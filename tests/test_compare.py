@@ -96,7 +96,7 @@ def tiny(cohort, tmp_path_factory):
     return run_compare(_config(cohort, out), log=lines.append), out, lines
 
 
-def test_tiny_comparison_writes_the_report(tiny):
+def test_tiny_comparison_writes_the_report(tiny, cohort):
     result, out, lines = tiny
     for name in ("results.csv", "summary.csv", "label_efficiency.csv", "results.json", "report.txt",
                  "loss_curves.png", "summary.png", "label_efficiency.png"):
@@ -110,6 +110,17 @@ def test_tiny_comparison_writes_the_report(tiny):
     assert set(curve["method_key"]) == {"du", "random"} and curve["auc"].between(0, 1).all()
     printed = "\n".join(lines)
     assert result["table"] in printed and result["efficiency_table"] in printed
+    # what the probes read of the label, counted here with pandas, is printed and in the report
+    df = pd.read_csv(cohort)
+    y = df["label_effusion"]
+    counted = (f"label label_effusion: {int(y.isin([0, 1]).sum())} labelled images ({int((y == 1).sum())} positive); "
+               f"left out of the probes: {int(y.isna().sum())} blank, {int((y == -1).sum())} uncertain (-1)")
+    assert counted in printed and counted in (out / "report.txt").read_text()
+    from monai_du.data.splits import select_split
+
+    test = df.drop(select_split(df, "train", fractions={"train": 0.7, "test": 0.3}, seed=0).index)
+    few = test.groupby("label_effusion")["patient_id"].nunique().reindex([0.0, 1.0], fill_value=0).min() < 5
+    assert any(line.startswith("warning: the test split of seed 0 holds") for line in lines) == few
     payload = json.loads((out / "results.json").read_text())
     assert payload["table"] == result["table"] and payload["config"]["label"] == "label_effusion"
     # each run is a bundle run with its own bundle_root
@@ -129,6 +140,23 @@ def test_a_finished_comparison_resumes_without_rerunning(tiny, cohort):
     assert any("random init: done before" in line for line in lines)
     pd.testing.assert_frame_equal(again["results"].drop(columns="wall_time_s"),
                                   result["results"].drop(columns="wall_time_s"), check_exact=False, atol=1e-12)
+
+
+def test_dropped_rows_and_a_small_test_split_are_reported(cohort, tmp_path):
+    df = pd.read_csv(cohort)
+    df.loc[:4, "label_effusion"] = np.nan
+    df.loc[5:7, "label_effusion"] = -1.0
+    path = tmp_path / "labels.csv"
+    df.to_csv(path, index=False)
+    lines: list[str] = []
+    run_compare(_config(path, tmp_path / "r", dataset_dir=Path(cohort).parent, methods=("random",),
+                        test_fraction=0.15, audit=False), log=lines.append)
+    y = df["label_effusion"]
+    assert (f"label label_effusion: {int(y.isin([0, 1]).sum())} labelled images ({int((y == 1).sum())} positive); "
+            "left out of the probes: 5 blank, 3 uncertain (-1)") in lines
+    warning = [line for line in lines if line.startswith("warning: the test split of seed 0 holds")]
+    assert warning and "fewer than 5 of a class" in warning[0]
+    assert warning[0] in (tmp_path / "r" / "report.txt").read_text()
 
 
 def test_a_rerun_with_another_label_probes_again_and_matches_a_fresh_folder(tiny, cohort, tmp_path):

@@ -69,6 +69,21 @@ def _has_repeat_times(patients: np.ndarray, times: np.ndarray) -> bool:
     return bool((frame.groupby("p")["t"].nunique() > 1).any())
 
 
+def skipped_attributes(df: pd.DataFrame, attributes: Sequence[str] = ATTRIBUTE_COLUMNS,
+                       combined: bool = True) -> dict[str, str]:
+    """Why each attribute candidate of :func:`default_candidates` is left out: ``{name: reason}``."""
+    skipped = {}
+    for name in attributes:
+        if name not in df.columns:
+            skipped[name] = f"the manifest has no {name!r} column"
+        elif _distinct(df, name) < 2:
+            skipped[name] = f"column {name!r} has {_distinct(df, name)} distinct known value(s); a prior needs 2"
+    if combined and ("age" in skipped or "sex" in skipped) and {"age", "sex"} <= set(attributes):
+        skipped["age x sex"] = "needs both age and sex (" + "; ".join(
+            skipped[a] for a in ("age", "sex") if a in skipped) + ")"
+    return skipped
+
+
 def default_candidates(
     df: pd.DataFrame,
     batch_size: int = 64,

@@ -22,6 +22,7 @@ from monai_du.audit.candidates import (
     _distinct,
     bundle_candidates,
     default_candidates,
+    skipped_attributes,
 )
 from monai_du.audit.statistics import (
     CV_FOLDS,
@@ -37,6 +38,7 @@ from monai_du.audit.statistics import (
     hsic,
 )
 from monai_du.audit.verdicts import format_audit, rank_audit
+from monai_du.bundles import check_overrides
 from monai_du.data.manifest import read_manifest, resolve_label_column
 from monai_du.data.samplers import AttributeBatchSampler, draw_batches
 from monai_du.io import write_text_atomic
@@ -98,6 +100,17 @@ def _make_sampler(
     if mode in ("neighbourhood", "neighborhood"):
         return AttributeBatchSampler(features=features, **common, **kwargs)
     return AttributeBatchSampler(groups=groups, **common, **kwargs)
+
+
+def _check_settings(batch_size: Any = 64, n_batches: Any = 20, n_permutations: Any = 999, lam: Any = 0.01,
+                    instance_weight: Any = 0.05, knn_k: Any = 5, seed: Any = 0, **_: Any) -> None:
+    """The audit's numeric settings, checked before any work (one line naming the setting)."""
+    for name, value, minimum in (("batch_size", batch_size, 2), ("n_batches", n_batches, 1),
+                                 ("n_permutations", n_permutations, 1), ("knn_k", knn_k, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
+    if not (lam > 0 and math.isfinite(lam)) or not (instance_weight >= 0 and math.isfinite(instance_weight)):
+        raise ValueError(f"need lam > 0 and instance_weight >= 0, got lam={lam}, instance_weight={instance_weight}.")
 
 
 def audit_priors(
@@ -170,15 +183,11 @@ def audit_priors(
         labels = [labels]
     if not labels:
         raise ValueError(f"{source}: give at least one label column to audit the priors against.")
-    if isinstance(batch_size, bool) or int(batch_size) < 2:
-        raise ValueError(f"batch_size must be an integer >= 2, got {batch_size!r}.")
+    _check_settings(batch_size=batch_size, n_batches=n_batches, n_permutations=n_permutations, lam=lam,
+                    instance_weight=instance_weight, knn_k=knn_k, seed=seed)
     batch_size = int(batch_size)
     if n < batch_size:
         raise ValueError(f"{source}: {n} rows, fewer than the batch size {batch_size}; lower --batch-size.")
-    if int(n_batches) < 1 or int(n_permutations) < 1:
-        raise ValueError(f"n_batches and n_permutations must be >= 1, got {n_batches} and {n_permutations}.")
-    if not (lam > 0 and math.isfinite(lam)) or not (instance_weight >= 0 and math.isfinite(instance_weight)):
-        raise ValueError(f"need lam > 0 and instance_weight >= 0, got lam={lam}, instance_weight={instance_weight}.")
     label_columns = list(dict.fromkeys(resolve_label_column(df, str(name), source) for name in labels))
     label_values = {column: _binary_label(df, column, source) for column in label_columns}
 
@@ -214,6 +223,7 @@ def audit_priors(
     skipped: dict[str, str] = {}
     if candidates is None:
         raw = default_candidates(df, batch_size=batch_size, prior_tables=prior_tables, knn_k=knn_k, combined=combined)
+        skipped.update(skipped_attributes(df, combined=combined))
         user = False
     else:
         raw = dict(candidates)
@@ -351,6 +361,9 @@ def run_audit(
     Returns:
         the audit table (:func:`audit_priors`).
     """
+    _check_settings(**kwargs)
+    if bundle is not None:
+        bundle_overrides = check_overrides(bundle, dict(bundle_overrides or {}))
     try:
         df = read_manifest(manifest, root=dataset_dir)
     except FileNotFoundError as err:
