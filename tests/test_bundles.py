@@ -50,6 +50,15 @@ def _manifest(tmp_path: Path, n_patients: int = 40) -> Path:
     return path
 
 
+def _manifest_and_prior_table(tmp_path: Path) -> tuple[Path, Path]:
+    """:func:`_manifest` and a prior table (3 random features) of every one of its images."""
+    manifest = _manifest(tmp_path)
+    table = tmp_path / "table.csv"
+    df = pd.read_csv(manifest)
+    write_prior_table(make_prior_table(df["image"], np.random.default_rng(1).normal(size=(len(df), 3))), table)
+    return manifest, table
+
+
 def test_the_shipped_bundles_are_found_in_the_package():
     root = shipped_bundles_root()
     assert sorted(p.name for p in root.iterdir() if (p / "configs").is_dir()) == sorted(SHIPPED_BUNDLES)
@@ -79,10 +88,7 @@ def test_every_method_file_declares_its_name_and_place(bundle):
 @pytest.mark.parametrize("bundle", sorted(PRETRAIN_BUNDLES))
 def test_every_method_file_builds_under_the_config_parser(bundle, tmp_path):
     """train.yaml plus the method file resolve the loss, the fitted kernel and the batch sampler on a manifest."""
-    manifest = _manifest(tmp_path)
-    table = tmp_path / "table.csv"
-    df = pd.read_csv(manifest)
-    write_prior_table(make_prior_table(df["image"], np.random.default_rng(1).normal(size=(len(df), 3))), table)
+    manifest, table = _manifest_and_prior_table(tmp_path)
     folder = bundle_path(bundle)
     for path in _method_paths(bundle):
         spec = method_spec(path)
@@ -106,10 +112,7 @@ def test_every_method_file_builds_under_the_config_parser(bundle, tmp_path):
 
 @pytest.mark.parametrize("bundle", sorted(PRETRAIN_BUNDLES))
 def test_every_kernel_method_yields_an_audit_candidate(bundle, tmp_path):
-    manifest = _manifest(tmp_path)
-    table = tmp_path / "table.csv"
-    df = pd.read_csv(manifest)
-    write_prior_table(make_prior_table(df["image"], np.random.default_rng(1).normal(size=(len(df), 3))), table)
+    manifest, table = _manifest_and_prior_table(tmp_path)
     methods = kernel_methods(bundle)
     assert methods == sorted(p.stem for p in _method_paths(bundle)
                              if yaml.safe_load(p.read_text(encoding="utf-8")).get("kernel") is not None)
