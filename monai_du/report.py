@@ -18,7 +18,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["json_safe", "summarise", "format_summary", "paired_difference", "verdict", "write_report"]
+__all__ = [
+    "detectable_difference",
+    "format_summary",
+    "json_safe",
+    "paired_difference",
+    "paired_t_power",
+    "power_words",
+    "seeds_needed",
+    "summarise",
+    "verdict",
+    "write_report",
+]
 
 
 def json_safe(value: Any) -> Any:
@@ -114,6 +125,72 @@ def paired_t_pvalue(mean: float, std: float, n: int) -> float:
     return float(2 * student_t.sf(abs(mean) / (std / math.sqrt(n)), n - 1))
 
 
+#: The power line's settings: two-sided level and power of the paired t-test, and the differences it sizes seeds for.
+POWER_ALPHA = 0.05
+POWER = 0.8
+POWER_TARGETS: tuple[float, ...] = (0.02, 0.05)
+MAX_SEEDS = 10_000
+
+
+def paired_t_power(delta: float, std: float, n: int, alpha: float = POWER_ALPHA) -> float:
+    """Power of the two-sided paired t-test at level ``alpha`` over ``n`` seeds to detect a true mean difference
+    ``delta``, for paired differences of standard deviation ``std`` (exact, from the noncentral t distribution)."""
+    from scipy.stats import nct
+    from scipy.stats import t as student_t
+
+    if n < 2 or not np.isfinite(std) or std <= 0:
+        return math.nan
+    crit = student_t.ppf(1 - alpha / 2, n - 1)
+    shift = abs(delta) * math.sqrt(n) / std
+    power = float(nct.sf(crit, n - 1, shift) + nct.cdf(-crit, n - 1, shift))
+    if not np.isfinite(power):  # scipy's noncentral t fails far in the tail: the normal limit is exact enough there
+        from scipy.stats import norm
+
+        power = float(norm.sf(crit - shift) + norm.cdf(-crit - shift))
+    return power
+
+
+def detectable_difference(std: float, n: int, alpha: float = POWER_ALPHA, power: float = POWER) -> float:
+    """The smallest true paired difference that ``n`` seeds detect with ``power`` (two-sided paired t-test at level
+    ``alpha``), given the paired standard deviation ``std``: the root of :func:`paired_t_power`."""
+    from scipy.optimize import brentq
+
+    if n < 2 or not np.isfinite(std) or std <= 0:
+        return math.nan
+    high = std
+    while paired_t_power(high, std, n, alpha) < power:
+        high *= 2
+    return float(brentq(lambda d: paired_t_power(d, std, n, alpha) - power, 0.0, high, xtol=1e-10))
+
+
+def seeds_needed(delta: float, std: float, alpha: float = POWER_ALPHA, power: float = POWER) -> int:
+    """The fewest seeds (>= 2) whose paired t-test detects ``delta`` with ``power``; 0 when ``std`` is unknown, and
+    :data:`MAX_SEEDS` when even that many do not."""
+    if not np.isfinite(std) or std <= 0:
+        return 0
+    low, high = 2, 2
+    while paired_t_power(delta, std, high, alpha) < power:
+        if high >= MAX_SEEDS:
+            return MAX_SEEDS
+        low, high = high, min(2 * high, MAX_SEEDS)
+    while low < high:  # power grows with n: the first n that reaches it
+        mid = (low + high) // 2
+        if paired_t_power(delta, std, mid, alpha) >= power:
+            high = mid
+        else:
+            low = mid + 1
+    return high
+
+
+def power_words(std: float, n: int) -> str:
+    """The power line of a paired difference: what ``n`` seeds could detect, and the seeds for the targets."""
+    if n < 2 or not np.isfinite(std) or std <= 0:
+        return "power: needs 2 or more seeds with a spread"
+    need = ", ".join(f"±{d:g}: {seeds_needed(d, std)}" for d in POWER_TARGETS)
+    return (f"{n} seeds detect ±{detectable_difference(std, n):.3f} at {POWER:.0%} power (two-sided "
+            f"{POWER_ALPHA:.0%}); seeds needed for {need}")
+
+
 def _judge(mean: float, std: float, n: int) -> str:
     """'beyond the seed spread' when the paired mean difference exceeds twice its standard error, with the paired
     t-test's p-value: with 3 seeds, 2 standard errors is p ~ 0.18, and re-drawing the augmentations alone has
@@ -141,7 +218,8 @@ def verdict(results: pd.DataFrame, summary: pd.DataFrame, label: str) -> list[st
         d, s, n = paired_difference(results, best["method_key"], second["method_key"])
         judged = _judge(d, s, n)
         lines.append(
-            f"Its lead over {second['method']} is {d:+.3f} AUC (paired over {n} seeds, std {s:.3f}): {judged}."
+            f"Its lead over {second['method']} is {d:+.3f} AUC (paired over {n} seeds, std {s:.3f}): {judged}; "
+            f"{power_words(s, n)}."
         )
         if judged.startswith("within the seed spread"):
             lines.append("So no method wins clearly here at this budget: the top two are within the seed spread.")
@@ -155,7 +233,8 @@ def verdict(results: pd.DataFrame, summary: pd.DataFrame, label: str) -> list[st
             d, s, n = paired_difference(results, key, base)
             if np.isfinite(d):
                 verb = "ties with" if abs(d) < 5e-4 else "is above" if d > 0 else "is below"
-                lines.append(f"{names[key]} {verb} {what}: {d:+.3f} AUC (paired std {s:.3f}; {_judge(d, s, n)}).")
+                lines.append(f"{names[key]} {verb} {what}: {d:+.3f} AUC (paired std {s:.3f}; {_judge(d, s, n)}; "
+                             f"{power_words(s, n)}).")
     return lines
 
 

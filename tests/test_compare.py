@@ -309,3 +309,32 @@ def test_the_audit_of_the_compared_priors_is_printed_beside_the_measured_differe
     skipped = run_compare(_config(cohort, tmp_path / "s", methods=("du", "kdu_attr"), label_sizes=(None,),
                                   label_draws=1, audit=False), log=None)
     assert skipped["audit"] == [] and not (tmp_path / "s" / "audit").exists()
+
+
+def test_power_line_matches_a_simulated_paired_t_test():
+    """At the detectable difference, simulated paired t-tests reject 80 % of the time; seeds_needed is the fewest
+    seeds that reach 80 %, and for many seeds the detectable difference is the normal formula's."""
+    from scipy.stats import norm, ttest_1samp
+
+    from monai_du.report import detectable_difference, paired_t_power, power_words, seeds_needed
+
+    rng = np.random.default_rng(0)
+    std = 0.03
+    for n in (3, 5, 8):
+        delta = detectable_difference(std, n)
+        draws = rng.normal(delta, std, size=(40_000, n))
+        rejected = float(np.mean(ttest_1samp(draws, 0.0, axis=1).pvalue < 0.05))
+        assert abs(rejected - 0.8) < 0.01, (n, rejected)  # 40k draws: Monte Carlo sd 0.002
+    for delta in (0.02, 0.05):
+        n = seeds_needed(delta, std)
+        assert paired_t_power(delta, std, n) >= 0.8 > paired_t_power(delta, std, n - 1)
+    assert detectable_difference(std, 2000) == pytest.approx((norm.ppf(0.975) + norm.ppf(0.8)) * std / np.sqrt(2000),
+                                                             rel=2e-3)
+    assert seeds_needed(0.05, 0.0) == 0 and np.isnan(detectable_difference(std, 1))
+    words = power_words(std, 3)
+    assert f"3 seeds detect ±{detectable_difference(std, 3):.3f} at 80% power" in words
+    assert f"±0.02: {seeds_needed(0.02, std)}" in words and f"±0.05: {seeds_needed(0.05, std)}" in words
+    results = _results({"du": [0.70, 0.72, 0.68], "kdu": [0.74, 0.73, 0.71]})
+    d, s, n = paired_difference(results, "kdu", "du")
+    lines = verdict(results, summarise(results, ["du", "kdu"]), "y")
+    assert any(power_words(s, n) in line for line in lines if line.startswith("KDU is above plain DU"))

@@ -30,6 +30,7 @@ from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
+    LoadImage,
     LoadImaged,
     MapTransform,
     Orientationd,
@@ -53,6 +54,8 @@ __all__ = [
     "load_images",
     "InvertMonochrome1d",
     "CollapseColorChannelsd",
+    "CheckSpatialDimsd",
+    "UnusableImageError",
     "CHECK_REPORT_COLUMNS",
 ]
 
@@ -91,6 +94,148 @@ def _dicom_value(meta: Mapping, tag: str, keyword: str):
     if item is not None:
         return item
     return meta.get(keyword)
+
+
+class UnusableImageError(ValueError):
+    """An image file that the pipeline cannot use, named: ``str(err)`` is ``"image <path> <reason>"``.
+
+    Attributes:
+        path: the image file (``filename_or_obj`` of its metadata), or None when unknown.
+        reason: why, without the path (the ``reason`` of skip reports), e.g. ``"holds NaN values (3 of 512 values)"``.
+    """
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = None if path is None else str(path)
+        self.reason = reason
+        super().__init__(f"image {self.path if self.path is not None else '(file unknown)'} {reason}")
+
+    def __reduce__(self):  # picklable with its two arguments (DataLoader workers send errors back)
+        return (type(self), (self.path, self.reason))
+
+
+def _unusable_in(err: BaseException | None) -> UnusableImageError | None:
+    """The first :class:`UnusableImageError` in an exception's cause chain (MONAI's ``Compose`` wraps errors in
+    ``RuntimeError("applying transform ...")``), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UnusableImageError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _decode_reason(err: BaseException) -> str:
+    """Skip-report reason for an exception raised while loading an image."""
+    unusable = _unusable_in(err)
+    if unusable is not None:
+        return unusable.reason
+    cause = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    text = str(cause).splitlines()[0] if str(cause) else ""
+    return f"cannot be decoded ({type(cause).__name__}: {text})"
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _shape_problem(shape: Sequence[int], spatial_dims: int | None, max_channels: int | None) -> str | None:
+    """Why a channel-first shape ``(C, *spatial)`` does not suit a pipeline of ``spatial_dims`` spatial dimensions
+    whose images may have at most ``max_channels`` channels (None: any), or None."""
+    shape = tuple(int(s) for s in shape)
+    n = len(shape) - 1
+    if spatial_dims is not None and n != spatial_dims:
+        what = "image" if n < 3 else "volume"
+        return (
+            f"has {n} spatial dimension{'s' if n != 1 else ''} (shape {_shape_text(shape)}), the {spatial_dims}d "
+            f"pipeline expects {spatial_dims}: a {n}D {what} in a {spatial_dims}D manifest?"
+        )
+    if max_channels is not None and shape and shape[0] > max_channels:
+        if max_channels == 1:
+            hint = f"; a {n + 1}D volume? the {n}d pipeline expects one channel" if n >= 3 else (
+                f"; the {n}d pipeline expects one channel"
+            )
+        else:
+            hint = f"; the {n}d pipeline expects 1 (grey) to {max_channels} (RGBA) channels"
+        return f"has {shape[0]} channels (shape {_shape_text(shape)}){hint}"
+    if any(s == 0 for s in shape):
+        return f"has no pixels (shape {_shape_text(shape)})"
+    return None
+
+
+def _nonfinite_problem(img) -> str | None:
+    """Why an image's values cannot be used (NaN or infinite values), or None."""
+    t = torch.as_tensor(img)
+    if not torch.is_floating_point(t) and not torch.is_complex(t):
+        return None
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    if not nan and not inf:
+        return None
+    total = t.numel()
+    if nan and inf:
+        return f"holds NaN and inf values ({nan} NaN and {inf} inf of {total} values)"
+    return f"holds {'NaN' if nan else 'inf'} values ({nan or inf} of {total} values)"
+
+
+def _expectation(modality: str | None, grayscale: bool = True) -> tuple[int | None, int | None]:
+    """``(spatial_dims, max_channels)`` of the images that ``load_image_transforms(modality=..., grayscale=...)``
+    can use: one channel in 3D, up to 4 in 2D when colour is collapsed to grey (RGBA), any otherwise."""
+    if modality is None:
+        return None, None
+    key = str(modality).lower()
+    if key not in _DIMS:
+        raise ValueError(f"modality must be one of {sorted(_DIMS)}, got {modality!r}.")
+    dims = _DIMS[key]
+    return dims, (1 if dims == 3 else (4 if grayscale else None))
+
+
+class CheckSpatialDimsd(MapTransform):
+    """Refuse a loaded, channel-first image that the pipeline cannot use, naming its file.
+
+    Put it right after ``EnsureChannelFirstd`` (:func:`load_image_transforms` does). It raises
+    :class:`UnusableImageError` (a ``ValueError``) ``"image <file> <reason>"``, the file taken from the image's
+    metadata (``filename_or_obj``), when the image
+
+    - has another number of spatial dimensions than ``spatial_dims`` (a 2D PNG in a 3D manifest, which ``Resized``
+      would otherwise blow up silently into a volume; a 3D volume in the 2D pipeline);
+    - has more than ``max_channels`` channels (a 4D NIfTI, e.g. a time series, in the 3D pipeline);
+    - has a spatial size of 0;
+    - holds NaN or infinite values (with ``finite``): min-max or percentile scaling would make the whole image NaN.
+
+    Args:
+        keys: keys of channel-first images, (C, *spatial).
+        spatial_dims: expected number of spatial dimensions (2 or 3), or None for any.
+        max_channels: largest channel count accepted, or None for any.
+        finite: refuse NaN and infinite values.
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_dims: int | None = None,
+        max_channels: int | None = None,
+        finite: bool = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims = None if spatial_dims is None else int(spatial_dims)
+        self.max_channels = None if max_channels is None else int(max_channels)
+        self.finite = finite
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            reason = _shape_problem(tuple(img.shape), self.spatial_dims, self.max_channels)
+            if reason is None and self.finite:
+                reason = _nonfinite_problem(img)
+            if reason is not None:
+                raise UnusableImageError(_meta_of(d, key).get("filename_or_obj"), reason)
+        return d
 
 
 class InvertMonochrome1d(MapTransform):
@@ -194,11 +339,23 @@ def _register_readers(loader: LoadImaged) -> LoadImaged:
     return loader
 
 
+class _LoadImageNamingFile(LoadImage):
+    """``LoadImage`` whose failures are :class:`UnusableImageError` naming the file (nibabel's "data code 4096 not
+    recognized" does not)."""
+
+    def __call__(self, filename, reader=None):
+        try:
+            return super().__call__(filename, reader)
+        except Exception as err:  # noqa: BLE001 - any reader failure: the file cannot be used
+            raise UnusableImageError(filename, _decode_reason(err)) from err
+
+
 def _image_loader(keys: KeysCollection, dtype=np.float32, allow_missing_keys: bool = False) -> LoadImaged:
     with warnings.catch_warnings():  # MONAI registers its optional GPU DICOM reader and warns that it is absent
         warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
         warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
         loader = LoadImaged(keys, reader=None, image_only=True, dtype=dtype, allow_missing_keys=allow_missing_keys)
+        loader._loader = _LoadImageNamingFile(reader=None, image_only=True, dtype=dtype)
     return _register_readers(loader)
 
 
@@ -223,12 +380,16 @@ def load_image_transforms(
        series folder), ``PILReader`` (``.png``, ``.jpg``, ``.jpeg``, ``.bmp``), ``NibabelReader`` (``.nii``,
        ``.nii.gz``). 2D arrays come out as (W, H), i.e. x then y, as MONAI's readers do.
     2. ``EnsureChannelFirstd``: (C, *spatial).
-    3. :class:`InvertMonochrome1d` (when ``invert_monochrome1``).
-    4. 2D only, when ``grayscale``: :class:`CollapseColorChannelsd` (RGB/RGBA -> 1 channel).
-    5. 3D only: ``Orientationd`` to ``orientation`` ("auto" means RAS for 3D, nothing for 2D; None skips it).
-    6. Intensity: ``"minmax"`` (``ScaleIntensityd`` to [0, 1] per image), ``"percentile"`` (0.5-99.5 percentiles to
+    3. :class:`CheckSpatialDimsd`: an image with another number of spatial dimensions than the modality's (a 2D
+       PNG in a 3D manifest, a 3D volume in the 2D pipeline), more than one channel in 3D (a 4D NIfTI) or more
+       than 4 in 2D (with ``grayscale``), or NaN / infinite values raises :class:`UnusableImageError` (a
+       ``ValueError``) naming the file, its shape and what was expected. A file that cannot be read raises it too.
+    4. :class:`InvertMonochrome1d` (when ``invert_monochrome1``).
+    5. 2D only, when ``grayscale``: :class:`CollapseColorChannelsd` (RGB/RGBA -> 1 channel).
+    6. 3D only: ``Orientationd`` to ``orientation`` ("auto" means RAS for 3D, nothing for 2D; None skips it).
+    7. Intensity: ``"minmax"`` (``ScaleIntensityd`` to [0, 1] per image), ``"percentile"`` (0.5-99.5 percentiles to
        [0, 1], clipped; robust to burned-in text and hot pixels) or None.
-    7. Size, when ``spatial_size`` is given: ``"resize"`` (``Resized`` to exactly that size), ``"longest"`` (resize
+    8. Size, when ``spatial_size`` is given: ``"resize"`` (``Resized`` to exactly that size), ``"longest"`` (resize
        the longest side to the largest requested size, keeping the aspect ratio, then centre-pad or crop with
        zeros to ``spatial_size``) or ``"pad_crop"`` (``ResizeWithPadOrCropd``, no interpolation).
 
@@ -267,7 +428,12 @@ def load_image_transforms(
                 f"spatial_size {spatial_size} must be a positive int or {dims} positive ints for {modality!r}."
             )
     kw = {"allow_missing_keys": allow_missing_keys}
-    steps: list = [_image_loader(keys, dtype=dtype, **kw), EnsureChannelFirstd(keys, **kw)]
+    _, max_channels = _expectation(modality, grayscale)
+    steps: list = [
+        _image_loader(keys, dtype=dtype, **kw),
+        EnsureChannelFirstd(keys, **kw),
+        CheckSpatialDimsd(keys, spatial_dims=dims, max_channels=max_channels, **kw),
+    ]
     if invert_monochrome1:
         steps.append(InvertMonochrome1d(keys, **kw))
     if dims == 2 and grayscale:
@@ -334,27 +500,40 @@ def _check_dicom(path: str) -> str | None:
     return None
 
 
-def _check_pil(path: str) -> str | None:
+def _check_pil(path: str) -> tuple[str | None, tuple[int, ...] | None]:
+    """``(reason or None, channel-first shape as the loader gives it: (bands, width, height))``."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            shape = (len(im.getbands()), *im.size)
             im.verify()  # walks the chunks and their checksums without decoding the pixels
     except Exception as e:  # noqa: BLE001
-        return f"unreadable image ({type(e).__name__}: {e})"
-    return None
+        return f"unreadable image ({type(e).__name__}: {e})", None
+    return None, shape
 
 
-def _check_nifti(path: str) -> str | None:
+def _nifti_channel_first(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape that ``NibabelReader`` + ``EnsureChannelFirstd`` give a NIfTI of this data shape: up to 3 axes are
+    spatial, with one channel in front; a 4th (and later) axis ends as the last, which becomes the channel axis."""
+    return (1, *shape) if len(shape) <= 3 else (shape[-1], *shape[:-1])
+
+
+def _check_nifti(path: str) -> tuple[str | None, tuple[int, ...] | None]:
+    """``(reason or None, channel-first shape as the loader gives it)``."""
     import nibabel as nib
 
     try:
         img = nib.load(path)
         header = img.header
+        shape = tuple(int(s) for s in header.get_data_shape())
         offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
-        expected = offset + int(np.prod(header.get_data_shape())) * np.dtype(header.get_data_dtype()).itemsize
+        expected = offset + int(np.prod(shape)) * np.dtype(header.get_data_dtype()).itemsize
     except Exception as e:  # noqa: BLE001
-        return f"unreadable NIfTI ({type(e).__name__}: {e})"
+        return f"unreadable NIfTI ({type(e).__name__}: {e})", None
+    if not shape or min(shape) < 1:
+        dims = [int(v) for v in header["dim"]]
+        return f"unreadable NIfTI (broken header: dim {dims} gives data shape {shape})", None
     data_file = path
     if path.lower().endswith(".hdr"):
         data_file = path[:-4] + ".img"
@@ -367,19 +546,23 @@ def _check_nifti(path: str) -> str | None:
             return (
                 f"truncated NIfTI: gzip trailer gives {isize} bytes, header implies {expected} "
                 "(truncated, or not a single-member gzip file)"
-            )
-        return None
+            ), None
+        return None, _nifti_channel_first(shape)
     if not os.path.isfile(data_file):
-        return f"NIfTI data file missing: {data_file}"
+        return f"NIfTI data file missing: {data_file}", None
     have = os.path.getsize(data_file)
     if have < expected:
-        return f"truncated NIfTI: data needs {expected} bytes, file holds {have}"
-    return None
+        return f"truncated NIfTI: data needs {expected} bytes, file holds {have}", None
+    return None, _nifti_channel_first(shape)
 
 
-def _check_one(path: str, level: str, loader) -> str | None:
+_Expectation = tuple[int | None, int | None]  # (spatial_dims, max_channels) of CheckSpatialDimsd; (None, None): any
+
+
+def _check_one(path: str, level: str, loader, expect: _Expectation = (None, None)) -> str | None:
     if not os.path.exists(path):
         return "file not found"
+    shape = None
     if os.path.isdir(path):
         if not any(os.scandir(path)):
             return "empty folder"
@@ -391,36 +574,54 @@ def _check_one(path: str, level: str, loader) -> str | None:
         if suffix == ".dcm":
             reason = _check_dicom(path)
         elif suffix in _PIL_SUFFIXES:
-            reason = _check_pil(path)
+            reason, shape = _check_pil(path)
         elif suffix in _NIFTI_SUFFIXES:
-            reason = _check_nifti(path)
+            reason, shape = _check_nifti(path)
         else:
             import pydicom
 
             reason = _check_dicom(path) if pydicom.misc.is_dicom(path) else None
+    if reason is None and shape is not None:
+        reason = _shape_problem(shape, *expect)
     if reason is None and level == "full":
         try:
             loader({"image": path})
         except Exception as e:  # noqa: BLE001
-            cause = e.__cause__ or e
-            reason = f"cannot be decoded ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"
+            reason = _decode_reason(e)
     return reason
 
 
-def check_image_file(path: str | os.PathLike, level: str = "header") -> str | None:
+def _full_loader(expect: _Expectation) -> Compose:
+    """What ``level="full"`` decodes with: the reader, channel-first, and :class:`CheckSpatialDimsd`."""
+    return Compose(
+        [
+            _image_loader("image"),
+            EnsureChannelFirstd("image"),
+            CheckSpatialDimsd("image", spatial_dims=expect[0], max_channels=expect[1]),
+        ]
+    )
+
+
+def check_image_file(
+    path: str | os.PathLike, level: str = "header", modality: str | None = None, grayscale: bool = True
+) -> str | None:
     """Why one image file cannot be used, or None when it passes: the per-file check of :func:`check_images`.
 
     Args:
         path: the image file (or DICOM series folder).
         level: "header" (a few reads, no pixels) or "full" (also decodes it with the loader of
-            :func:`load_image_transforms`).
+            :func:`load_image_transforms` and :class:`CheckSpatialDimsd`, which also refuses NaN and inf values).
+        modality, grayscale: as in :func:`load_image_transforms`: also refuse an image whose number of spatial
+            dimensions or channels that pipeline cannot use (from the PNG/JPEG or NIfTI header; DICOM only at
+            ``level="full"``). None: any.
 
     Returns:
         the reason (e.g. ``"file not found"``, ``"truncated DICOM: ..."``), or None.
     """
     if level not in ("header", "full"):
         raise ValueError(f"level must be 'header' or 'full', got {level!r}.")
-    return _check_one(os.fspath(path), level, _image_loader("image") if level == "full" else None)
+    expect = _expectation(modality, grayscale)
+    return _check_one(os.fspath(path), level, _full_loader(expect) if level == "full" else None, expect)
 
 
 def _resolved_paths(df: pd.DataFrame, root: str | os.PathLike | None, image_column: str) -> list[str]:
@@ -442,6 +643,8 @@ def check_images(
     image_column: str = "image",
     level: str = "header",
     progress: bool = False,
+    modality: str | None = None,
+    grayscale: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Open the header of every manifest image and report the rows whose image is missing or unreadable.
 
@@ -452,11 +655,17 @@ def check_images(
       parse, have no pixel data or Rows/Columns, or whose uncompressed pixel data is shorter than
       Rows x Columns x SamplesPerPixel x NumberOfFrames x BitsAllocated / 8 (a truncated file);
     - PNG/JPEG/BMP/TIFF: ``PIL.Image.open`` + ``verify`` (chunk checksums; catches truncated PNG);
-    - NIfTI: the nibabel header; ``.nii`` must hold offset + data bytes; ``.nii.gz`` must have a gzip trailer size
-      equal to that (a truncated gzip stream does not end with it);
+    - NIfTI: the nibabel header (a header whose dimensions give no data is refused); ``.nii`` must hold offset +
+      data bytes; ``.nii.gz`` must have a gzip trailer size equal to that (a truncated gzip stream does not end
+      with it);
+    - with ``modality``: PNG/JPEG/BMP/TIFF and NIfTI images whose shape the pipeline of
+      :func:`load_image_transforms` cannot use (the message of :class:`CheckSpatialDimsd`: a 2D image in a 3D
+      manifest, a 3D volume in a 2D one, a 4D NIfTI in 3D);
     - other suffixes only need to exist and be non-empty.
 
-    ``level="full"`` also decodes every image with the loader of :func:`load_image_transforms` (slow).
+    ``level="full"`` also decodes every image with the loader of :func:`load_image_transforms` and
+    :class:`CheckSpatialDimsd` (slow): it also finds images that do not decode, DICOM of the wrong
+    dimensionality, and images holding NaN or infinite values.
 
     Args:
         df: manifest (rows are reported by their index label).
@@ -465,6 +674,7 @@ def check_images(
         image_column: column with the paths.
         level: "header" or "full".
         progress: show a tqdm progress bar.
+        modality, grayscale: the pipeline the images are for, as in :func:`load_image_transforms`; None: any shape.
 
     Returns:
         ``(ok_df, report_df)``: the rows whose image passed, and one row per failed image with columns
@@ -472,8 +682,14 @@ def check_images(
     """
     if level not in ("header", "full"):
         raise ValueError(f"level must be 'header' or 'full', got {level!r}.")
+    return _check_images(df, root, image_column, level, progress, _expectation(modality, grayscale))
+
+
+def _check_images(
+    df: pd.DataFrame, root, image_column: str, level: str, progress: bool, expect: _Expectation
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     paths = _resolved_paths(df, root, image_column)
-    loader = _image_loader("image") if level == "full" else None
+    loader = _full_loader(expect) if level == "full" else None
     iterator = zip(df.index, df[image_column], paths)
     if progress:
         from tqdm import tqdm
@@ -481,7 +697,7 @@ def check_images(
         iterator = tqdm(iterator, total=len(paths), desc="checking images", unit="img")
     bad_rows, report = [], []
     for row, image, path in iterator:
-        reason = _check_one(path, level, loader)
+        reason = _check_one(path, level, loader, expect)
         if reason is not None:
             bad_rows.append(row)
             report.append((row, image, path, reason))

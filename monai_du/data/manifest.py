@@ -29,8 +29,14 @@ contact details; see :func:`find_phi_columns`), which are refused on read and on
 
 from __future__ import annotations
 
+import bz2
+import csv
+import gzip
+import io
+import lzma
 import os
 import re
+import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -514,11 +520,79 @@ def _file_kind(path: Path) -> str:
     raise ValueError(f"{path}: unknown manifest format; use .csv, .csv.gz, .tsv or .parquet")
 
 
+def _decompressed_bytes(path: Path) -> bytes:
+    """The bytes of a (possibly compressed) text manifest, decompressed by its suffix as pandas would."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".gz"):
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        if name.endswith(".bz2"):
+            with bz2.open(path, "rb") as fh:
+                return fh.read()
+        if name.endswith(".xz"):
+            with lzma.open(path, "rb") as fh:
+                return fh.read()
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(path) as archive:
+                members = [m for m in archive.namelist() if not m.endswith("/")]
+                if len(members) != 1:
+                    raise ValueError(f"manifest {path}: a zipped manifest must hold one file, found {len(members)}")
+                return archive.read(members[0])
+    except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile) as error:
+        raise ValueError(f"manifest {path} cannot be decompressed ({type(error).__name__}: {error})") from error
+    return path.read_bytes()
+
+
+def _manifest_text(path: Path) -> str:
+    """The manifest file as text: UTF-8 (a leading byte-order mark dropped), or a ValueError naming the line of the
+    first byte that is not UTF-8."""
+    raw = _decompressed_bytes(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"manifest {path} is not UTF-8 text (byte 0x{raw[error.start]:02x} at line {line}); save it as UTF-8"
+        ) from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _check_field_counts(text: str, sep: str, path: Path, limit: int = 5) -> None:
+    """Refuse rows with more or fewer fields than the header (pandas fills short rows with NaN, and takes an extra
+    leading field as the index), counted with the csv module (quoted fields may hold the separator or a newline)."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+    n_header: int | None = None
+    bad: list[tuple[int, int]] = []
+    line = 1
+    for record in reader:
+        start, line = line, reader.line_num + 1  # a quoted field can span lines: report the record's first line
+        if not record:  # blank line: pandas skips it
+            continue
+        if n_header is None:
+            n_header = len(record)
+        elif len(record) != n_header:
+            bad.append((start, len(record)))
+    if not bad:
+        return
+    first_line, n_fields = bad[0]
+    more = ""
+    if len(bad) > 1:
+        shown = ", ".join(str(b[0]) for b in bad[1:limit]) + (", ..." if len(bad) > limit else "")
+        more = f"; {len(bad) - 1} more line(s) with another field count (line {shown})"
+    raise ValueError(
+        f"manifest {path}: line {first_line} has {n_fields} field{'s' if n_fields != 1 else ''}, "
+        f"the header has {n_header}{more}"
+    )
+
+
 def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None) -> pd.DataFrame:
     """Read, validate and resolve a manifest file.
 
     CSV and TSV files (optionally compressed) are read with text identifiers, so that ``"00042"`` stays
-    ``"00042"``, and only empty fields count as missing (``"NA"`` stays a string). Parquet needs ``pyarrow``.
+    ``"00042"``, and only empty fields count as missing (``"NA"`` stays a string). They must be UTF-8 text, and
+    every row must have as many fields as the header (counted with the csv module, so quoted fields may hold the
+    separator). Parquet needs ``pyarrow``.
 
     Args:
         path: ``.csv``, ``.csv.gz``, ``.tsv`` or ``.parquet`` file.
@@ -531,8 +605,9 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
     Raises:
         FileNotFoundError: when ``path`` does not exist.
         ImportError: for a Parquet file when pyarrow is not installed.
-        ValueError: for an empty file (naming it), or an invalid manifest, naming the row and the column; also when
-            two rows name one image once relative paths are resolved.
+        ValueError: naming the file: an empty file, a header without rows, text that is not UTF-8 (with the line),
+            a row with another number of fields than the header (with the line), or an invalid manifest, naming the
+            row and the column; also when two rows name one image once relative paths are resolved.
     """
     path = Path(path)
     if not path.is_file():
@@ -542,22 +617,23 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
         if not _parquet_engine_available():
             raise ImportError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow); or use a CSV manifest")
         df = pd.read_parquet(path)
+        if len(df) == 0:
+            raise ValueError(f"manifest {path} has columns but no rows.")
     else:
+        sep = "\t" if kind == "tsv" else ","
+        text = _manifest_text(path)
         try:
-            header = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", nrows=0)
+            header = pd.read_csv(io.StringIO(text), sep=sep, nrows=0)
         except pd.errors.EmptyDataError as error:
             raise ValueError(
                 f"{path}: the manifest file is empty (no header line); it needs at least the columns "
                 f"{list(REQUIRED_COLUMNS)}"
             ) from error
+        _check_field_counts(text, sep, path)
         dtypes = {c: str for c in header.columns if c in STRING_COLUMNS}
-        df = pd.read_csv(
-            path,
-            sep="\t" if kind == "tsv" else ",",
-            dtype=dtypes,
-            keep_default_na=False,
-            na_values=[""],
-        )
+        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=dtypes, keep_default_na=False, na_values=[""])
+        if len(df) == 0:
+            raise ValueError(f"manifest {path} has a header but no rows.")
     if RESOLVED_IMAGE_COLUMN in df.columns:
         df = df.drop(columns=[RESOLVED_IMAGE_COLUMN])
     df = validate_manifest(df, source=str(path), from_file=kind != "parquet")
