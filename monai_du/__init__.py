@@ -33,6 +33,6 @@ from monai_du.losses import (
 from monai_du.networks import ContrastiveEncoder, ProbeClassifier, ProjectionHead, build_encoder, encoder_state_dict
 from monai_du.prior_encoder import PriorEncoder
 from monai_du.transforms import AssemblePriord, MultiViewd, brain_augmentations, cxr_augmentations
-from monai_du import data, encoders, engines, evaluation, handlers, prior_autoencoder, priors  # noqa: E402  (loads their components for bundle configs)
+from monai_du import bundles, data, encoders, engines, evaluation, handlers, prior_autoencoder, priors  # noqa: E402  (loads their components for bundle configs)
 
 __version__ = "0.1.0"

@@ -39,6 +39,7 @@ __all__ = [
     "Stage",
     "bundle_path",
     "check_overrides",
+    "composite_run_error",
     "copy_bundle",
     "default_methods",
     "kernel_methods",
@@ -59,6 +60,7 @@ SHIPPED_BUNDLES: tuple[str, ...] = ("cxr_du_pretrain", "cxr_finetune", "brain_mr
 
 _PACKAGE_DATA = "monai_du.bundle_files"
 _DECLARATIONS = ("method_name", "method_order", "method_stages")
+_COMPOSITE_KEYS = (*_DECLARATIONS, "run")  # a composite's "run" refuses a direct run (composite_run_error)
 
 
 def shipped_bundles_root() -> Path:
@@ -201,9 +203,9 @@ def method_spec(path: str | os.PathLike) -> MethodSpec:
     if order is not None and (isinstance(order, bool) or not isinstance(order, int)):
         raise ValueError(f"method file {path}: method_order must be a whole number or null, got {order!r}.")
     stages = _stages(settings.get("method_stages"), path)
-    if stages and set(settings) - set(_DECLARATIONS):
+    if stages and set(settings) - set(_COMPOSITE_KEYS):
         raise ValueError(f"method file {path}: a composite method (method_stages) sets no bundle ids of its own; "
-                         f"found {sorted(set(settings) - set(_DECLARATIONS))}.")
+                         f"found {sorted(set(settings) - set(_COMPOSITE_KEYS))}.")
     return MethodSpec(key=path.stem, name=str(settings.get("method_name") or path.stem), order=order, stages=stages,
                       path=path)
 
@@ -256,6 +258,17 @@ def method_files(
                 raise ValueError(f"method file {spec.path}: stage {stage.method!r} is not a single-run method of "
                                  f"{folder / 'configs' / 'methods'}.")
     return out
+
+
+def composite_run_error(method: str, stages: Sequence[Mapping[str, Any]]) -> None:
+    """Raise the error of a composite method run by hand (its file's ``run``): its stages are separate runs.
+
+    Raises:
+        ValueError: naming the stages and how to run them.
+    """
+    names = " then ".join(str(stage.get("method")) for stage in stages)
+    raise ValueError(f"method {method!r} is made of separate runs ({names}): monai-du compare runs them in turn "
+                     f"(--methods {method}); by hand, run each stage's method file as its comment says.")
 
 
 def stage_files(bundle: str | os.PathLike, spec: MethodSpec) -> list[Path]:

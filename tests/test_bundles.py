@@ -176,3 +176,16 @@ def test_overrides_are_known_ids_and_data(tmp_path):
     mine = tmp_path / "mine.yaml"
     mine.write_text("my_setting: 3\n")
     assert check_overrides("cxr", {"my_setting": 4}, [mine]) == {"my_setting": 4}
+
+
+def test_a_composite_method_run_by_hand_says_it_is_several_runs(tmp_path):
+    import subprocess
+    import sys
+
+    folder = bundle_path("cxr") / "configs"
+    files = f"['{folder / 'train.yaml'}','{folder / 'methods' / 'kdu_bootstrap.yaml'}']"
+    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root",
+                           str(tmp_path / "run")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode != 0
+    assert "method 'kdu_bootstrap' is made of separate runs (du then kdu_encoder)" in done.stderr
+    assert not (tmp_path / "run" / "models" / "encoder.pt").exists()

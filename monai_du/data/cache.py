@@ -59,6 +59,7 @@ from monai.utils import convert_to_numpy
 from monai_du.data.loading import (
     _DIMS,
     CHECK_REPORT_COLUMNS,
+    _decode_reason,
     _resolved_paths,
     check_image_file,
     load_image_transforms,
@@ -187,9 +188,8 @@ def path_key(path: str | os.PathLike) -> str:
 
 
 def _decode_failure(err: BaseException) -> str:
-    cause = err.__cause__ or err
-    text = str(cause).splitlines()[0] if str(cause) else ""
-    return f"cannot be decoded ({type(cause).__name__}: {text})"
+    # an UnusableImageError's own reason ("holds NaN values ..."), else "cannot be decoded (<innermost cause>)"
+    return _decode_reason(err)
 
 
 @dataclass
@@ -411,7 +411,8 @@ class DecodedImageCache:
         """Decode and store one image under ``key`` (default: its key now, taken before decoding); returns why it was
         skipped, or None. Write errors propagate."""
         file = self._file_of_key(key if key is not None else path_key(path))
-        reason = check_image_file(path)
+        # the header check also refuses shapes that the preprocessing cannot use (a 2D image in a 3D cache)
+        reason = check_image_file(path, modality=self.load_kwargs()["modality"], grayscale=self.settings["grayscale"])
         if reason is not None:
             return reason
         try:

@@ -146,6 +146,8 @@ def _shape_problem(shape: Sequence[int], spatial_dims: int | None, max_channels:
     whose images may have at most ``max_channels`` channels (None: any), or None."""
     shape = tuple(int(s) for s in shape)
     n = len(shape) - 1
+    if any(s == 0 for s in shape):
+        return f"has no pixels (shape {_shape_text(shape)})"
     if spatial_dims is not None and n != spatial_dims:
         what = "image" if n < 3 else "volume"
         return (
@@ -160,8 +162,6 @@ def _shape_problem(shape: Sequence[int], spatial_dims: int | None, max_channels:
         else:
             hint = f"; the {n}d pipeline expects 1 (grey) to {max_channels} (RGBA) channels"
         return f"has {shape[0]} channels (shape {_shape_text(shape)}){hint}"
-    if any(s == 0 for s in shape):
-        return f"has no pixels (shape {_shape_text(shape)})"
     return None
 
 
@@ -707,6 +707,8 @@ def _check_images(
 
 def _format_report(report: pd.DataFrame, limit: int = 5) -> str:
     lines = [f"row {r.row!r} (image '{r.image}' -> {r.path}): {r.reason}" for r in report.head(limit).itertuples()]
+    if len(report) == 1:  # one bad image: one line
+        return " " + lines[0]
     more = f"\n  ... and {len(report) - limit} more" if len(report) > limit else ""
     return "\n  " + "\n  ".join(lines) + more
 
@@ -727,6 +729,69 @@ def _python_value(v):
     if isinstance(v, float) and np.isnan(v):
         return float("nan")
     return v
+
+
+def _expectation_of(transform) -> _Expectation:
+    """The image shape that a dataset's transform can use: from the first :class:`CheckSpatialDimsd` in it (nested
+    ``Compose`` included), or from the settings of a decode-once cache loader
+    (:class:`~monai_du.data.cache.LoadCachedImaged`); ``(None, None)`` when neither is there."""
+    if isinstance(transform, CheckSpatialDimsd):
+        return transform.spatial_dims, transform.max_channels
+    settings = getattr(getattr(transform, "cache", None), "settings", None)
+    if isinstance(settings, Mapping) and settings.get("spatial_dims") in (2, 3):
+        dims = int(settings["spatial_dims"])
+        return dims, (1 if dims == 3 else (4 if settings.get("grayscale", True) else None))
+    for inner in getattr(transform, "transforms", None) or ():
+        found = _expectation_of(inner)
+        if found != (None, None):
+            return found
+    return None, None
+
+
+class _Unusable:
+    """Placeholder kept in a ``CacheDataset``'s cache for an item whose image could not be used."""
+
+    def __init__(self, error: UnusableImageError) -> None:
+        self.error = error
+
+
+class _CheckedCacheDataset(CacheDataset):
+    """``CacheDataset`` that keeps an :class:`UnusableImageError` raised while caching an item (an image that
+    decodes to NaN values, a DICOM of the wrong dimensionality, ...) as a placeholder, for
+    :func:`manifest_to_dataset` to report and drop, instead of failing the whole cache."""
+
+    def _load_cache_item(self, idx: int):
+        try:
+            return super()._load_cache_item(idx)
+        except Exception as err:
+            unusable = _unusable_in(err)
+            if unusable is None:
+                raise
+            return _Unusable(unusable)
+
+
+def _drop_unusable(ds: _CheckedCacheDataset, rows: list, images: list, on_error: str, source: str) -> pd.DataFrame:
+    """Report the cached items that hold an :class:`_Unusable`, raise for them (``on_error="raise"``) or drop them
+    from the dataset; the report has :data:`CHECK_REPORT_COLUMNS`."""
+    cached = ds._cache
+    bad = [i for i, item in enumerate(cached) if isinstance(item, _Unusable)]
+    report = pd.DataFrame(
+        [(rows[i], images[i], ds.data[i]["image"], cached[i].error.reason) for i in bad],
+        columns=list(CHECK_REPORT_COLUMNS),
+    )
+    if not bad:
+        return report
+    if on_error == "raise":
+        first = cached[bad[0]].error
+        raise ValueError(f"{source}: {len(bad)} image(s) cannot be used:{_format_report(report)}") from first
+    if len(cached) != len(ds.data):  # only a complete, positional cache can be filtered (the default)
+        raise RuntimeError(f"{source}: cannot drop unusable images from a partial cache:{_format_report(report)}")
+    dropped = set(bad)
+    keep = [i for i in range(len(cached)) if i not in dropped]
+    ds.data = [ds.data[i] for i in keep]
+    ds._cache = [cached[i] for i in keep]
+    ds.cache_num = len(ds._cache)
+    return report
 
 
 def manifest_to_dataset(
@@ -758,8 +823,13 @@ def manifest_to_dataset(
             dicts as they are.
         cache: use ``CacheDataset`` (transformed items kept in memory).
         on_error: what to do with rows whose image fails :func:`check_images`: "raise" (a ValueError naming the
-            rows and files) or "skip" (drop them, warn, and keep the report).
-        check: run :func:`check_images` first (header level).
+            rows and files) or "skip" (drop them, warn, and keep the report). With ``cache``, an image that fails
+            when it is loaded into the cache with an :class:`UnusableImageError` (NaN or infinite values, a DICOM
+            of the wrong dimensionality, a file that does not decode) is raised or skipped and reported the same
+            way. Without ``cache`` such an image raises its ``UnusableImageError`` when it is loaded.
+        check: run :func:`check_images` first (header level), with the expected image shape taken from
+            ``transform`` (its :class:`CheckSpatialDimsd`, as in :func:`load_image_transforms`, or its decode-once
+            cache's settings), so that a 2D image in a 3D manifest or a 4D volume is skipped or raised here.
         columns: metadata columns to include (default: all); ``image`` is always included.
         cache_dir: use ``PersistentDataset`` caching to this folder (ignored when ``cache`` is True). For a
             decode-once cache shared by runs and keyed by the preprocessing settings, replace
@@ -796,30 +866,49 @@ def manifest_to_dataset(
 
     report = pd.DataFrame(columns=list(CHECK_REPORT_COLUMNS))
     if check:
-        df, report = check_images(df, root=None, progress=progress)  # paths from image_path, names from image
+        # paths from image_path, names from image; shapes that the transform's pipeline cannot use are refused too
+        df, report = _check_images(df, None, "image", "header", progress, _expectation_of(transform))
         if len(report):
             if on_error == "raise":
-                raise ValueError(f"{source}: {len(report)} image(s) missing or unreadable:{_format_report(report)}")
-            if report_path is not None:
-                Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-                report.to_csv(report_path, index=False)
+                raise ValueError(
+                    f"{source}: {len(report)} image(s) missing, unreadable or unusable:{_format_report(report)}"
+                )
+            _write_report(report, report_path)
             where = f"; report written to {report_path}" if report_path is not None else ""
             warnings.warn(
-                f"{source}: skipped {len(report)} of {len(report) + len(df)} rows with missing or unreadable "
-                f"images{where}:{_format_report(report)}",
+                f"{source}: skipped {len(report)} of {len(report) + len(df)} rows with missing, unreadable or "
+                f"unusable images{where}:{_format_report(report)}",
                 stacklevel=2,
             )
 
+    n_rows = len(report) + len(df)
+    rows, images = list(df.index), [str(i) for i in df["image"]]
     df = df.assign(image=df[RESOLVED_IMAGE_COLUMN]).drop(columns=[RESOLVED_IMAGE_COLUMN])
     records = [{k: _python_value(v) for k, v in rec.items()} for rec in df.to_dict("records")]
     if cache:
-        ds = CacheDataset(records, transform=transform, num_workers=cache_num_workers, progress=progress)
+        ds = _CheckedCacheDataset(records, transform=transform, num_workers=cache_num_workers, progress=progress)
+        dropped = _drop_unusable(ds, rows, images, on_error, source)
+        if len(dropped):
+            report = pd.concat([report, dropped], ignore_index=True) if len(report) else dropped
+            _write_report(report, report_path)
+            where = f"; report written to {report_path}" if report_path is not None else ""
+            warnings.warn(
+                f"{source}: skipped {len(dropped)} of {n_rows} rows whose images cannot be used once loaded"
+                f"{where}:{_format_report(dropped)}",
+                stacklevel=2,
+            )
     elif cache_dir is not None:
         ds = PersistentDataset(records, transform=transform, cache_dir=cache_dir)
     else:
         ds = Dataset(records, transform=transform)
     ds.report = report
     return ds
+
+
+def _write_report(report: pd.DataFrame, report_path: str | os.PathLike | None) -> None:
+    if report_path is not None:
+        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+        report.to_csv(report_path, index=False)
 
 
 def load_images(
