@@ -242,7 +242,7 @@ def _validate_table(table: pd.DataFrame, source: str) -> pd.DataFrame:
         raise ValueError(f"{source}: empty {PRIOR_KEY_COLUMN!r} key at row(s) {rows}.")
     keys = _normalise_keys(table[PRIOR_KEY_COLUMN])
     _check_unique(keys, source)
-    out = pd.DataFrame({PRIOR_KEY_COLUMN: keys.to_numpy()})
+    out = {PRIOR_KEY_COLUMN: keys.to_numpy()}
     for name in columns:
         try:
             values = pd.to_numeric(table[name], errors="raise").to_numpy(dtype=np.float32)
@@ -252,7 +252,7 @@ def _validate_table(table: pd.DataFrame, source: str) -> pd.DataFrame:
             rows = np.flatnonzero(np.isinf(values))[:5].tolist()
             raise ValueError(f"{source}: column {name!r} holds inf at row(s) {rows}.")
         out[name] = values
-    return out
+    return pd.DataFrame(out)  # built at once: a column at a time fragments a wide table
 
 
 def load_prior_table(path: str | os.PathLike) -> pd.DataFrame:

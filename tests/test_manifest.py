@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import os
 from pathlib import Path
@@ -225,9 +226,80 @@ def test_empty_manifest_file_names_the_file(tmp_path, text):
     assert str(path) in str(info.value)
 
 
-def test_header_only_manifest_is_an_empty_valid_manifest(tmp_path):
-    back = read_manifest(_write_csv(tmp_path / "m.csv", "image,patient_id\n"))
-    assert len(back) == 0 and RESOLVED_IMAGE_COLUMN in back.columns
+@pytest.mark.parametrize("name", ["m.csv", "m.tsv", "m.csv.gz"])
+def test_header_only_manifest_is_refused_naming_the_file(tmp_path, name):
+    # it used to pass as an empty manifest, and fail later with "select_split: no manifest row in split(s) ['train']"
+    path = _write_text(tmp_path / name, "image\tpatient_id\n\n" if name.endswith(".tsv") else "image,patient_id\n")
+    with pytest.raises(ValueError) as info:
+        read_manifest(path)
+    assert str(info.value) == f"manifest {path} has a header but no rows."
+
+
+def _write_text(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    data = text.encode(encoding)
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+def _wide_manifest(n_columns: int = 22) -> tuple[list[str], list[list[str]]]:
+    """A header of ``n_columns`` columns (image, patient_id, labels) and three full rows."""
+    header = ["image", "patient_id"] + [f"label_{i}" for i in range(n_columns - 2)]
+    rows = [[f"img/{i}.png", f"p{i}"] + ["1"] * (n_columns - 2) for i in range(3)]
+    return header, rows
+
+
+@pytest.mark.parametrize("name", ["m.csv", "m.tsv", "m.csv.gz"])
+def test_truncated_row_is_refused_naming_the_file_and_line(tmp_path, name):
+    sep = "\t" if ".tsv" in name else ","
+    header, rows = _wide_manifest()
+    rows[1] = rows[1][:5]  # cut after 5 of 22 fields: pandas would fill the other 17 with NaN
+    path = _write_text(tmp_path / name, "\n".join(sep.join(r) for r in [header, *rows]) + "\n")
+    with pytest.raises(ValueError) as info:
+        read_manifest(path)
+    assert str(info.value) == f"manifest {path}: line 3 has 5 fields, the header has 22"
+
+
+def test_extra_fields_are_refused_naming_the_line(tmp_path):
+    header, rows = _wide_manifest(4)
+    # every row with one field too many: pandas would silently take the first column as the index
+    text = "\n".join(",".join(r) for r in [header] + [r + ["x"] for r in rows]) + "\n"
+    path = _write_text(tmp_path / "m.csv", text)
+    with pytest.raises(ValueError) as info:
+        read_manifest(path)
+    assert str(info.value) == (
+        f"manifest {path}: line 2 has 5 fields, the header has 4; 2 more line(s) with another field count (line 3, 4)"
+    )
+
+
+def test_quoted_separators_and_newlines_are_one_field(tmp_path):
+    text = 'image,patient_id,site\n"img/a,1.png",p1,"ward\nnorth"\n\nimg/b.png,p2,south\n'
+    back = read_manifest(_write_text(tmp_path / "m.csv", text))
+    assert back["image"].tolist() == ["img/a,1.png", "img/b.png"]
+    assert back["site"].tolist() == ["ward\nnorth", "south"]
+    # the line of a short row after a quoted newline is the file's line, not the record's number
+    broken = _write_text(tmp_path / "b.csv", text + "img/c.png,p3\n")
+    with pytest.raises(ValueError, match=r": line 6 has 2 fields, the header has 3$"):
+        read_manifest(broken)
+
+
+@pytest.mark.parametrize("name", ["m.csv", "m.csv.gz"])
+def test_latin1_manifest_is_refused_naming_the_file_byte_and_line(tmp_path, name):
+    text = "image,patient_id,site\nimg/a.png,p1,north\nimg/b.png,p2,H\u00f4pital Nord\n"
+    path = _write_text(tmp_path / name, text, encoding="latin-1")
+    with pytest.raises(ValueError) as info:
+        read_manifest(path)
+    assert str(info.value) == f"manifest {path} is not UTF-8 text (byte 0xf4 at line 3); save it as UTF-8"
+    # the same text saved as UTF-8 (with or without a byte-order mark) reads
+    for encoding in ("utf-8", "utf-8-sig"):
+        back = read_manifest(_write_text(tmp_path / name, text, encoding=encoding))
+        assert back["site"].tolist() == ["north", "H\u00f4pital Nord"] and back.columns[0] == "image"
+
+
+def test_corrupt_gzip_manifest_names_the_file(tmp_path):
+    path = tmp_path / "m.csv.gz"
+    path.write_bytes(b"image,patient_id\nimg/a.png,p1\n")  # not gzip-compressed
+    with pytest.raises(ValueError, match=f"manifest {path} cannot be decompressed"):
+        read_manifest(path)
 
 
 def test_time_columns_are_checked_and_numeric(tmp_path):
