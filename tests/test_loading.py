@@ -19,6 +19,7 @@ import torch
 from monai_du.data.loading import (
     CHECK_REPORT_COLUMNS,
     InvertMonochrome1d,
+    UnusableImageError,
     check_image_file,
     check_images,
     load_image_transforms,
@@ -392,3 +393,251 @@ def test_check_image_file_agrees_with_check_images(mixed_manifest):
             assert reason is None, (row, reason)
     with pytest.raises(ValueError, match="level"):
         check_image_file(root / "good.png", level="deep")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images the pipeline cannot use: each names its file (issue "Trust: every bad input names itself")
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _unusable(excinfo) -> UnusableImageError:
+    """The UnusableImageError in the cause chain of what a Compose raised (MONAI wraps it in a RuntimeError)."""
+    err = excinfo.value
+    while err is not None and not isinstance(err, UnusableImageError):
+        err = err.__cause__
+    assert err is not None, f"no UnusableImageError behind {excinfo.value!r}"
+    return err
+
+
+def _nifti(path: Path, data: np.ndarray) -> Path:
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    return path
+
+
+@pytest.fixture
+def odd_images(tmp_path):
+    """Real files of every shape and value problem, plus good ones: {name: path}."""
+    import nibabel as nib
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    files = {}
+    files["grey.png"] = tmp_path / "grey.png"
+    Image.fromarray(rng.integers(0, 256, size=(48, 64)).astype(np.uint8)).save(files["grey.png"])  # 64 wide, 48 high
+    files["rgb.png"] = tmp_path / "rgb.png"
+    Image.fromarray(rng.integers(0, 256, size=(40, 56, 3)).astype(np.uint8), mode="RGB").save(files["rgb.png"])
+    files["good.nii.gz"] = _nifti(tmp_path / "good.nii.gz", rng.random((12, 14, 10)).astype(np.float32))
+    one_frame = rng.random((12, 14, 10, 1)).astype(np.float32)  # a 4D file with one volume: a 3D image
+    files["one_frame_4d.nii.gz"] = _nifti(tmp_path / "one_frame_4d.nii.gz", one_frame)
+    files["2d.nii.gz"] = _nifti(tmp_path / "2d.nii.gz", rng.random((20, 24)).astype(np.float32))
+    files["4d.nii.gz"] = _nifti(tmp_path / "4d.nii.gz", rng.random((12, 14, 10, 2)).astype(np.float32))
+    nan = rng.random((12, 14, 10)).astype(np.float32)
+    nan[3, 4, 5] = np.nan
+    nan[0, 0, 0:2] = np.nan
+    files["nan.nii.gz"] = _nifti(tmp_path / "nan.nii.gz", nan)
+    inf = rng.random((12, 14, 10)).astype(np.float32)
+    inf[1, 1, 1] = np.inf
+    files["inf.nii.gz"] = _nifti(tmp_path / "inf.nii.gz", inf)
+    files["zero.nii.gz"] = tmp_path / "zero.nii.gz"
+    files["zero.nii.gz"].write_bytes(b"")
+    # header corrupted: the datatype code (bytes 70-71) set to 4096, which no NIfTI datatype has
+    header = bytearray(nib.Nifti1Image(rng.random((6, 7, 8)).astype(np.float32), np.eye(4)).to_bytes())
+    header[70:72] = (4096).to_bytes(2, "little")
+    files["bad_header.nii.gz"] = tmp_path / "bad_header.nii.gz"
+    files["bad_header.nii.gz"].write_bytes(gzip.compress(bytes(header)))
+    # header corrupted: a negative size along y (dim[2], bytes 44-45); nibabel opens it, MONAI's reader fails
+    negative = bytearray(nib.Nifti1Image(rng.random((6, 7, 8)).astype(np.float32), np.eye(4)).to_bytes())
+    negative[44:46] = (-7).to_bytes(2, "little", signed=True)
+    files["negative_dim.nii"] = tmp_path / "negative_dim.nii"
+    files["negative_dim.nii"].write_bytes(bytes(negative))
+    return files
+
+
+def _expected_wrong_shapes(files) -> dict[str, tuple[str, str]]:
+    """{name: (modality, reason)}, shapes from nibabel's and PIL's own reads."""
+    import nibabel as nib
+    from PIL import Image
+
+    with Image.open(files["grey.png"]) as im:
+        png = (1, im.width, im.height)
+    two = nib.load(files["2d.nii.gz"]).shape
+    four = nib.load(files["4d.nii.gz"]).shape
+    vol = nib.load(files["good.nii.gz"]).shape
+    return {
+        "grey.png": ("3d", f"has 2 spatial dimensions (shape {png}), the 3d pipeline expects 3: a 2D image in a 3D "
+                           "manifest?"),
+        "2d.nii.gz": ("3d", f"has 2 spatial dimensions (shape {(1, *two)}), the 3d pipeline expects 3: a 2D image in "
+                            "a 3D manifest?"),
+        "4d.nii.gz": ("3d", f"has {four[3]} channels (shape {(four[3], *four[:3])}); a 4D volume? the 3d pipeline "
+                            "expects one channel"),
+        "good.nii.gz": ("2d", f"has 3 spatial dimensions (shape {(1, *vol)}), the 2d pipeline expects 2: a 3D volume "
+                              "in a 2D manifest?"),
+    }
+
+
+def test_wrong_dimensionality_raises_naming_file_shape_and_expectation(odd_images):
+    for name, (modality, reason) in _expected_wrong_shapes(odd_images).items():
+        path = str(odd_images[name])
+        with pytest.raises(RuntimeError) as info:
+            load_image_transforms(modality=modality, spatial_size=8)({"image": path})
+        err = _unusable(info)
+        assert isinstance(err, ValueError) and (err.path, err.reason) == (path, reason)
+        assert str(err) == f"image {path} {reason}"
+        # the header check of the same pipeline finds it without decoding, with the same words
+        assert check_image_file(path, modality=modality) == reason
+        assert check_image_file(path) is None  # no pipeline named: any shape
+
+
+def test_nan_and_inf_volumes_are_refused_naming_the_file(odd_images):
+    t = load_image_transforms(modality="3d", spatial_size=8)
+    for name, what in [("nan.nii.gz", "NaN"), ("inf.nii.gz", "inf")]:
+        import nibabel as nib
+
+        data = np.asarray(nib.load(odd_images[name]).dataobj)
+        count = int(np.isnan(data).sum() if what == "NaN" else np.isinf(data).sum())
+        with pytest.raises(RuntimeError) as info:
+            t({"image": str(odd_images[name])})
+        assert str(_unusable(info)) == f"image {odd_images[name]} holds {what} values ({count} of {data.size} values)"
+        # the header cannot see values; the full check decodes and can
+        assert check_image_file(odd_images[name], modality="3d") is None
+        assert check_image_file(odd_images[name], level="full", modality="3d") == (
+            f"holds {what} values ({count} of {data.size} values)"
+        )
+
+
+def test_empty_and_broken_nifti_name_the_file(odd_images):
+    t = load_image_transforms(modality="3d", spatial_size=8)
+    expected = {
+        "zero.nii.gz": "empty file",
+        "bad_header.nii.gz": "unreadable NIfTI (HeaderDataError: data code 4096 not recognized)",
+        "negative_dim.nii": (
+            "unreadable NIfTI (broken header: dim [3, 6, -7, 8, 1, 1, 1, 1] gives data shape (6, -7, 8))"
+        ),
+    }
+    for name, reason in expected.items():
+        path = str(odd_images[name])
+        assert check_image_file(path, modality="3d") == reason
+        with pytest.raises(RuntimeError) as info:  # the loader alone: the error names the file too
+            t({"image": path})
+        err = _unusable(info)
+        assert err.path == path and str(err).startswith(f"image {path} cannot be decoded (")
+
+
+def test_good_images_still_load_as_their_readers_read_them(odd_images):
+    import nibabel as nib
+    from PIL import Image
+
+    t3 = load_image_transforms(modality="3d", intensity=None)
+    for name in ("good.nii.gz", "one_frame_4d.nii.gz"):
+        raw = np.asarray(nib.load(odd_images[name]).dataobj)
+        out = t3({"image": str(odd_images[name])})["image"]
+        assert tuple(out.shape) == (1, *raw.shape[:3])
+        np.testing.assert_array_equal(out[0].numpy(), raw.reshape(raw.shape[:3]))
+    t2 = load_image_transforms(modality="2d", intensity=None)
+    with Image.open(odd_images["grey.png"]) as im:
+        grey = np.asarray(im, dtype=np.float32)  # (height, width)
+    out = t2({"image": str(odd_images["grey.png"])})["image"]
+    assert tuple(out.shape) == (1, grey.shape[1], grey.shape[0])
+    np.testing.assert_array_equal(out[0].numpy().T, grey)
+    with Image.open(odd_images["rgb.png"]) as im:  # RGB still collapses to one grey channel
+        rgb = np.asarray(im, dtype=np.float32)
+    out = t2({"image": str(odd_images["rgb.png"])})["image"]
+    assert tuple(out.shape) == (1, rgb.shape[1], rgb.shape[0])
+    np.testing.assert_allclose(out[0].numpy().T, rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32), atol=1e-3)
+
+
+def _odd_manifest(files, names) -> pd.DataFrame:
+    df = pd.DataFrame({"image": [str(files[n]) for n in names], "patient_id": [f"p{i}" for i in range(len(names))]})
+    df.index = [100 + i for i in range(len(names))]
+    return df
+
+
+def test_on_error_skip_reports_wrong_shapes_and_broken_files_by_row(odd_images, tmp_path):
+    wrong = {n: r for n, (m, r) in _expected_wrong_shapes(odd_images).items() if m == "3d"}
+    broken = {"zero.nii.gz": "empty file", "bad_header.nii.gz": "unreadable NIfTI (HeaderDataError"}
+    names = ["good.nii.gz", *wrong, "one_frame_4d.nii.gz", *broken]
+    df = _odd_manifest(odd_images, names)
+    t = load_image_transforms(modality="3d", spatial_size=8)
+    report_path = tmp_path / "reports" / "skipped.csv"
+    with pytest.warns(UserWarning, match=f"skipped {len(wrong) + len(broken)} of {len(names)} rows"):
+        ds = manifest_to_dataset(df, transform=t, on_error="skip", report_path=report_path)
+    assert [Path(item["image"]).name for item in ds.data] == ["good.nii.gz", "one_frame_4d.nii.gz"]
+    for report in (ds.report, pd.read_csv(report_path)):
+        reasons = {Path(p).name: (row, why) for row, p, why in zip(report["row"], report["path"], report["reason"])}
+        assert set(reasons) == set(wrong) | set(broken)
+        for name, (row, why) in reasons.items():
+            assert row == 100 + names.index(name)
+            assert why == wrong[name] if name in wrong else why.startswith(broken[name])
+    assert all(tuple(item["image"].shape) == (1, 8, 8, 8) for item in ds)
+
+    with pytest.raises(ValueError) as info:
+        manifest_to_dataset(df, transform=t, on_error="raise")
+    message = str(info.value)
+    n_bad = len(wrong) + len(broken)
+    assert message.startswith(f"manifest DataFrame: {n_bad} image(s) missing, unreadable or unusable")
+    for name in [*wrong, *broken]:
+        row = 100 + names.index(name)
+        assert f"row {row} (image '{odd_images[name]}' -> {odd_images[name]}): " in message
+    # one bad image: one line
+    one = _odd_manifest(odd_images, ["good.nii.gz", "grey.png"])
+    with pytest.raises(ValueError) as info:
+        manifest_to_dataset(one, transform=t, source="brain.csv")
+    png = odd_images["grey.png"]
+    assert str(info.value) == (
+        f"manifest brain.csv: 1 image(s) missing, unreadable or unusable: row 101 (image '{png}' -> {png}): "
+        f"{wrong['grey.png']}"
+    )
+
+
+def test_nan_volume_is_skipped_or_raised_when_cached(odd_images, tmp_path):
+    names = ["good.nii.gz", "nan.nii.gz", "2d.nii.gz", "one_frame_4d.nii.gz"]
+    df = _odd_manifest(odd_images, names)
+    t = load_image_transforms(modality="3d", spatial_size=8)
+    report_path = tmp_path / "skipped.csv"
+    with pytest.warns(UserWarning) as caught:
+        ds = manifest_to_dataset(df, transform=t, cache=True, on_error="skip", report_path=report_path)
+    messages = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    assert any("skipped 1 of 4 rows with missing, unreadable or unusable images" in m for m in messages)
+    assert any("skipped 1 of 4 rows whose images cannot be used once loaded" in m for m in messages)
+    assert [item["image"].meta["filename_or_obj"] for item in ds] == [
+        str(odd_images["good.nii.gz"]), str(odd_images["one_frame_4d.nii.gz"])
+    ]
+    written = pd.read_csv(report_path)
+    assert sorted(written["row"]) == [101, 102]
+    assert written.set_index("row").loc[101, "reason"].startswith("holds NaN values (3 of ")
+    fresh = t({"image": str(odd_images["good.nii.gz"])})["image"]
+    np.testing.assert_array_equal(ds[0]["image"].numpy(), fresh.numpy())
+
+    with pytest.raises(ValueError) as info:
+        manifest_to_dataset(df.loc[[100, 101]], transform=t, cache=True, on_error="raise")
+    nan = odd_images["nan.nii.gz"]
+    assert str(info.value) == (
+        f"manifest DataFrame: 1 image(s) cannot be used: row 101 (image '{nan}' -> {nan}): holds NaN values (3 of "
+        f"{12 * 14 * 10} values)"
+    )
+    # without a cache the NaN volume is only seen when loaded: it raises then, naming the file
+    lazy = manifest_to_dataset(df.loc[[100, 101]], transform=t, on_error="skip")
+    with pytest.raises(RuntimeError) as info:
+        lazy[1]
+    assert _unusable(info).path == str(nan)
+
+
+def test_decode_once_cache_skips_unusable_images(odd_images, tmp_path):
+    from monai_du.data.cache import build_image_cache, cached_load_transforms
+
+    names = ["good.nii.gz", "grey.png", "4d.nii.gz", "nan.nii.gz"]
+    df = _odd_manifest(odd_images, names)
+    with pytest.warns(UserWarning, match="skipped 3 of 4 images"):
+        result = build_image_cache(df, tmp_path / "c", modality="3d", spatial_size=8)
+    wrong = _expected_wrong_shapes(odd_images)
+    reasons = dict(zip(result.skipped["row"], result.skipped["reason"]))
+    assert reasons[101] == wrong["grey.png"][1] and reasons[102] == wrong["4d.nii.gz"][1]
+    assert reasons[103].startswith("holds NaN values")
+    # a dataset on the cache refuses the wrong shapes from the headers, as the pipeline would
+    t = cached_load_transforms(tmp_path / "c", modality="3d", spatial_size=8, on_miss="raise")
+    with pytest.warns(UserWarning, match="skipped 2 of 3 rows"):
+        ds = manifest_to_dataset(df.loc[[100, 101, 102]], transform=t, on_error="skip")
+    assert list(ds.report["row"]) == [101, 102] and len(ds) == 1
+    assert tuple(ds[0]["image"].shape) == (1, 8, 8, 8)

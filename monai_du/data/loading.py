@@ -121,7 +121,7 @@ def _unusable_in(err: BaseException | None) -> UnusableImageError | None:
         if isinstance(err, UnusableImageError):
             return err
         seen.add(id(err))
-        err = err.__cause__ or err.__context__
+        err = err.__cause__
     return None
 
 
