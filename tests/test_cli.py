@@ -67,6 +67,8 @@ def test_no_command_prints_help(capsys):
         (["--n-bootstrap", "-5"], "n_bootstrap must be a whole number >= 0"),
         (["--set", "lerning_rate=0.1"], "no such id; did you mean learning_rate?"),
         (["--set", "learning_rate=[1"], "--set learning_rate: the value '[1' is not valid YAML"),
+        (["--set", "learning_rate=abc"], "override 'learning_rate': expected a number like the bundle's 0.001"),
+        (["--set", "batch_size=64"], "override 'batch_size': compare sets it for every run; use its batch_size"),
         (["--set", "max_epochs=3"], "override 'max_epochs': compare sets it for every run; use its epochs setting"),
         (["--set", "time_column=$__import__('os')"], "would run as code"),
         (["--methods", "du", "du"], "lists a method twice"),
@@ -195,3 +197,33 @@ def test_audit_settings_and_skipped_candidates_are_named(tmp_path, capsys):
     assert "- site: skipped (column 'site' has 1 distinct known value(s); a prior needs 2)" in out
     assert "- view: skipped (the manifest has no 'view' column)" in out
     assert "- age x sex: skipped (needs both age and sex" in out
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    taken = tmp_path / "report.txt"
+    taken.write_text("keep me\n")
+    assert main(["demo", "--out", str(taken)]) == 1
+    err = capsys.readouterr().err
+    assert f"out {taken} is a file, not a folder" in err and len(err.strip().splitlines()) == 1
+    assert taken.read_text() == "keep me\n"  # nothing lost
+
+
+def test_no_path_runs_as_code_in_audit_cache_and_prior(tmp_path, monkeypatch, capsys):
+    """Paths that start with '$' stay file names in every entry point that reaches a bundle config or writes files."""
+    from monai_du.phantoms import make_cxr_cohort
+
+    monkeypatch.chdir(tmp_path)
+    code = "$__import__('os').mkdir('pwned') or 'zz'"
+    cohort = make_cxr_cohort(tmp_path / code, n=24, seed=2, size=16)
+    manifest = Path(code) / cohort.name  # relative, and starting with '$'
+    assert main(["audit", "--manifest", str(manifest), "--label", "effusion", "--batch-size", "8", "--n-batches", "2",
+                 "--n-permutations", "9", "--methods", "kdu_attr", "--out", code + "_audit"]) == 0
+    assert main(["cache", "--manifest", str(manifest), "--out", code + "_cache", "--spatial-size", "16"]) == 0
+    assert main(["prior", "--manifest", str(manifest), "--out", code + "_prior.csv", "--image-size", "16",
+                 "--latent-dim", "2", "--epochs", "1", "--batch-size", "8", "--split", "all"]) == 0
+    capsys.readouterr()
+    assert not (tmp_path / "pwned").exists()
+    assert (tmp_path / (code + "_audit") / "audit.csv").is_file() and (tmp_path / (code + "_prior.csv")).is_file()
+    assert (tmp_path / (code + "_cache")).is_dir()
+    assert main(["audit", "--manifest", str(manifest), "--label", "effusion", "--set", "time_column=" + code]) == 1
+    assert "would run as code" in capsys.readouterr().err

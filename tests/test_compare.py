@@ -149,14 +149,21 @@ def test_dropped_rows_and_a_small_test_split_are_reported(cohort, tmp_path):
     path = tmp_path / "labels.csv"
     df.to_csv(path, index=False)
     lines: list[str] = []
-    run_compare(_config(path, tmp_path / "r", dataset_dir=Path(cohort).parent, methods=("random",),
-                        test_fraction=0.15, audit=False), log=lines.append)
+    run_compare(_config(path, tmp_path / "r", dataset_dir=Path(cohort).parent, methods=("random", "kdu_attr"),
+                        test_fraction=0.15, batch_size=64), log=lines.append)
     y = df["label_effusion"]
     assert (f"label label_effusion: {int(y.isin([0, 1]).sum())} labelled images ({int((y == 1).sum())} positive); "
             "left out of the probes: 5 blank, 3 uncertain (-1)") in lines
     warning = [line for line in lines if line.startswith("warning: the test split of seed 0 holds")]
     assert warning and "fewer than 5 of a class" in warning[0]
     assert warning[0] in (tmp_path / "r" / "report.txt").read_text()
+    # batch 64 over fewer training images is clamped: the report says so, and the audit uses what training used
+    from monai_du.data.splits import select_split
+
+    n_train = len(select_split(df, "train", fractions={"train": 0.85, "test": 0.15}, seed=0))
+    assert n_train < 64 and any(f"batch 64 (clamped to the training images: [{n_train}])" in line for line in lines)
+    audit = pd.read_csv(tmp_path / "r" / "audit" / "audit.csv").set_index("prior")
+    assert audit.loc["kdu_attr", "batch_size"] == n_train
 
 
 def test_a_rerun_with_another_label_probes_again_and_matches_a_fresh_folder(tiny, cohort, tmp_path):
