@@ -124,6 +124,21 @@ def _budget(args: argparse.Namespace) -> dict:
             "overrides": _overrides(args.set), "plots": not args.no_plots, "audit": not args.no_audit}
 
 
+def _printers(quiet: bool) -> tuple:
+    """``(log, progress)`` for run_compare: lines, and on a terminal one status line redrawn after each epoch."""
+    if quiet:
+        return None, None
+    live = sys.stdout.isatty()
+
+    def log(line: str) -> None:
+        print(("\r\033[K" if live else "") + line, flush=True)
+
+    def progress(line: str) -> None:
+        print("\r\033[K" + line, end="", flush=True)
+
+    return log, progress if live else None
+
+
 def _print_result(result: dict, quiet: bool) -> None:
     if quiet:
         print(result["table"])
@@ -162,7 +177,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     given = {k: v for k, v in (("dataset_dir", args.dataset_dir), ("bundle", args.bundle), ("out", args.out))
              if v is not None}
     config = CompareConfig(manifest=args.manifest, label=args.label, **given, **_budget(args))
-    result = run_compare(config, log=None if args.quiet else (lambda line: print(line, flush=True)))
+    log, progress = _printers(args.quiet)
+    result = run_compare(config, log=log, progress=progress)
     _print_result(result, args.quiet)
     return 0
 
@@ -188,7 +204,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     from monai_du.demo import run_demo
 
     given = {k: v for k, v in (("modality", args.modality), ("out", args.out)) if v is not None}
-    result = run_demo(log=None if args.quiet else (lambda line: print(line, flush=True)), **given, **_budget(args))
+    log, progress = _printers(args.quiet)
+    result = run_demo(log=log, progress=progress, **given, **_budget(args))
     _print_result(result, args.quiet)
     return 0
 

@@ -20,10 +20,12 @@ run, label and probe settings, and redone otherwise.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ import monai
 import numpy as np
 import pandas as pd
 import torch
+from ignite.engine import Events
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.data import Dataset
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -248,7 +251,7 @@ def _changed(changes: list[str], old: Mapping[str, Any] | None, new: Mapping[str
 
 
 def run_bundle(files: Sequence[Path], bundle_root: Path, overrides: Mapping[str, Any], bundle: Path,
-               manifest_sha256: str | None = None) -> bool:
+               manifest_sha256: str | None = None, progress: Callable[[str], None] | None = None) -> bool:
     """Run the pretrain bundle in-process (``monai.bundle.ConfigWorkflow``): ``configs/train.yaml`` plus ``files``.
 
     Args:
@@ -257,6 +260,8 @@ def run_bundle(files: Sequence[Path], bundle_root: Path, overrides: Mapping[str,
         overrides: bundle ids (data values).
         bundle: the pretrain bundle folder.
         manifest_sha256: the manifest's content hash (default: computed from ``overrides["manifest"]``).
+        progress: called after each training epoch with a line (epoch, mean loss, images/s, ETA); MONAI's own log
+            lines of the run go to ``bundle_root/logs/run.log``.
 
     Returns:
         False without running when ``bundle_root`` holds a finished run of the same inputs, else True.
@@ -279,19 +284,91 @@ def run_bundle(files: Sequence[Path], bundle_root: Path, overrides: Mapping[str,
             "--out, or delete that folder to start the run afresh."
         )
     started.write()  # an interrupted run of these inputs resumes from its checkpoint; other inputs are refused
-    workflow = ConfigWorkflow(
-        config_file=[str(f) for f in config_files],
-        meta_file=str(bundle / "configs" / "metadata.json"),
-        logging_file=False,
-        workflow_type=None,
-        bundle_root=str(bundle_root),
-        **overrides,
-    )
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
-    done.write()
+    clock = time.perf_counter()
+    with _logs_to_file(bundle_root / "logs" / "run.log") as capture:
+        workflow = ConfigWorkflow(
+            config_file=[str(f) for f in config_files],
+            meta_file=str(bundle / "configs" / "metadata.json"),
+            logging_file=False,
+            workflow_type=None,
+            bundle_root=str(bundle_root),
+            **overrides,
+        )
+        workflow.initialize()
+        if "@train#trainer" in str(workflow.parser.get("run")).replace("::", "#"):  # the parser writes ids with ::
+            trainer = workflow.parser.get_parsed_content("train#trainer")  # made now (run would)
+            # MONAI's handlers set up their console loggers as the engine starts: move them then
+            trainer.add_event_handler(Events.STARTED, lambda _: capture())
+            if progress is not None:
+                _report_epochs(trainer, progress)
+        capture()
+        workflow.run()
+        workflow.finalize()
+    done.write(seconds=time.perf_counter() - clock)
     return True
+
+
+def _run_seconds(bundle_root: Path) -> float:
+    """The wall time a finished run took, as its done marker records it (also when it is reused)."""
+    try:
+        return float(json.loads((bundle_root / "models" / _DONE).read_text(encoding="utf-8"))["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.nan
+
+
+@contextmanager
+def _logs_to_file(path: Path) -> Iterator[Callable[[], None]]:
+    """While a run goes, the console handlers of MONAI's loggers (per-iteration losses, workflow notes) write to
+    ``path`` instead; yields a callable that moves the handlers of loggers made since. Restored afterwards."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    moved: list[tuple[logging.Logger, logging.Handler]] = []
+
+    def capture() -> None:
+        for name in list(logging.root.manager.loggerDict):
+            logger = logging.getLogger(name)
+            if not name.startswith("monai"):
+                continue
+            for handler in list(logger.handlers):
+                if type(handler) is logging.StreamHandler:  # a console handler (a FileHandler is a subclass)
+                    logger.removeHandler(handler)
+                    moved.append((logger, handler))
+                    if to_file not in logger.handlers:
+                        logger.addHandler(to_file)
+
+    capture()
+    try:
+        yield capture
+    finally:
+        for logger, handler in moved:
+            logger.removeHandler(to_file)
+            logger.addHandler(handler)
+        to_file.close()
+
+
+def _report_epochs(trainer: Any, progress: Callable[[str], None]) -> None:
+    """Call ``progress`` after each epoch with the epoch, its mean loss, images/s and the run's ETA."""
+    state = {"losses": [], "images": 0, "epoch_start": time.perf_counter()}
+
+    def on_iteration(engine: Any) -> None:
+        output = engine.state.output
+        loss = output[0]["loss"] if isinstance(output, list) else output["loss"]
+        state["losses"].append(float(loss))
+        batch = engine.state.batch
+        state["images"] += len(batch[0]["image"] if isinstance(batch, list) else batch["image"])
+
+    def on_epoch(engine: Any) -> None:
+        now = time.perf_counter()
+        seconds = now - state["epoch_start"]
+        epoch, epochs = engine.state.epoch, engine.state.max_epochs
+        mean = float(np.mean(state["losses"])) if state["losses"] else math.nan
+        progress(f"epoch {epoch}/{epochs}, loss {mean:.4f}, {state['images'] / max(seconds, 1e-9):.0f} images/s, "
+                 f"ETA {seconds * (epochs - epoch):.0f} s")
+        state.update(losses=[], images=0, epoch_start=now)
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, on_iteration)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, on_epoch)
 
 
 def _training_losses(bundle_root: Path) -> list[float]:
@@ -361,10 +438,9 @@ def _stage_epochs(epochs: int, spec: MethodSpec) -> list[int]:
     return out + [max(0, epochs - sum(out))]
 
 
-def _run_method(spec: MethodSpec, root: Path, overrides: dict[str, Any], bundle: Path,
-                manifest_sha256: str) -> tuple[float, int]:
-    """Pretrain one method (all its stages) into ``root``; returns (wall seconds, steps)."""
-    started = time.perf_counter()
+def _run_method(spec: MethodSpec, root: Path, overrides: dict[str, Any], bundle: Path, manifest_sha256: str,
+                progress: Callable[[str], None] | None = None) -> tuple[float, int]:
+    """Pretrain one method (all its stages) into ``root``; returns (wall seconds of its runs, steps)."""
     files = stage_files(bundle, spec)
     roots = _stage_roots(root, spec)
     epochs = _stage_epochs(int(overrides["max_epochs"]), spec)
@@ -375,9 +451,9 @@ def _run_method(spec: MethodSpec, root: Path, overrides: dict[str, Any], bundle:
             stage_overrides["init_checkpoint"] = str(roots[i - 1] / "models" / "model.pt")
         if stage is not None and stage.prior_from_previous:
             stage_overrides["prior_table"] = str(_encoder_table(roots[i - 1], overrides))
-        run_bundle([path], stage_root, stage_overrides, bundle, manifest_sha256)
+        run_bundle([path], stage_root, stage_overrides, bundle, manifest_sha256, progress)
     steps = sum(len(_training_losses(r)) for r in roots)
-    return time.perf_counter() - started, steps
+    return sum(_run_seconds(r) for r in roots), steps
 
 
 def _encoder_table(stage_root: Path, overrides: Mapping[str, Any], split: str = "train") -> Path:
@@ -399,12 +475,16 @@ def _encoder_table(stage_root: Path, overrides: Mapping[str, Any], split: str = 
 # ---------------------------------------------------------------------------------------------------------------------
 # the comparison
 # ---------------------------------------------------------------------------------------------------------------------
-def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the comparison and write the report folder (tables, verdict, CSV/JSON, plots).
 
     Args:
         config: the settings.
-        log: callable for progress lines and the final tables (None: silent).
+        log: callable for a few lines per run and the final tables (None: silent). MONAI's per-iteration log of
+            each run goes to its ``logs/run.log``.
+        progress: called after every training epoch with a line (run, epoch, loss, images/s, ETA), e.g. to redraw
+            one status line on a terminal (None: no per-epoch lines).
 
     Returns:
         a dict with ``results`` (one row per method and seed), ``summary`` (one row per method), ``efficiency`` (the
@@ -478,16 +558,20 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
                 say(f"[{done}/{total}] seed {seed} {spec.name}: done before, AUC {row['auc']:.3f}")
             else:
                 say(f"[{done}/{total}] seed {seed} {spec.name}: pretraining ({epochs} epochs) in {root}")
-                wall, steps = _run_method(spec, root, overrides, bundle, manifest_sha256)
+                status = None if progress is None else (
+                    lambda line, prefix=f"[{done}/{total}] seed {seed} {spec.name}: ": progress(prefix + line))
+                wall, steps = _run_method(spec, root, overrides, bundle, manifest_sha256, status)
                 say(f"[{done}/{total}] seed {seed} {spec.name}: probing the frozen encoder")
                 probe = _probe(_features(root / "models", images, device), df, column, train_mask, seed, config)
                 row = {"method_key": key, "method": spec.name, "seed": int(seed), **probe, "wall_time_s": wall,
-                       "steps": steps, "n_train_images": n_train,
+                       "steps": steps, "images_per_s": steps * batches[seed] / wall if steps else math.nan,
+                       "n_train_images": n_train,
                        "n_train_patients": int(df.loc[train_mask, "patient_id"].nunique())}
                 write_text_atomic(probe_file, json.dumps(report.json_safe(row), indent=2) + "\n")
                 probe_marker.write()
+                speed = f", {row['images_per_s']:.0f} images/s" if steps else ""
                 say(f"[{done}/{total}] seed {seed} {spec.name}: AUC {row['auc']:.3f} (C {row['chosen_C']:.3g}), "
-                    f"{steps} steps, {wall:.1f} s")
+                    f"{steps} steps, {wall:.1f} s{speed} (log: {root / 'logs'})")
             efficiency += [{"method_key": key, "method": spec.name, "seed": seed,
                             **{k: v for k, v in r.items() if k != "patients"}} for r in row.pop("label_efficiency")]
             rows.append(row)

@@ -61,6 +61,7 @@ def demo_config(
     )
 
 
-def run_demo(log: Callable[[str], None] | None = print, **kwargs: Any) -> dict[str, Any]:
+def run_demo(log: Callable[[str], None] | None = print, progress: Callable[[str], None] | None = None,
+             **kwargs: Any) -> dict[str, Any]:
     """Run the demo comparison; ``kwargs`` go to :func:`demo_config`. Returns :func:`run_compare`'s result."""
-    return run_compare(demo_config(**kwargs), log=log)
+    return run_compare(demo_config(**kwargs), log=log, progress=progress)

@@ -4,7 +4,7 @@ Every rank gathers the embeddings (keeping their gradient) and the priors of eve
 the same loss on the global batch. The backward of :func:`gather_with_grad` sums the gradient that all ranks send to
 each rank's slice. With DDP averaging the parameter gradients over ``W`` ranks, the result equals the gradient of one
 process on the concatenated batch. Outside an initialised process group (or with one rank) both functions return
-their input unchanged.
+their input unchanged. :func:`teardown_process_group` ends a distributed run (the bundles' ``finalize``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "gather_with_grad", "gather_no_grad"]
+__all__ = ["is_distributed", "gather_with_grad", "gather_no_grad", "teardown_process_group"]
 
 
 def is_distributed() -> bool:
@@ -70,3 +70,31 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
         return x
     with torch.no_grad():
         return torch.cat(_padded_all_gather(x.detach(), _local_sizes(x)))
+
+
+def teardown_process_group() -> bool:
+    """Leave the default process group at the end of a run: a barrier of all ranks, then ``destroy_process_group``.
+
+    Call it once on every rank, after the last collective (the bundles' ``finalize``). Returns True when it tore a
+    group down; outside an initialised process group it does nothing and returns False.
+
+    The barrier is what makes a multi-node gloo run exit with 0:
+
+    - ranks > 0 write nothing, so without it they reach the exit while rank 0 still saves its checkpoint and models;
+      with it no rank leaves before every rank is done with the group (and with the store it was set up with);
+    - every collective launched inside ``backward()`` (DDP's gradient all-reduce, the all-reduce of
+      :func:`gather_with_grad`) carries the caller's thread-local state, in which autograd stashes a Python object.
+      The gloo worker thread that ran it drops that reference when the work finishes, and needs the GIL to do so. DDP
+      keeps the gloo group and its threads alive past ``destroy_process_group``, so if the main thread reaches
+      interpreter finalisation first, that thread is killed while it takes the GIL, inside a ``noexcept``
+      destructor, and the process aborts ("terminate called without an active exception", SIGABRT, exit -6) after
+      all its work is done; torchrun then reports the node failed and the other node's agent loses the rendezvous
+      store (``recvBytes``/``sendBytes`` errors). The barrier's ``wait()`` releases the GIL until all ranks arrive
+      and gloo runs the barrier after all earlier work, so those threads finish their earlier work first; the
+      barrier's own work, started outside autograd, holds no Python object.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()
+    dist.destroy_process_group()
+    return True

@@ -345,3 +345,24 @@ def test_power_line_matches_a_simulated_paired_t_test():
     d, s, n = paired_difference(results, "kdu", "du")
     lines = verdict(results, summarise(results, ["du", "kdu"]), "y")
     assert any(power_words(s, n) in line for line in lines if line.startswith("KDU is above plain DU"))
+
+
+def test_run_logs_go_to_the_run_folder_and_progress_is_one_line_an_epoch(cohort, tmp_path, capfd):
+    lines: list[str] = []
+    updates: list[str] = []
+    result = run_compare(_config(cohort, tmp_path / "r", methods=("du",), epochs=2, label_sizes=(None,),
+                                 label_draws=1, audit=False, plots=False), log=lines.append, progress=updates.append)
+    printed = capfd.readouterr()
+    assert "Iter:" not in printed.out + printed.err  # MONAI's per-iteration lines are not on the console
+    log = (tmp_path / "r" / "runs" / "seed0" / "du" / "logs" / "run.log").read_text()
+    steps = int(result["results"]["steps"].iloc[0])
+    assert log.count("Iter:") == steps and steps > 0  # they are in the run's log, one per step
+    assert [u.split(": ", 1)[1].split(",")[0] for u in updates] == ["epoch 1/2", "epoch 2/2"]
+    assert all(u.startswith("[1/1] seed 0 plain DU: ") and "images/s, ETA" in u for u in updates)
+    assert updates[-1].endswith("ETA 0 s")
+    assert any("images/s (log: " in line for line in lines)
+    import logging
+
+    handler_streams = [getattr(h, "stream", None) for h in logging.getLogger("monai.handlers.StatsHandler").handlers]
+    assert not any(isinstance(h, logging.FileHandler) for h in logging.getLogger("monai.handlers.StatsHandler").handlers)
+    assert handler_streams  # the console handler is back after the run

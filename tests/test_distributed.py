@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_du.distributed import gather_no_grad, gather_with_grad, is_distributed
+from monai_du.distributed import gather_no_grad, gather_with_grad, is_distributed, teardown_process_group
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _ddp_worker import make_losses, make_problem  # noqa: E402
@@ -21,6 +21,44 @@ def test_gather_is_a_no_op_outside_a_process_group():
     x = torch.randn(3, 4, requires_grad=True)
     assert gather_with_grad(x) is x
     assert gather_no_grad(x) is x
+
+
+def test_teardown_is_a_no_op_outside_a_process_group(monkeypatch):
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    assert teardown_process_group() is False
+    assert calls == []
+
+
+def test_teardown_barriers_then_destroys_the_group(tmp_path, monkeypatch):
+    """A 1-process gloo group: the barrier runs while the group is alive, then the group is gone."""
+    import torch.distributed as dist
+
+    calls = []
+    real_barrier, real_destroy = dist.barrier, dist.destroy_process_group
+
+    def barrier(*args, **kwargs):
+        calls.append(("barrier", dist.is_initialized()))
+        return real_barrier(*args, **kwargs)
+
+    def destroy(*args, **kwargs):
+        calls.append(("destroy", dist.is_initialized()))
+        return real_destroy(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "barrier", barrier)
+    monkeypatch.setattr(dist, "destroy_process_group", destroy)
+    dist.init_process_group("gloo", init_method=(tmp_path / "store").as_uri(), rank=0, world_size=1)
+    try:
+        assert teardown_process_group() is True
+        assert calls == [("barrier", True), ("destroy", True)]
+        assert not dist.is_initialized()
+        assert teardown_process_group() is False  # a second call (or a single-process run) does nothing
+    finally:
+        if dist.is_initialized():
+            real_destroy()
 
 
 @pytest.fixture(scope="module")
