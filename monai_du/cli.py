@@ -167,6 +167,13 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bundle", default=None,
                    help="pretrain bundle: cxr, brain, or the folder of a bundle (default: cxr)")
     p.add_argument("--out", default=None, help="report folder (default: ./monai_du_compare)")
+    pool = p.add_argument_group("a large unlabelled pool to pretrain on (then --manifest is the labelled cohort)")
+    pool.add_argument("--pool", default=None,
+                      help="pool manifest: pretrain on it; the probes are cross-fitted over every labelled patient")
+    pool.add_argument("--pool-dataset-dir", default=None, help="folder of the pool's relative image paths")
+    pool.add_argument("--keep-labelled-in-pool", action="store_true",
+                      help="keep pool images of the labelled patients (default: removed, and counted)")
+    pool.add_argument("--folds", type=int, default=None, help="cross-fitting folds of the probes (default 5)")
     _add_budget(p)
     p.set_defaults(func=_run_compare)
 
@@ -174,8 +181,11 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 def _run_compare(args: argparse.Namespace) -> int:
     from monai_du.compare import CompareConfig, run_compare
 
-    given = {k: v for k, v in (("dataset_dir", args.dataset_dir), ("bundle", args.bundle), ("out", args.out))
-             if v is not None}
+    given = {k: v for k, v in (("dataset_dir", args.dataset_dir), ("bundle", args.bundle), ("out", args.out),
+                               ("pool", args.pool), ("pool_dataset_dir", args.pool_dataset_dir),
+                               ("folds", args.folds)) if v is not None}
+    if args.keep_labelled_in_pool:
+        given["keep_labelled_in_pool"] = True
     config = CompareConfig(manifest=args.manifest, label=args.label, **given, **_budget(args))
     log, progress = _printers(args.quiet)
     result = run_compare(config, log=log, progress=progress)

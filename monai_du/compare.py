@@ -52,7 +52,7 @@ from monai_du.bundles import (
     stage_files,
 )
 from monai_du.data.loading import load_images
-from monai_du.data.manifest import read_manifest, resolve_label_column
+from monai_du.data.manifest import RESOLVED_IMAGE_COLUMN, read_manifest, resolve_label_column, write_manifest
 from monai_du.data.splits import select_split
 from monai_du.encoders import load_encoder
 from monai_du.evaluation import extract_features, knn_probe, label_efficiency, linear_probe, site_leakage
@@ -104,6 +104,14 @@ class CompareConfig:
         audit: also audit the priors of the compared kernel methods (:func:`monai_du.audit.run_audit`, with the same
             bundle, batch size and overrides) and print each one's verdict next to its measured difference from
             plain DU; the audit goes to ``out/audit``.
+        pool: an unlabelled pool manifest to pretrain on (any sites, no label needed). ``manifest`` is then only
+            the labelled cohort of the probes, which are cross-fitted over all its patients (``folds``
+            stratified patient-grouped folds, each patient scored once); ``test_fraction`` is not used. None:
+            pretrain on ``manifest``'s training patients and probe its held-out ones.
+        pool_dataset_dir: root of the pool's relative image paths (default: the pool manifest's folder).
+        keep_labelled_in_pool: keep pool rows of patients of the labelled manifest (default False: they are
+            removed, so no probe scores a patient the encoder saw; the report says how many).
+        folds: cross-fitting folds of the probes with a pool.
 
     Raises:
         ValueError: naming the setting, for a bad value.
@@ -126,6 +134,10 @@ class CompareConfig:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     plots: bool = True
     audit: bool = True
+    pool: str | Path | None = None
+    pool_dataset_dir: str | Path | None = None
+    keep_labelled_in_pool: bool = False
+    folds: int = 5
 
     def __post_init__(self) -> None:
         # paths become absolute: a value that starts with '$' is a file name here, never a config expression
@@ -166,6 +178,16 @@ class CompareConfig:
         self.label_sizes = tuple(None if n is None else _whole(n, "each label size", 1) for n in self.label_sizes)
         self.label_draws = _whole(self.label_draws, "label_draws", 1)
         self.n_bootstrap = _whole(self.n_bootstrap, "n_bootstrap", 0)
+        self.folds = _whole(self.folds, "folds", 2)
+        if self.pool is not None:
+            self.pool = Path(self.pool).expanduser().absolute()
+            if not self.pool.is_file():
+                raise ValueError(f"pool {self.pool} does not exist.")
+            self.pool_dataset_dir = Path(self.pool_dataset_dir or self.pool.parent).expanduser().absolute()
+            if not self.pool_dataset_dir.is_dir():
+                raise ValueError(f"pool_dataset_dir {self.pool_dataset_dir} is not a folder.")
+        elif self.pool_dataset_dir is not None:
+            raise ValueError("pool_dataset_dir goes with pool: give the pool manifest too.")
         for key in self.overrides:
             if key in _OWN_IDS:
                 raise ValueError(f"override {key!r}: compare sets it for every run; use its {_OWN_IDS[key]} setting "
@@ -197,6 +219,45 @@ def _check_classes(y: pd.Series, train_mask: np.ndarray, column: str, seed: int)
                 f"label {column!r} has one class ({sorted(values)}) in the {name} split of seed {seed}: the probe "
                 "needs both classes; choose another label, more data, or another test fraction."
             )
+
+
+def _pool_split(seed: int) -> dict[str, Any]:
+    """The bundle ids of a pool run: every pool row is pretraining data (``seed`` seeds the weights and views)."""
+    return {"split_fractions": {"train": 1.0}, "split_seed": int(seed), "pretrain_split": "train"}
+
+
+def _pool_manifest(config: CompareConfig, labelled: pd.DataFrame, out: Path) -> Path:
+    """The pool rows a run pretrains on, written to ``out/pool_manifest.csv``: the pool less the patients of the
+    labelled manifest (unless ``keep_labelled_in_pool``)."""
+    pool = read_manifest(Path(config.pool), root=config.pool_dataset_dir)
+    if not config.keep_labelled_in_pool:
+        pool = pool[~pool["patient_id"].astype(str).isin(set(labelled["patient_id"].astype(str)))]
+    if pool.empty:
+        raise ValueError(f"pool {config.pool}: no row is left once the labelled manifest's patients are removed.")
+    # the runs are keyed on this file's content: rewriting equal rows changes nothing
+    return write_manifest(pool.drop(columns=[RESOLVED_IMAGE_COLUMN], errors="ignore"), out / "pool_manifest.csv")
+
+
+def _pool_notes(config: CompareConfig, labelled: pd.DataFrame, n_pool: int) -> list[str]:
+    """What the pool holds and what was removed from it."""
+    pool = read_manifest(Path(config.pool), root=config.pool_dataset_dir)
+    shared = pool["patient_id"].astype(str).isin(set(labelled["patient_id"].astype(str)))
+    what = ("kept (keep_labelled_in_pool)" if config.keep_labelled_in_pool else "removed, so no probe scores a "
+            "patient the encoder saw")
+    sites = f" from {pool['site'].nunique()} sites" if "site" in pool.columns else ""
+    return [f"pool {config.pool}: {len(pool)} images of {pool['patient_id'].nunique()} patients{sites}; "
+            f"{int(shared.sum())} images of {pool.loc[shared, 'patient_id'].nunique()} patients of the labelled "
+            f"manifest {what}; pretraining on {n_pool} images"]
+
+
+def _check_folds(df: pd.DataFrame, column: str, folds: int) -> None:
+    """Cross-fitting needs at least ``folds`` labelled patients of each class."""
+    y = pd.to_numeric(df[column], errors="coerce")
+    for value, name in ((1.0, "positive"), (0.0, "negative")):
+        n = int(df.loc[(y == value).to_numpy(), "patient_id"].nunique())
+        if n < folds:
+            raise ValueError(f"label {column!r} has {n} {name} patients: cross-fitting over {folds} folds needs at "
+                             f"least {folds}; lower folds or label more patients.")
 
 
 #: Fewer labelled patients of a class than this in a test split: its confidence interval means little.
@@ -395,30 +456,58 @@ def _features(models_dir: Path, images: np.ndarray, device: str) -> np.ndarray:
     return features
 
 
-def _probe(features: np.ndarray, df: pd.DataFrame, column: str, train_mask: np.ndarray, seed: int,
+def _probe(features: np.ndarray, df: pd.DataFrame, column: str, train_mask: np.ndarray | None, seed: int,
            config: CompareConfig) -> dict[str, Any]:
+    """Probe frozen features on the label: trained on ``train_mask`` and scored on the other rows, or, with
+    ``train_mask=None``, cross-fitted over ``config.folds`` stratified patient-grouped folds (each patient scored
+    once, by a probe that never saw it; the AUC pools the out-of-fold scores)."""
     notes: list[str] = []
     groups = df["patient_id"].astype(str).to_numpy()
-    split = {"groups": groups, "train_mask": train_mask}
     y = df[column]
     # hundreds of small logistic-regression fits: one BLAS thread is ~10x faster than contended threads
     with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1):
         warnings.simplefilter("always")
-        scores = linear_probe(features, y, seed=seed, **split)
+        if train_mask is None:
+            scores = linear_probe(features, y, groups=groups, n_splits=config.folds, seed=seed)
+            split: dict[str, Any] = {"groups": groups, "folds": scores.folds}
+            n_train = int(scores.evaluated.sum() * (config.folds - 1) / config.folds)
+        else:
+            split = {"groups": groups, "train_mask": train_mask}
+            scores = linear_probe(features, y, seed=seed, **split)
+            n_train = int(train_mask.sum())
         auc, low, high = scores.roc_auc(n_bootstrap=config.n_bootstrap, seed=seed)
-        k = max(1, min(20, int(train_mask.sum()) // 4))
+        k = max(1, min(20, n_train // 4))
         knn_auc = knn_probe(features, y, k=k, seed=seed, **split).roc_auc(n_bootstrap=0)[0]
         leak, chance = math.nan, math.nan
         if "site" in df.columns and df["site"].nunique() > 1:
             result = site_leakage(features, df["site"], seed=seed, **split)
             leak, chance = result.balanced_accuracy, result.chance
-        curve = label_efficiency(features, y, groups, train_mask, n_patients=tuple(config.label_sizes),
-                                 n_draws=config.label_draws, seed=seed)
+        curve = _label_efficiency(features, y, groups, train_mask, scores.folds, seed, config)
     notes += list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught if issubclass(w.category, UserWarning)))
     chosen = np.asarray(getattr(scores, "chosen_C", [math.nan]), dtype=float).ravel()
     return {"auc": auc, "auc_low": low, "auc_high": high, "knn_auc": knn_auc, "site_leakage": leak,
             "site_chance": chance, "chosen_C": float(np.nanmedian(chosen)) if np.isfinite(chosen).any() else math.nan,
             "label_efficiency": curve.to_dict("records"), "notes": "; ".join(notes)}
+
+
+def _label_efficiency(features: np.ndarray, y: pd.Series, groups: np.ndarray, train_mask: np.ndarray | None,
+                      folds: np.ndarray, seed: int, config: CompareConfig) -> pd.DataFrame:
+    """The label-efficiency draws: on the one split, or in each cross-fitting fold (draws from its training
+    patients, scored on its held-out fold; the "all patients" size is recorded as the folds' median size)."""
+    sizes = tuple(config.label_sizes)
+    if train_mask is not None:
+        return label_efficiency(features, y, groups, train_mask, n_patients=sizes, n_draws=config.label_draws,
+                                seed=seed)
+    parts = []
+    for k in np.unique(folds[folds >= 0]):
+        part = label_efficiency(features, y, groups, (folds >= 0) & (folds != k), n_patients=sizes,
+                                n_draws=config.label_draws, seed=seed * 1000 + int(k))
+        parts.append(part.assign(fold=int(k), all_patients=part["n_patients"] == part.attrs["n_train_patients"]))
+    curve = pd.concat(parts, ignore_index=True)
+    every = curve["all_patients"]
+    if every.any():
+        curve.loc[every, "n_patients"] = int(np.median(curve.loc[every, "n_patients"]))
+    return curve.drop(columns="all_patients")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -500,24 +589,34 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     specs = method_files(bundle, config.methods, config.method_configs)
     df = read_manifest(manifest, root=dataset_dir).reset_index(drop=True)
     column = resolve_label_column(df, config.label, f"manifest {manifest}")
-    masks = {seed: _split(df, seed, config.test_fraction) for seed in config.seeds}
-    for seed, mask in masks.items():
-        _check_classes(df[column], mask, column, seed)
-    notes = _label_notes(df, column, masks)
-
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "train.yaml"))
-    spatial = list(parser["spatial_size"])
-    epochs = int(config.epochs if config.epochs is not None else parser["max_epochs"])
-    batch = int(config.batch_size if config.batch_size is not None else parser["batch_size"])
-    modality = "2d" if len(spatial) == 2 else "3d"
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"out {out}: cannot create the report folder ({err.strerror}).") from None
-    manifest_sha256 = file_digest(manifest)
+    if config.pool is None:
+        masks: dict[int, np.ndarray | None] = {seed: _split(df, seed, config.test_fraction) for seed in config.seeds}
+        for seed, mask in masks.items():
+            _check_classes(df[column], mask, column, seed)
+        pretrain, pretrain_dir = manifest, dataset_dir
+        n_train = {seed: int(mask.sum()) for seed, mask in masks.items()}
+        notes = _label_notes(df, column, masks)
+    else:
+        _check_folds(df, column, config.folds)
+        masks = {seed: None for seed in config.seeds}
+        pretrain, pretrain_dir = _pool_manifest(config, df, out), Path(config.pool_dataset_dir)
+        n_pool = len(read_manifest(pretrain, root=pretrain_dir))
+        n_train = {seed: n_pool for seed in config.seeds}
+        notes = [*_pool_notes(config, df, n_pool), *_label_notes(df, column, {})]
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.yaml"))
+    parser.update(dict(config.overrides))  # e.g. spatial_size: the probes see the images at the size runs train at
+    spatial = list(parser["spatial_size"])
+    epochs = int(config.epochs if config.epochs is not None else parser["max_epochs"])
+    batch = int(config.batch_size if config.batch_size is not None else parser["batch_size"])
+    modality = "2d" if len(spatial) == 2 else "3d"
+    manifest_sha256 = file_digest(pretrain)
     # a batch larger than a seed's training images is clamped to them: say so, and audit with what training used
-    batches = {seed: min(batch, int(mask.sum())) for seed, mask in masks.items()}
+    batches = {seed: min(batch, n) for seed, n in n_train.items()}
     if min(batches.values()) < batch:
         batch_words = f"batch {batch} (clamped to the training images: {sorted(set(batches.values()))})"
     else:
@@ -538,18 +637,18 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     total = len(specs) * len(config.seeds)
     for seed in config.seeds:
         train_mask = masks[seed]
-        n_train = int(train_mask.sum())
+        split = _split_overrides(seed, config.test_fraction) if config.pool is None else _pool_split(seed)
         overrides = {
-            "manifest": str(manifest), "dataset_dir": str(dataset_dir), "seed": int(seed),
-            **_split_overrides(seed, config.test_fraction), "max_epochs": epochs, "batch_size": batches[seed],
-            **dict(config.overrides),
+            "manifest": str(pretrain), "dataset_dir": str(pretrain_dir), "seed": int(seed), **split,
+            "max_epochs": epochs, "batch_size": batches[seed], **dict(config.overrides),
         }
         for key, spec in specs.items():
             root = out / "runs" / f"seed{seed}" / key
             probe_marker = DoneMarker(root / "eval" / "probe_done.json", {
                 "run": _run_inputs([bundle / "configs" / "train.yaml", *stage_files(bundle, spec)], overrides,
                                    manifest_sha256),
-                "label": column, "test_fraction": config.test_fraction, "label_sizes": list(config.label_sizes),
+                "label": column, "labelled": file_digest(manifest), "test_fraction": config.test_fraction,
+                "folds": config.folds if config.pool is not None else None, "label_sizes": list(config.label_sizes),
                 "label_draws": config.label_draws, "n_bootstrap": config.n_bootstrap})
             probe_file = root / "eval" / _PROBE
             done = len(rows) + 1
@@ -565,8 +664,9 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
                 probe = _probe(_features(root / "models", images, device), df, column, train_mask, seed, config)
                 row = {"method_key": key, "method": spec.name, "seed": int(seed), **probe, "wall_time_s": wall,
                        "steps": steps, "images_per_s": steps * batches[seed] / wall if steps else math.nan,
-                       "n_train_images": n_train,
-                       "n_train_patients": int(df.loc[train_mask, "patient_id"].nunique())}
+                       "n_train_images": n_train[seed],
+                       "n_probe_train_patients": int(df.loc[train_mask, "patient_id"].nunique())
+                       if train_mask is not None else int(df["patient_id"].nunique() * (1 - 1 / config.folds))}
                 write_text_atomic(probe_file, json.dumps(report.json_safe(row), indent=2) + "\n")
                 probe_marker.write()
                 speed = f", {row['images_per_s']:.0f} images/s" if steps else ""
@@ -580,9 +680,11 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     results = pd.DataFrame(rows)
     curve = pd.DataFrame(efficiency)
     wall = time.perf_counter() - started
+    probes = (f"on held-out patients ({config.test_fraction:.0%})" if config.pool is None else
+              f"cross-fitted over {config.folds} patient-grouped folds of every labelled patient")
     header = (f"monai-du compare: {manifest.name}, {len(df)} images, {df['patient_id'].nunique()} patients; label "
               f"{column}; seeds {list(config.seeds)}; {epochs} epochs, {batch_words}; linear probe (C by inner "
-              f"patient-grouped CV) on held-out patients ({config.test_fraction:.0%}); total wall time {wall:.0f} s"
+              f"patient-grouped CV) {probes}; total wall time {wall:.0f} s"
               + (f"; overrides {dict(config.overrides)}" if config.overrides else "")
               + "".join(f"\n{n}" for n in notes))
     written = report.write_report(out, header, results, curve, losses, list(specs), plots=config.plots,
@@ -608,6 +710,9 @@ def _audit_next_to(config: CompareConfig, specs: Mapping[str, MethodSpec], colum
 
     A composite method whose last stage takes its prior from the stage before is audited on the first seed's
     previous-stage encoder: its embeddings of every row are the prior table of that last stage's method."""
+    if config.pool is not None:
+        return ["", "audit skipped: with a pool, run monai-du audit on the labelled manifest (an audit of the pool's "
+                "kernels and batches against the labelled rows is not built yet)."]
     bundle, manifest, dataset_dir, out = Path(config.bundle), Path(config.manifest), Path(config.dataset_dir), \
         Path(config.out)
     kernels = kernel_methods(bundle)

@@ -89,9 +89,10 @@ def teardown_process_group() -> bool:
       interpreter finalisation first, that thread is killed while it takes the GIL, inside a ``noexcept``
       destructor, and the process aborts ("terminate called without an active exception", SIGABRT, exit -6) after
       all its work is done; torchrun then reports the node failed and the other node's agent loses the rendezvous
-      store (``recvBytes``/``sendBytes`` errors). The barrier's ``wait()`` releases the GIL until all ranks arrive
-      and gloo runs the barrier after all earlier work, so those threads finish their earlier work first; the
-      barrier's own work, started outside autograd, holds no Python object.
+      store (``recvBytes``/``sendBytes`` errors). gloo starts the barrier only after all earlier work has finished,
+      and ``wait()`` releases the GIL until every rank has arrived, so the threads get the GIL and drop those
+      references while the interpreter is still alive; the barrier's own work, started outside autograd, holds no
+      Python object.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return False

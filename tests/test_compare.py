@@ -366,3 +366,54 @@ def test_run_logs_go_to_the_run_folder_and_progress_is_one_line_an_epoch(cohort,
     handler_streams = [getattr(h, "stream", None) for h in logging.getLogger("monai.handlers.StatsHandler").handlers]
     assert not any(isinstance(h, logging.FileHandler) for h in logging.getLogger("monai.handlers.StatsHandler").handlers)
     assert handler_streams  # the console handler is back after the run
+
+
+def test_a_pool_pretrains_and_the_probes_are_cross_fitted(cohort, tmp_path):
+    """--pool: pretraining reads the pool less the labelled patients (counted), the probes are cross-fitted over
+    every labelled patient, and MONAI's own runner with the same overrides gives the same encoder."""
+    from monai_du.evaluation import linear_probe
+
+    labelled = pd.read_csv(cohort)
+    other = make_cxr_cohort(tmp_path / "other", n=40, seed=5, size=32)
+    pool = pd.read_csv(other)
+    pool["image"] = [str(Path(other).parent / name) for name in pool["image"]]
+    shared = labelled[labelled["patient_id"].isin(labelled["patient_id"].unique()[:6])].copy()
+    shared["image"] = [str(Path(cohort).parent / name) for name in shared["image"]]
+    pool = pd.concat([pool, shared], ignore_index=True)
+    pool_path = tmp_path / "pool.csv"
+    pool.to_csv(pool_path, index=False)
+    lines: list[str] = []
+    out = tmp_path / "r"
+    result = run_compare(_config(cohort, out, pool=pool_path, folds=3, label_sizes=(5, None)), log=lines.append)
+    written = pd.read_csv(out / "pool_manifest.csv")
+    assert len(written) == len(pool) - len(shared) and not set(written["patient_id"]) & set(labelled["patient_id"])
+    assert (f"pool {pool_path}: {len(pool)} images of {pool['patient_id'].nunique()} patients from 4 sites; "
+            f"{len(shared)} images of 6 patients of the labelled manifest removed") in "\n".join(lines)
+    assert "cross-fitted over 3 patient-grouped folds of every labelled patient" in result["table"] or any(
+        "cross-fitted over 3 patient-grouped folds" in line for line in lines)
+    # the probe's AUC is the out-of-fold AUC over every labelled patient of the exported encoder's features
+    from monai_du.compare import _features
+    from monai_du.data.loading import load_images
+
+    images = load_images(labelled.assign(image_path=[str(Path(cohort).parent / i) for i in labelled["image"]]),
+                         modality="2d", image_size=32)
+    features = _features(out / "runs" / "seed0" / "du" / "models", images, "cpu")
+    y = labelled["label_effusion"]
+    scores = linear_probe(features, y, groups=labelled["patient_id"].astype(str).to_numpy(), n_splits=3, seed=0)
+    assert scores.evaluated.sum() == y.isin([0, 1]).sum()  # every labelled image scored once
+    row = result["results"].set_index("method_key").loc["du"]
+    assert row["auc"] == pytest.approx(scores.roc_auc(n_bootstrap=0)[0], abs=1e-12)
+    # the pool run is an ordinary bundle run: the same overrides through MONAI's runner give the same encoder
+    root = tmp_path / "cli_run"
+    overrides = {"manifest": str(out / "pool_manifest.csv"), "dataset_dir": str(tmp_path), "seed": 0,
+                 "split_seed": 0, "split_fractions": {"train": 1.0}, "pretrain_split": "train", "max_epochs": 1,
+                 "batch_size": 8, **TINY}
+    config = "['{}','{}']".format(bundle_path("cxr") / "configs/train.yaml",
+                                  bundle_path("cxr") / "configs/methods/du.yaml")
+    argv = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(root)]
+    for key, value in overrides.items():
+        argv += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    subprocess.run(argv, check=True, capture_output=True, cwd=tmp_path)
+    ours = torch.load(out / "runs" / "seed0" / "du" / "models" / "encoder.pt", weights_only=True)
+    theirs = torch.load(root / "models" / "encoder.pt", weights_only=True)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
