@@ -614,7 +614,7 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     epochs = int(config.epochs if config.epochs is not None else parser["max_epochs"])
     batch = int(config.batch_size if config.batch_size is not None else parser["batch_size"])
     modality = "2d" if len(spatial) == 2 else "3d"
-    manifest_sha256 = file_digest(pretrain)
+    manifest_sha256, labelled_sha256 = file_digest(pretrain), file_digest(manifest)
     # a batch larger than a seed's training images is clamped to them: say so, and audit with what training used
     batches = {seed: min(batch, n) for seed, n in n_train.items()}
     if min(batches.values()) < batch:
@@ -647,7 +647,7 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
             probe_marker = DoneMarker(root / "eval" / "probe_done.json", {
                 "run": _run_inputs([bundle / "configs" / "train.yaml", *stage_files(bundle, spec)], overrides,
                                    manifest_sha256),
-                "label": column, "labelled": file_digest(manifest), "test_fraction": config.test_fraction,
+                "label": column, "labelled": labelled_sha256, "test_fraction": config.test_fraction,
                 "folds": config.folds if config.pool is not None else None, "label_sizes": list(config.label_sizes),
                 "label_draws": config.label_draws, "n_bootstrap": config.n_bootstrap})
             probe_file = root / "eval" / _PROBE
@@ -665,7 +665,7 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
                 row = {"method_key": key, "method": spec.name, "seed": int(seed), **probe, "wall_time_s": wall,
                        "steps": steps, "images_per_s": steps * batches[seed] / wall if steps else math.nan,
                        "n_train_images": n_train[seed],
-                       "n_probe_train_patients": int(df.loc[train_mask, "patient_id"].nunique())
+                       "n_train_patients": int(df.loc[train_mask, "patient_id"].nunique())
                        if train_mask is not None else int(df["patient_id"].nunique() * (1 - 1 / config.folds))}
                 write_text_atomic(probe_file, json.dumps(report.json_safe(row), indent=2) + "\n")
                 probe_marker.write()
