@@ -492,8 +492,9 @@ def _probe(features: np.ndarray, df: pd.DataFrame, column: str, train_mask: np.n
 
 def _label_efficiency(features: np.ndarray, y: pd.Series, groups: np.ndarray, train_mask: np.ndarray | None,
                       folds: np.ndarray, seed: int, config: CompareConfig) -> pd.DataFrame:
-    """The label-efficiency draws: on the one split, or in each cross-fitting fold (draws from its training
-    patients, scored on its held-out fold; the "all patients" size is recorded as the folds' median size)."""
+    """The label-efficiency draws: on the one split, or spread over the cross-fitting folds (``label_draws / folds``
+    draws in each, rounded up: draws from the fold's training patients, scored on its held-out patients, so the
+    cost stays that of one split; the "all patients" size is recorded as the folds' median size)."""
     sizes = tuple(config.label_sizes)
     if train_mask is not None:
         return label_efficiency(features, y, groups, train_mask, n_patients=sizes, n_draws=config.label_draws,
@@ -501,7 +502,7 @@ def _label_efficiency(features: np.ndarray, y: pd.Series, groups: np.ndarray, tr
     parts = []
     for k in np.unique(folds[folds >= 0]):
         part = label_efficiency(features, y, groups, (folds >= 0) & (folds != k), n_patients=sizes,
-                                n_draws=config.label_draws, seed=seed * 1000 + int(k))
+                                n_draws=-(-config.label_draws // config.folds), seed=seed * 1000 + int(k))
         parts.append(part.assign(fold=int(k), all_patients=part["n_patients"] == part.attrs["n_train_patients"]))
     curve = pd.concat(parts, ignore_index=True)
     every = curve["all_patients"]
