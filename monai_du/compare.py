@@ -42,6 +42,7 @@ from threadpoolctl import threadpool_limits
 
 from monai_du import report
 from monai_du.audit import format_audit, run_audit
+from monai_du.bundle_priors import innermost_cause
 from monai_du.bundles import (
     MethodSpec,
     bundle_path,
@@ -660,7 +661,13 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
                 say(f"[{done}/{total}] seed {seed} {spec.name}: pretraining ({epochs} epochs) in {root}")
                 status = None if progress is None else (
                     lambda line, prefix=f"[{done}/{total}] seed {seed} {spec.name}: ": progress(prefix + line))
-                wall, steps = _run_method(spec, root, overrides, bundle, manifest_sha256, status)
+                try:
+                    wall, steps = _run_method(spec, root, overrides, bundle, manifest_sha256, status)
+                except RuntimeError as err:  # MONAI's config parser wraps what failed in the method's config
+                    raise ValueError(
+                        f"method {key!r} (seed {seed}) could not run on {pretrain}: {innermost_cause(err)}. The runs "
+                        f"finished so far are kept in {out / 'runs'}; leave the method out (--methods) or fix the data."
+                    ) from None
                 say(f"[{done}/{total}] seed {seed} {spec.name}: probing the frozen encoder")
                 probe = _probe(_features(root / "models", images, device), df, column, train_mask, seed, config)
                 row = {"method_key": key, "method": spec.name, "seed": int(seed), **probe, "wall_time_s": wall,

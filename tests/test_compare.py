@@ -416,3 +416,22 @@ def test_a_pool_pretrains_and_the_probes_are_cross_fitted(cohort, tmp_path):
     ours = torch.load(out / "runs" / "seed0" / "du" / "models" / "encoder.pt", weights_only=True)
     theirs = torch.load(root / "models" / "encoder.pt", weights_only=True)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_method_that_cannot_run_on_the_data_is_one_line_and_keeps_the_finished_runs(cohort, tmp_path, capsys):
+    """A pool with no known age cannot fit kdu_attr's age bandwidth: one line naming the method, its cause and what
+    to do; the runs finished before it stay."""
+    pool = pd.read_csv(cohort).assign(age=np.nan, patient_id=lambda d: "pool_" + d["patient_id"].astype(str))
+    pool_path = tmp_path / "pool_no_age.csv"
+    pool.to_csv(pool_path, index=False)
+    out = tmp_path / "r"
+    status = main(["compare", "--manifest", str(cohort), "--label", "effusion", "--pool", str(pool_path),
+                   "--pool-dataset-dir", str(Path(cohort).parent), "--methods", "random", "kdu_attr", "--seeds", "0",
+                   "--epochs", "1", "--batch-size", "8", "--folds", "3", "--label-sizes", "5", "--label-draws", "1",
+                   "--n-bootstrap", "10", "--no-audit", "--no-plots", "--out", str(out), "--set", "num_workers=0",
+                   "spatial_size=[32, 32]", "widen_factor=0.125"])
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "method 'kdu_attr' (seed 0) could not run on" in err and "fewer than 2 rows without missing values" in err
+    assert "leave the method out (--methods)" in err
+    assert (out / "runs" / "seed0" / "random" / "eval" / "probe.json").is_file()  # kept
