@@ -392,7 +392,12 @@ def test_the_bundle_methods_are_audited_with_their_own_kernel_and_batches(tmp_pa
     # the methods stand for the combined priors; kdu_gen would train a VAE on images this manifest lacks
     assert set(out.index) == {"age", "sex", "kdu_attr", "kdu_patient", "yaware"}
     skipped = json.loads((tmp_path / "report" / "audit.json").read_text())["skipped"]
-    assert set(skipped) == {"kdu_gen", "kdu_encoder"} and "--prior-table kdu_encoder=FILE" in skipped["kdu_encoder"]
+    assert "--prior-table kdu_encoder=FILE" in skipped["kdu_encoder"] and "kdu_gen" in skipped
+    # every attribute left out says why: the cohort has one site and no view column
+    assert df["site"].nunique() == 1 and "view" not in df.columns
+    assert skipped["site"] == "column 'site' has 1 distinct known value(s); a prior needs 2"
+    assert skipped["view"] == "the manifest has no 'view' column"
+    assert set(skipped) == {"kdu_gen", "kdu_encoder", "site", "view"}
     assert out.loc["kdu_patient", "sampler"] == "pk:patient_id K=2 by follow_up"
     assert out.loc["kdu_attr", "sampler"] == "within:site" and out.loc["age", "sampler"] == "random"
     # the row's batch statistics are those of the bundle's own batches and loss settings
