@@ -23,6 +23,7 @@ __all__ = [
     "atomic_write",
     "file_digest",
     "fingerprint",
+    "package_version",
     "remove_stale_temporaries",
     "write_text_atomic",
 ]
@@ -165,3 +166,11 @@ class DoneMarker:
     def clear(self) -> None:
         """Remove the marker (the result is to be rebuilt)."""
         self.path.unlink(missing_ok=True)
+
+
+def package_version() -> str:
+    """``monai_du.__version__`` (the one place the version is written; the wheel's metadata reads it too): part of
+    every key of a reusable result (runs, caches, prior tables, generated cohorts)."""
+    import monai_du  # read at call time: the package sets __version__ after importing its modules
+
+    return str(getattr(monai_du, "__version__", "unknown"))

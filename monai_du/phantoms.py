@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from filelock import FileLock
 
-from monai_du.io import DoneMarker
+from monai_du.io import DoneMarker, package_version
 
 __all__ = [
     "make_cxr_cohort",
@@ -920,12 +920,6 @@ _DEMO_PARTIAL = ".monai_du_demo.partial"
 _DEMO_LOCK = ".monai_du_demo.lock"
 
 
-def _package_version() -> str:
-    import monai_du  # read at call time: the package sets __version__ after importing its modules
-
-    return str(getattr(monai_du, "__version__", "unknown"))
-
-
 def ensure_demo_cohort(
     dataset_dir: str | os.PathLike,
     modality: str = "cxr",
@@ -966,7 +960,7 @@ def ensure_demo_cohort(
     folder = Path(dataset_dir).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     partial, manifest = folder / _DEMO_PARTIAL, folder / "manifest.csv"
-    done = DoneMarker(folder / _DEMO_MARKER, {**params, "monai_du_version": _package_version()})
+    done = DoneMarker(folder / _DEMO_MARKER, {**params, "monai_du_version": package_version()})
     with FileLock(folder / _DEMO_LOCK):
         if done.is_done() and manifest.is_file() and not partial.exists():
             return manifest

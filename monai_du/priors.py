@@ -66,12 +66,11 @@ import pandas as pd
 import torch
 from monai.data import DataLoader
 
-from monai_du.data.cache import _package_version
 from monai_du.data.loading import load_image_transforms, load_images, manifest_to_dataset
 from monai_du.data.manifest import read_manifest
 from monai_du.data.splits import DEFAULT_FRACTIONS, select_split
 from monai_du.encoders import resolve_encoder
-from monai_du.io import DoneMarker, atomic_write, file_digest
+from monai_du.io import DoneMarker, atomic_write, file_digest, package_version
 from monai_du.kernels import CosineKernel, PriorKernel, RBFKernel
 from monai_du.prior_autoencoder import (
     encode_images,
@@ -704,7 +703,7 @@ def _table_inputs(manifest: Any, encoder: Any, kwargs: dict[str, Any]) -> tuple[
     for name in ("image_size",):
         if isinstance(args.get(name), (tuple, list)):
             args[name] = [int(s) for s in args[name]]
-    return {"kind": kind, **args, "monai_du_version": _package_version()}, encoder
+    return {"kind": kind, **args, "monai_du_version": package_version()}, encoder
 
 
 def ensure_prior_table(

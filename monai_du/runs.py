@@ -29,7 +29,7 @@ from monai.bundle import ConfigWorkflow
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from monai_du.bundles import MethodSpec, stage_files
-from monai_du.io import DoneMarker, file_digest
+from monai_du.io import DoneMarker, file_digest, package_version
 from monai_du.priors import encoder_prior_table, write_prior_table
 
 __all__ = ["DONE_MARKER", "encoder_table", "run_bundle", "run_inputs", "run_method", "stage_roots", "training_losses"]
@@ -43,13 +43,11 @@ DONE_MARKER = "compare_done.json"
 # ---------------------------------------------------------------------------------------------------------------------
 def run_inputs(config_files: Sequence[Path], overrides: Mapping[str, Any], manifest_sha256: str) -> dict[str, Any]:
     """Everything that shapes a run: config contents, overrides, the manifest's content, versions."""
-    from monai_du import __version__
-
     return {
         "config_files": {f.name: f.read_text(encoding="utf-8") for f in config_files},
         "overrides": dict(sorted(overrides.items())),
         "manifest_sha256": manifest_sha256,
-        "versions": {"monai_du": __version__, "monai": monai.__version__, "torch": torch.__version__},
+        "versions": {"monai_du": package_version(), "monai": monai.__version__, "torch": torch.__version__},
     }
 
 

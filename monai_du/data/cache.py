@@ -65,7 +65,7 @@ from monai_du.data.loading import (
     load_image_transforms,
 )
 from monai_du.data.manifest import read_manifest, validate_manifest
-from monai_du.io import atomic_write
+from monai_du.io import atomic_write, package_version
 
 __all__ = [
     "CACHE_FORMAT",
@@ -85,21 +85,6 @@ CACHE_FORMAT = 2
 _STORE_DTYPES = ("float32", "float16")
 _ON_MISS = ("build", "decode", "raise")
 _STALE_TMP_S = 3600.0  # temporary files older than this are left-overs of a killed build
-
-
-def _package_version() -> str:
-    import monai_du  # the package is imported before any of its modules; read at call time, not import time
-
-    version = getattr(monai_du, "__version__", None)
-    if version is None:
-        from importlib.metadata import PackageNotFoundError
-        from importlib.metadata import version as dist_version
-
-        try:
-            version = dist_version("monai_du")
-        except PackageNotFoundError:
-            version = "unknown"
-    return str(version)
 
 
 def cache_settings(
@@ -148,7 +133,7 @@ def cache_settings(
     axcodes = ("RAS" if dims == 3 else None) if orientation == "auto" else orientation
     return {
         "format": CACHE_FORMAT,
-        "monai_du": _package_version(),
+        "monai_du": package_version(),
         "monai": str(monai.__version__),
         "spatial_dims": dims,
         "spatial_size": size,
