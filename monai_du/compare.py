@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -144,6 +145,9 @@ class CompareConfig:
         self.out = Path(self.out).expanduser().absolute()
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"out {self.out} is a file, not a folder.")
+        writable = next(folder for folder in (self.out, *self.out.parents) if folder.exists())
+        if not os.access(writable, os.W_OK | os.X_OK):
+            raise ValueError(f"out {self.out}: {writable} is not writable; choose another report folder.")
         if not str(self.label).strip():
             raise ValueError("label must name a label column, got an empty string.")
         self.bundle = bundle_path(self.bundle)

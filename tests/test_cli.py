@@ -208,6 +208,20 @@ def test_out_naming_a_file_is_one_line(tmp_path, capsys):
     assert taken.read_text() == "keep me\n"  # nothing lost
 
 
+def test_out_in_a_read_only_folder_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """As root every folder is writable, so the check is exercised through os.access, which it asks."""
+    import os
+
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == read_only else real_access(path, mode))
+    assert main(["demo", "--out", str(read_only / "report")]) == 1
+    err = capsys.readouterr().err
+    assert f"{read_only} is not writable; choose another report folder" in err and len(err.strip().splitlines()) == 1
+    assert not (read_only / "report").exists()
+
+
 def test_no_path_runs_as_code_in_audit_cache_and_prior(tmp_path, monkeypatch, capsys):
     """Paths that start with '$' stay file names in every entry point that reaches a bundle config or writes files."""
     from monai_du.phantoms import make_cxr_cohort
