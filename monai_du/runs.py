@@ -168,7 +168,7 @@ def _report_epochs(trainer: Any, progress: Callable[[str], None]) -> None:
     def on_iteration(engine: Any) -> None:
         output = engine.state.output
         loss = output[0]["loss"] if isinstance(output, list) else output["loss"]
-        state["losses"].append(float(loss))
+        state["losses"].append(float(loss.detach()) if torch.is_tensor(loss) else float(loss))
         batch = engine.state.batch
         state["images"] += len(batch[0]["image"] if isinstance(batch, list) else batch["image"])
 
