@@ -174,6 +174,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     pool.add_argument("--keep-labelled-in-pool", action="store_true",
                       help="keep pool images of the labelled patients (default: removed, and counted)")
     pool.add_argument("--folds", type=int, default=None, help="cross-fitting folds of the probes (default 5)")
+    pool.add_argument("--pool-sizes", type=int, nargs="+", default=None, metavar="N",
+                      help="also compare at these pool sizes (nested subsets by patient, same epochs) and print AUC "
+                           "against pool size (OUT/pool_curve.*)")
     _add_budget(p)
     p.set_defaults(func=_run_compare)
 
@@ -188,6 +191,13 @@ def _run_compare(args: argparse.Namespace) -> int:
         given["keep_labelled_in_pool"] = True
     config = CompareConfig(manifest=args.manifest, label=args.label, **given, **_budget(args))
     log, progress = _printers(args.quiet)
+    if args.pool_sizes:
+        from monai_du.pool_curve import run_pool_curve
+
+        curve = run_pool_curve(config, args.pool_sizes, log=log, progress=progress)
+        if args.quiet:
+            print(curve["table"])
+        return 0
     result = run_compare(config, log=log, progress=progress)
     _print_result(result, args.quiet)
     return 0
