@@ -329,7 +329,8 @@ def _label_efficiency(features: np.ndarray, y: pd.Series, groups: np.ndarray, tr
                       folds: np.ndarray, seed: int, config: CompareConfig) -> pd.DataFrame:
     """The label-efficiency draws: on the one split, or spread over the cross-fitting folds (``label_draws / folds``
     draws in each, rounded up: draws from the fold's training patients, scored on its held-out patients, so the
-    cost stays that of one split; the "all patients" size is recorded as the folds' median size)."""
+    cost stays that of one split; the "all patients" size is recorded as ``labelled patients * (folds - 1) / folds``
+    whatever the fold sizes, so every seed fills the same column)."""
     sizes = tuple(config.label_sizes)
     if train_mask is not None:
         return label_efficiency(features, y, groups, train_mask, n_patients=sizes, n_draws=config.label_draws,
@@ -341,8 +342,9 @@ def _label_efficiency(features: np.ndarray, y: pd.Series, groups: np.ndarray, tr
         parts.append(part.assign(fold=int(k), all_patients=part["n_patients"] == part.attrs["n_train_patients"]))
     curve = pd.concat(parts, ignore_index=True)
     every = curve["all_patients"]
-    if every.any():
-        curve.loc[every, "n_patients"] = int(np.median(curve.loc[every, "n_patients"]))
+    if every.any():  # one column for every seed: the labelled patients less one fold's share
+        patients = len(np.unique(groups[folds >= 0]))
+        curve.loc[every, "n_patients"] = int(patients * (config.folds - 1) / config.folds)
     return curve.drop(columns="all_patients")
 
 

@@ -384,6 +384,9 @@ def test_a_pool_pretrains_and_the_probes_are_cross_fitted(cohort, tmp_path):
     lines: list[str] = []
     out = tmp_path / "r"
     result = run_compare(_config(cohort, out, pool=pool_path, folds=3, label_sizes=(5, None)), log=lines.append)
+    # label efficiency: size 5 and "all", the latter one column (labelled patients less a fold's share) for any fold
+    patients = labelled.loc[labelled["label_effusion"].isin([0, 1]), "patient_id"].nunique()
+    assert set(result["efficiency"]["n_patients"]) == {5, int(patients * 2 / 3)}
     written = pd.read_csv(out / "pool_manifest.csv")
     assert len(written) == len(pool) - len(shared) and not set(written["patient_id"]) & set(labelled["patient_id"])
     assert (f"pool {pool_path}: {len(pool)} images of {pool['patient_id'].nunique()} patients from 4 sites; "
