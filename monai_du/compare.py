@@ -56,7 +56,7 @@ from monai_du.evaluation import extract_features, knn_probe, label_efficiency, l
 from monai_du.io import DoneMarker, file_digest, write_text_atomic
 from monai_du.runs import DONE_MARKER, encoder_table, run_inputs, run_method, stage_roots, training_losses
 
-__all__ = ["CompareConfig", "run_compare"]
+__all__ = ["CompareConfig", "pool_rows", "run_compare"]
 
 _PROBE = "probe.json"
 
@@ -224,28 +224,35 @@ def _pool_split(seed: int) -> dict[str, Any]:
     return {"split_fractions": {"train": 1.0}, "split_seed": int(seed), "pretrain_split": "train"}
 
 
-def _pool_manifest(config: CompareConfig, labelled: pd.DataFrame, out: Path) -> Path:
-    """The pool rows a run pretrains on, written to ``out/pool_manifest.csv``: the pool less the patients of the
-    labelled manifest (unless ``keep_labelled_in_pool``)."""
+def pool_rows(config: CompareConfig, labelled: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(every pool row, the rows pretraining reads)``: the pool less the patients of the labelled manifest (unless
+    ``keep_labelled_in_pool``).
+
+    Raises:
+        ValueError: when no pool row is left.
+    """
     pool = read_manifest(Path(config.pool), root=config.pool_dataset_dir)
-    if not config.keep_labelled_in_pool:
-        pool = pool[~pool["patient_id"].astype(str).isin(set(labelled["patient_id"].astype(str)))]
-    if pool.empty:
+    shared = pool["patient_id"].astype(str).isin(set(labelled["patient_id"].astype(str)))
+    kept = pool if config.keep_labelled_in_pool else pool[~shared]
+    if kept.empty:
         raise ValueError(f"pool {config.pool}: no row is left once the labelled manifest's patients are removed.")
-    # the runs are keyed on this file's content: rewriting equal rows changes nothing
-    return write_manifest(pool.drop(columns=[RESOLVED_IMAGE_COLUMN], errors="ignore"), out / "pool_manifest.csv")
+    return pool, kept
 
 
-def _pool_notes(config: CompareConfig, labelled: pd.DataFrame, n_pool: int) -> list[str]:
-    """What the pool holds and what was removed from it."""
-    pool = read_manifest(Path(config.pool), root=config.pool_dataset_dir)
+def _pool_manifest(config: CompareConfig, labelled: pd.DataFrame, out: Path) -> tuple[Path, int, str]:
+    """The pool rows a run pretrains on (:func:`pool_rows`), written to ``out/pool_manifest.csv``; returns the file,
+    its number of rows and a line saying what the pool holds and what was removed from it."""
+    pool, kept = pool_rows(config, labelled)
     shared = pool["patient_id"].astype(str).isin(set(labelled["patient_id"].astype(str)))
     what = ("kept (keep_labelled_in_pool)" if config.keep_labelled_in_pool else "removed, so no probe scores a "
             "patient the encoder saw")
     sites = f" from {pool['site'].nunique()} sites" if "site" in pool.columns else ""
-    return [f"pool {config.pool}: {len(pool)} images of {pool['patient_id'].nunique()} patients{sites}; "
+    note = (f"pool {config.pool}: {len(pool)} images of {pool['patient_id'].nunique()} patients{sites}; "
             f"{int(shared.sum())} images of {pool.loc[shared, 'patient_id'].nunique()} patients of the labelled "
-            f"manifest {what}; pretraining on {n_pool} images"]
+            f"manifest {what}; pretraining on {len(kept)} images")
+    # the runs are keyed on this file's content: rewriting equal rows changes nothing
+    path = write_manifest(kept.drop(columns=[RESOLVED_IMAGE_COLUMN], errors="ignore"), out / "pool_manifest.csv")
+    return path, len(kept), note
 
 
 def _check_folds(df: pd.DataFrame, column: str, folds: int) -> None:
@@ -390,10 +397,10 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     else:
         _check_folds(df, column, config.folds)
         masks = {seed: None for seed in config.seeds}
-        pretrain, pretrain_dir = _pool_manifest(config, df, out), Path(config.pool_dataset_dir)
-        n_pool = len(read_manifest(pretrain, root=pretrain_dir))
+        pretrain, n_pool, pool_note = _pool_manifest(config, df, out)
+        pretrain_dir = Path(config.pool_dataset_dir)
         n_train = {seed: n_pool for seed in config.seeds}
-        notes = [*_pool_notes(config, df, n_pool), *_label_notes(df, column, {})]
+        notes = [pool_note, *_label_notes(df, column, {})]
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "train.yaml"))
     parser.update(dict(config.overrides))  # e.g. spatial_size: the probes see the images at the size runs train at

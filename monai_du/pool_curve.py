@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from monai_du.compare import CompareConfig, run_compare
+from monai_du.compare import CompareConfig, pool_rows, run_compare
 from monai_du.data.manifest import RESOLVED_IMAGE_COLUMN, read_manifest, write_manifest
 from monai_du.io import write_text_atomic
 
@@ -59,9 +59,7 @@ def run_pool_curve(config: CompareConfig, sizes: Sequence[int], log: Callable[[s
     say = log or (lambda _: None)
     out = Path(config.out)
     labelled = read_manifest(Path(config.manifest), root=config.dataset_dir)
-    pool = read_manifest(Path(config.pool), root=config.pool_dataset_dir)
-    if not config.keep_labelled_in_pool:
-        pool = pool[~pool["patient_id"].astype(str).isin(set(labelled["patient_id"].astype(str)))]
+    _, pool = pool_rows(config, labelled)
     subsets = nested_pool_subsets(pool, sizes)
     results, rows = {}, []
     for size, subset in subsets.items():
