@@ -110,9 +110,8 @@ def run_bundle(files: Sequence[Path], bundle_root: Path, overrides: Mapping[str,
         )
         workflow.initialize()
         if "@train#trainer" in str(workflow.parser.get("run")).replace("::", "#"):  # the parser writes ids with ::
-            trainer = workflow.parser.get_parsed_content("train#trainer")  # made now (run would)
-            # MONAI's handlers set up their console loggers as the engine starts: move them then
-            trainer.add_event_handler(Events.STARTED, lambda _: capture())
+            # made now (run would), with its handlers and their console loggers, which capture() then moves
+            trainer = workflow.parser.get_parsed_content("train#trainer")
             if progress is not None:
                 _report_epochs(trainer, progress)
         capture()
