@@ -21,7 +21,6 @@ from monai_du.compare import CompareConfig, run_compare
 from monai_du.phantoms import make_cxr_cohort
 from monai_du.report import paired_difference, summarise, verdict
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = {"spatial_size": [32, 32], "num_workers": 0, "widen_factor": 0.125}
 
 
@@ -222,23 +221,29 @@ def test_no_path_runs_as_code(cohort, tmp_path, monkeypatch):
     assert (tmp_path / code / "runs" / "seed0" / "random" / "models" / "encoder.pt").is_file()
 
 
+def _assert_the_bundle_command_gives_the_encoder(run: Path, overrides: dict, root: Path, cwd: Path) -> None:
+    """`python -m monai.bundle run` of train.yaml + methods/du.yaml with ``overrides`` into ``root`` exports the
+    same encoder, tensor for tensor, as the run in ``run``."""
+    config = "['{}','{}']".format(bundle_path("cxr") / "configs/train.yaml",
+                                  bundle_path("cxr") / "configs/methods/du.yaml")
+    argv = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(root)]
+    for key, value in overrides.items():
+        argv += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    subprocess.run(argv, check=True, capture_output=True, cwd=cwd)
+    ours = torch.load(run / "models" / "encoder.pt", weights_only=True)
+    theirs = torch.load(root / "models" / "encoder.pt", weights_only=True)
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
 def test_compare_and_the_bundle_command_give_the_same_encoder(tiny, cohort, tmp_path):
     _, out, _ = tiny
     root = tmp_path / "cli_run"
     overrides = {"manifest": str(cohort), "dataset_dir": str(Path(cohort).parent), "seed": 0, "split_seed": 0,
                  "split_fractions": {"train": 0.7, "test": 0.3}, "pretrain_split": "train", "max_epochs": 1,
                  "batch_size": 8, **TINY}
-    config = "['{}','{}']".format(REPO / "bundles/cxr_du_pretrain/configs/train.yaml",
-                                  REPO / "bundles/cxr_du_pretrain/configs/methods/du.yaml")
-    argv = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(root)]
-    for key, value in overrides.items():
-        argv += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    subprocess.run(argv, check=True, capture_output=True, cwd=tmp_path)
-    ours = torch.load(out / "runs" / "seed0" / "du" / "models" / "encoder.pt", weights_only=True)
-    theirs = torch.load(root / "models" / "encoder.pt", weights_only=True)
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        assert torch.equal(ours[key], theirs[key]), key
+    _assert_the_bundle_command_gives_the_encoder(out / "runs" / "seed0" / "du", overrides, root, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -410,15 +415,7 @@ def test_a_pool_pretrains_and_the_probes_are_cross_fitted(cohort, tmp_path):
     overrides = {"manifest": str(out / "pool_manifest.csv"), "dataset_dir": str(tmp_path), "seed": 0,
                  "split_seed": 0, "split_fractions": {"train": 1.0}, "pretrain_split": "train", "max_epochs": 1,
                  "batch_size": 8, **TINY}
-    config = "['{}','{}']".format(bundle_path("cxr") / "configs/train.yaml",
-                                  bundle_path("cxr") / "configs/methods/du.yaml")
-    argv = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(root)]
-    for key, value in overrides.items():
-        argv += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
-    subprocess.run(argv, check=True, capture_output=True, cwd=tmp_path)
-    ours = torch.load(out / "runs" / "seed0" / "du" / "models" / "encoder.pt", weights_only=True)
-    theirs = torch.load(root / "models" / "encoder.pt", weights_only=True)
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    _assert_the_bundle_command_gives_the_encoder(out / "runs" / "seed0" / "du", overrides, root, tmp_path)
 
 
 def test_a_method_that_cannot_run_on_the_data_is_one_line_and_keeps_the_finished_runs(cohort, tmp_path, capsys):

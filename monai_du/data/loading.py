@@ -873,8 +873,7 @@ def manifest_to_dataset(
                 raise ValueError(
                     f"{source}: {len(report)} image(s) missing, unreadable or unusable:{_format_report(report)}"
                 )
-            _write_report(report, report_path)
-            where = f"; report written to {report_path}" if report_path is not None else ""
+            where = _write_report(report, report_path)
             warnings.warn(
                 f"{source}: skipped {len(report)} of {len(report) + len(df)} rows with missing, unreadable or "
                 f"unusable images{where}:{_format_report(report)}",
@@ -890,8 +889,7 @@ def manifest_to_dataset(
         dropped = _drop_unusable(ds, rows, images, on_error, source)
         if len(dropped):
             report = pd.concat([report, dropped], ignore_index=True) if len(report) else dropped
-            _write_report(report, report_path)
-            where = f"; report written to {report_path}" if report_path is not None else ""
+            where = _write_report(report, report_path)
             warnings.warn(
                 f"{source}: skipped {len(dropped)} of {n_rows} rows whose images cannot be used once loaded"
                 f"{where}:{_format_report(dropped)}",
@@ -905,10 +903,13 @@ def manifest_to_dataset(
     return ds
 
 
-def _write_report(report: pd.DataFrame, report_path: str | os.PathLike | None) -> None:
-    if report_path is not None:
-        Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-        report.to_csv(report_path, index=False)
+def _write_report(report: pd.DataFrame, report_path: str | os.PathLike | None) -> str:
+    """Write the skip report (when a path is given); returns the words that say where, for the warning."""
+    if report_path is None:
+        return ""
+    Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+    report.to_csv(report_path, index=False)
+    return f"; report written to {report_path}"
 
 
 def load_images(
