@@ -23,6 +23,13 @@ patients are available; :func:`summarise_label_efficiency`, :func:`format_label_
     print(format_label_efficiency(summaries))
     plot_label_efficiency(summaries, "label_efficiency.png")
 
+:func:`regression_probe` is the ridge probe of a continuous target (age from brain MRI): the ridge alpha is chosen per
+outer split by an inner patient-grouped CV (grid :data:`DEFAULT_ALPHAS`, mean validation MAE), and the mean-target
+floor is scored on the same splits::
+
+    reg = regression_probe(features, meta["age"], groups=meta["patient_id"])
+    reg.mae_ci(), reg.mae_ci(floor=True), reg.alphas_chosen   # (MAE, low, high) with a patient bootstrap CI
+
 Splits. Every probe evaluates either one train/test split (``train_mask``, optionally ``test_mask``), explicit
 ``folds`` (an integer test-fold id per row), or ``n_splits``-fold cross-validation. Cross-validation is grouped by
 patient when ``groups`` (patient ids) is given: scikit-learn's ``StratifiedGroupKFold`` with ``shuffle=True`` and
@@ -78,6 +85,9 @@ __all__ = [
     "plot_label_efficiency",
     "roc_auc_with_ci",
     "age_regression",
+    "DEFAULT_ALPHAS",
+    "RegressionScores",
+    "regression_probe",
     "SiteLeakage",
     "site_leakage",
     "ProbeReport",
@@ -95,6 +105,9 @@ C_RULES = ("best", "one_se")
 #: C used (with a warning) when a training set is too small to cross-validate. Heavy regularisation suits
 #: standardised high-dimensional frozen features: on 1,000 real chest X-rays C=0.01 beat C=1.0 for every encoder.
 FALLBACK_C = 0.01
+#: default ridge-alpha grid searched by :func:`regression_probe`: 1e-2 ... 1e5, 15 values. Features are standardised
+#: and may outnumber the rows, so the grid reaches strong regularisation (predictions near the training mean).
+DEFAULT_ALPHAS = np.logspace(-2, 5, 15)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -719,6 +732,32 @@ def knn_probe(
 # ---------------------------------------------------------------------------------------------------------------------
 # ROC AUC with bootstrap CI
 # ---------------------------------------------------------------------------------------------------------------------
+def _bootstrap_resamples(n: int, groups: Any, n_bootstrap: int, seed: int) -> Iterable[np.ndarray]:
+    """Row indices of ``n_bootstrap`` bootstrap resamples of ``n`` rows, drawn with ``np.random.default_rng(seed)``.
+
+    Without ``groups``: ``rng.integers(0, n, size=n)`` per resample. With ``groups`` (N,) (cluster bootstrap):
+    ``rng.integers(0, G, size=G)`` indices into the G unique patients (``np.unique`` order), and the resample holds
+    all rows of each drawn patient, repeated as often as drawn.
+    """
+    rng = np.random.default_rng(seed)
+    members: list[np.ndarray] | None = None
+    if groups is not None:  # checked now, not at the first draw (n_bootstrap may be 0)
+        g = _check_groups(groups, n)
+        _, inverse = np.unique(g, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
+
+    def draws() -> Iterable[np.ndarray]:
+        for _ in range(int(n_bootstrap)):
+            if members is None:
+                yield rng.integers(0, n, size=n)
+            else:
+                picked = rng.integers(0, len(members), size=len(members))
+                yield np.concatenate([members[p] for p in picked])
+
+    return draws()
+
+
 def roc_auc_with_ci(
     y_true: Any,
     y_score: Any,
@@ -760,21 +799,8 @@ def roc_auc_with_ci(
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}.")
     auc = float(roc_auc_score(y, s))
-    rng = np.random.default_rng(seed)
-    n = y.size
-    members: list[np.ndarray] | None = None
-    if groups is not None:
-        g = _check_groups(groups, n)
-        _, inverse = np.unique(g, return_inverse=True)
-        order = np.argsort(inverse, kind="stable")
-        members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
     aucs = []
-    for _ in range(int(n_bootstrap)):
-        if members is None:
-            idx = rng.integers(0, n, size=n)
-        else:
-            picked = rng.integers(0, len(members), size=len(members))
-            idx = np.concatenate([members[p] for p in picked])
+    for idx in _bootstrap_resamples(y.size, groups, n_bootstrap, seed):
         yb = y[idx]
         if yb.min() == yb.max():
             continue
@@ -799,6 +825,184 @@ def _quantile_bins(values: np.ndarray, n_bins: int) -> np.ndarray:
     return np.searchsorted(edges, values, side="right")
 
 
+def _check_alphas(alphas: Any, name: str = "alphas") -> np.ndarray:
+    grid = DEFAULT_ALPHAS if alphas is None else np.asarray(alphas, dtype=np.float64).reshape(-1)
+    if grid.size == 0 or not np.isfinite(grid).all() or (grid <= 0).any():
+        raise ValueError(f"{name} must be a non-empty grid of finite values > 0, got {np.asarray(alphas).tolist()}.")
+    return np.unique(grid)  # ascending: the last of tied alphas is the most regularised
+
+
+def _check_target(target: Any, n: int, name: str = "target") -> np.ndarray:
+    """(N,) float64 target, NaN for missing; a non-numeric or infinite value raises a ValueError naming ``name``."""
+    col = _check_rows(target, n, name)
+    try:
+        y = pd.to_numeric(pd.Series(col), errors="raise").to_numpy(dtype=np.float64)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name} must be numeric (NaN for missing): {e}") from e
+    inf = np.flatnonzero(np.isinf(y))
+    if inf.size:
+        raise ValueError(f"{name} holds inf in {inf.size} rows (first: row {inf[0]}); use NaN for missing.")
+    if np.isnan(y).all():
+        raise ValueError(f"{name} is missing (NaN) in every row.")
+    return y
+
+
+def _ridge(alpha: float, standardize: bool) -> Any:
+    return make_pipeline(StandardScaler(), Ridge(alpha=alpha)) if standardize else Ridge(alpha=alpha)
+
+
+def _inner_ridge_mae(
+    x: np.ndarray, y: np.ndarray, g: np.ndarray, grid: np.ndarray, inner_splits: int, standardize: bool
+) -> np.ndarray:
+    """(S, K) validation MAE of ``Ridge(grid[j])`` on each of the S ``GroupKFold`` folds of the rows given."""
+    k = min(int(inner_splits), len(pd.unique(g)))
+    splits = list(GroupKFold(n_splits=k).split(x, y, groups=g))
+    fold_mae = np.empty((len(splits), grid.size))
+    for s, (tr, va) in enumerate(splits):
+        xtr, xva = x[tr], x[va]
+        if standardize:
+            scaler = StandardScaler().fit(xtr)
+            xtr, xva = scaler.transform(xtr), scaler.transform(xva)
+        for j, a in enumerate(grid):
+            fold_mae[s, j] = np.abs(Ridge(alpha=float(a)).fit(xtr, y[tr]).predict(xva) - y[va]).mean()
+    return fold_mae
+
+
+@dataclass
+class RegressionScores:
+    """Out-of-fold (or test-split) predictions of a ridge probe of a continuous target, and of its floor.
+
+    Attributes:
+        name: the target's name (the Series name, else ``"target"``).
+        y_true: (N,) float target; NaN for rows dropped (missing target).
+        y_pred: (N,) ridge prediction of the scored rows; NaN elsewhere.
+        floor_pred: (N,) the floor's prediction, the mean target of the training rows of the split that scored the
+            row; NaN elsewhere.
+        groups: (N,) patient ids, or None; used by :meth:`mae_ci` for a patient-level bootstrap.
+        alphas_chosen: (S,) the ridge alpha used by each of the S outer splits (split ``k`` scored ``folds == k``).
+        folds: (N,) int id of the outer split that scored the row; -1 for rows never scored.
+        alpha_grid: (K,) the ascending alpha grid searched (one value when alpha was fixed).
+        inner_mae: (S, K) mean inner-validation MAE per outer split and alpha; NaN when not searched (one value).
+    """
+
+    name: str
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    floor_pred: np.ndarray
+    groups: np.ndarray | None
+    alphas_chosen: np.ndarray
+    folds: np.ndarray
+    alpha_grid: np.ndarray | None = None
+    inner_mae: np.ndarray | None = None
+
+    @property
+    def scored(self) -> np.ndarray:
+        """(N,) bool mask of the rows that have a prediction."""
+        return self.folds >= 0
+
+    @property
+    def mae(self) -> float:
+        """Mean absolute error of the ridge predictions over the scored rows."""
+        m = self.scored
+        return float(np.abs(self.y_pred[m] - self.y_true[m]).mean())
+
+    @property
+    def floor_mae(self) -> float:
+        """Mean absolute error of the mean-target floor over the same rows."""
+        m = self.scored
+        return float(np.abs(self.floor_pred[m] - self.y_true[m]).mean())
+
+    def mae_ci(
+        self, n_bootstrap: int = 1000, seed: int = 0, floor: bool = False, level: float = 0.95
+    ) -> tuple[float, float, float]:
+        """``(mae, low, high)``: MAE of the scored rows (of the floor if ``floor``) with a percentile bootstrap CI.
+
+        Resamples patients with replacement (rows when ``groups`` is None; draws as in :func:`roc_auc_with_ci`) and
+        takes the MAE over all scored rows of the drawn patients; the bounds are the ``(1 - level) / 2`` and
+        ``(1 + level) / 2`` quantiles. ``n_bootstrap=0`` gives NaN bounds.
+        """
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"level must be in (0, 1), got {level}.")
+        m = self.scored
+        err = np.abs((self.floor_pred if floor else self.y_pred)[m] - self.y_true[m])
+        point = float(err.mean())
+        g = None if self.groups is None else self.groups[m]
+        boot = [err[idx].mean() for idx in _bootstrap_resamples(err.size, g, n_bootstrap, seed)]
+        if not boot:
+            return point, math.nan, math.nan
+        low, high = np.quantile(np.asarray(boot), [(1 - level) / 2, (1 + level) / 2])
+        return point, float(low), float(high)
+
+
+def regression_probe(
+    features: Any,
+    target: Any,
+    groups: Any = None,
+    train_mask: Any = None,
+    test_mask: Any = None,
+    folds: Any = None,
+    n_splits: int = 5,
+    alphas: Sequence[float] | np.ndarray | None = None,
+    inner_splits: int = 5,
+    standardize: bool = True,
+    seed: int = 0,
+) -> RegressionScores:
+    """Ridge probe of a continuous target (e.g. age from brain MRI features), alpha chosen by inner grouped CV.
+
+    Rows with a missing (NaN) target are dropped. Outer splits as in :func:`linear_probe` (``train_mask``/
+    ``test_mask``, ``folds``, or ``n_splits``-fold ``StratifiedGroupKFold`` by patient, stratified by target
+    quintile). In each outer split the alpha is chosen on the training rows only: ``GroupKFold(inner_splits)`` by
+    patient (fewer folds with fewer patients; each row its own patient when ``groups`` is None), ``StandardScaler``
+    (if ``standardize``) fit on each inner training fold, ``Ridge(alpha)`` for every alpha of the grid, the mean
+    over inner folds of the validation MAE minimised; ties (within 1e-12 relative) go to the larger alpha. The split
+    then refits scaler and ridge on all its training rows. A one-value grid fixes alpha (no inner CV). The floor
+    predicts the training rows' mean target for every held-out row of the same split.
+
+    Args:
+        features: (N, F) frozen features.
+        target: (N,) numeric target, NaN for missing.
+        groups: (N,) patient ids (outer and inner CV, leak check, bootstrap).
+        train_mask, test_mask, folds, n_splits, seed: outer splits as in :func:`linear_probe`.
+        alphas: ridge grid; None for :data:`DEFAULT_ALPHAS`.
+        inner_splits: inner folds (>= 2).
+        standardize: standardise features with training-row statistics (inner and outer).
+
+    Returns:
+        A :class:`RegressionScores`.
+    """
+    grid = _check_alphas(alphas)
+    if int(inner_splits) < 2:
+        raise ValueError(f"inner_splits must be >= 2, got {inner_splits}.")
+    x = _check_features(features)
+    n = x.shape[0]
+    y = _check_target(target, n)
+    g = _check_groups(groups, n)
+    rows = np.flatnonzero(~np.isnan(y))
+    strata = _quantile_bins(y[rows], _AGE_BINS)
+    pairs = _resolve_splits(rows, strata, g, train_mask, test_mask, folds, n_splits, seed, n, "regression_probe")
+    y_pred, floor_pred = np.full(n, np.nan), np.full(n, np.nan)
+    fold_of_row = np.full(n, -1, dtype=np.int64)
+    chosen = np.empty(len(pairs))
+    inner = np.full((len(pairs), grid.size), np.nan)
+    for k, (tr, te) in enumerate(pairs):
+        best = 0
+        if grid.size > 1:
+            g_tr = np.arange(tr.size) if g is None else g[tr]
+            if len(pd.unique(g_tr)) < 2:
+                raise ValueError(
+                    f"regression_probe: the training rows of split {k} hold a single patient; cannot choose alpha "
+                    "by inner cross-validation (pass one alpha, or use fewer folds)."
+                )
+            inner[k] = _inner_ridge_mae(x[tr], y[tr], g_tr, grid, inner_splits, standardize).mean(axis=0)
+            best = int(np.flatnonzero(inner[k] <= inner[k].min() * (1 + 1e-12))[-1])
+        chosen[k] = grid[best]
+        y_pred[te] = _ridge(float(grid[best]), standardize).fit(x[tr], y[tr]).predict(x[te])
+        floor_pred[te] = y[tr].mean()
+        fold_of_row[te] = k
+    name = str(target.name) if isinstance(target, pd.Series) and target.name is not None else "target"
+    return RegressionScores(name, y, y_pred, floor_pred, g, chosen, fold_of_row, grid, inner)
+
+
 def age_regression(
     features: Any,
     age: Any,
@@ -807,47 +1011,34 @@ def age_regression(
     test_mask: Any = None,
     folds: Any = None,
     n_splits: int = 5,
-    alpha: float = 1.0,
+    alpha: float | None = 1.0,
     standardize: bool = True,
     seed: int = 0,
 ) -> float:
     """Mean absolute error of a ridge regression of age on frozen features (brain MRI's standard probe).
 
-    Rows with a missing age are dropped. Cross-validation folds are patient-grouped and stratified by age quintile
-    (``StratifiedGroupKFold``); each split fits ``StandardScaler`` (if ``standardize``) and ``Ridge(alpha)`` on the
-    training rows. The MAE is taken once over all out-of-fold (or test) predictions.
+    A thin wrapper of :func:`regression_probe` returning its ``mae``: a number ``alpha`` fixes the ridge strength
+    (the default, 1.0, is the old fixed behaviour); ``alpha=None`` chooses it per outer split by inner grouped CV
+    over :data:`DEFAULT_ALPHAS`. Use :func:`regression_probe` for the floor, the chosen alphas and a CI.
 
     Args:
         features: (N, F) frozen features.
         age: (N,) ages in years, NaN for missing.
         groups: (N,) patient ids.
         train_mask, test_mask, folds, n_splits, seed: splits as in :func:`linear_probe`.
-        alpha: ridge regularisation strength (> 0).
+        alpha: ridge regularisation strength (> 0), or None to choose it by inner cross-validation.
         standardize: standardise features with training-row statistics.
 
     Returns:
         The MAE in the unit of ``age``.
     """
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}.")
+    if alpha is not None and not (isinstance(alpha, (int, float, np.number)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0 or None, got {alpha!r}.")
     x = _check_features(features)
-    n = x.shape[0]
-    try:
-        y = pd.to_numeric(pd.Series(_check_rows(age, n, "age"))).to_numpy(dtype=np.float64)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"age must be numeric (years, NaN for missing): {e}") from e
-    g = _check_groups(groups, n)
-    rows = np.flatnonzero(np.isfinite(y))
-    if rows.size == 0:
-        raise ValueError("age is missing in every row.")
-    strata = _quantile_bins(y[rows], _AGE_BINS)
-    pairs = _resolve_splits(rows, strata, g, train_mask, test_mask, folds, n_splits, seed, n, "age_regression")
-    errors = []
-    for tr, te in pairs:
-        model = make_pipeline(StandardScaler(), Ridge(alpha=alpha)) if standardize else Ridge(alpha=alpha)
-        model.fit(x[tr], y[tr])
-        errors.append(np.abs(model.predict(x[te]) - y[te]))
-    return float(np.concatenate(errors).mean())
+    y = _check_target(age, x.shape[0], "age")  # errors name "age", not "target"
+    alphas = None if alpha is None else [float(alpha)]
+    return regression_probe(x, y, groups, train_mask, test_mask, folds, n_splits, alphas, standardize=standardize,
+                            seed=seed).mae
 
 
 @dataclass
