@@ -49,10 +49,23 @@ from monai_du.bundles import (
     stage_files,
 )
 from monai_du.data.loading import load_images
-from monai_du.data.manifest import RESOLVED_IMAGE_COLUMN, read_manifest, resolve_label_column, write_manifest
+from monai_du.data.manifest import (
+    RESOLVED_IMAGE_COLUMN,
+    label_values,
+    read_manifest,
+    resolve_label_column,
+    write_manifest,
+)
 from monai_du.data.splits import select_split
 from monai_du.encoders import load_encoder
-from monai_du.evaluation import extract_features, knn_probe, label_efficiency, linear_probe, site_leakage
+from monai_du.evaluation import (
+    extract_features,
+    knn_probe,
+    label_efficiency,
+    linear_probe,
+    regression_probe,
+    site_leakage,
+)
 from monai_du.io import DoneMarker, file_digest, write_text_atomic
 from monai_du.runs import DONE_MARKER, encoder_table, run_inputs, run_method, stage_roots, training_losses
 
@@ -107,6 +120,9 @@ class CompareConfig:
         keep_labelled_in_pool: keep pool rows of patients of the labelled manifest (default False: they are
             removed, so no probe scores a patient the encoder saw; the report says how many).
         folds: cross-fitting folds of the probes with a pool.
+        age: a column of ages (years) to regress from the frozen features too (None: no age probe): ridge regression
+            with its L2 strength chosen by inner patient-grouped CV, on the same patients as the label's probe, its
+            MAE with a patient-bootstrap CI, and the mean-age predictor on the same splits as the floor.
 
     Raises:
         ValueError: naming the setting, for a bad value.
@@ -133,6 +149,7 @@ class CompareConfig:
     pool_dataset_dir: str | Path | None = None
     keep_labelled_in_pool: bool = False
     folds: int = 5
+    age: str | None = None
 
     def __post_init__(self) -> None:
         # paths become absolute: a value that starts with '$' is a file name here, never a config expression
@@ -150,6 +167,8 @@ class CompareConfig:
             raise ValueError(f"out {self.out}: {writable} is not writable; choose another report folder.")
         if not str(self.label).strip():
             raise ValueError("label must name a label column, got an empty string.")
+        if self.age is not None and not str(self.age).strip():
+            raise ValueError("age must name a column of ages, got an empty string.")
         self.bundle = bundle_path(self.bundle)
         if self.methods is None:
             self.methods = default_methods(self.bundle)
@@ -200,6 +219,25 @@ def _split_overrides(seed: int, test_fraction: float) -> dict[str, Any]:
     """The bundle ids of one seed's patient split: pretraining reads its ``train`` part."""
     return {"split_fractions": {"train": 1.0 - test_fraction, "test": test_fraction}, "split_seed": int(seed),
             "pretrain_split": "train"}
+
+
+def _ages(df: pd.DataFrame, column: str, source: str) -> pd.Series:
+    """The age column as numbers (blank: missing).
+
+    Raises:
+        ValueError: naming the column, when it is not in the manifest or holds text.
+    """
+    if column not in df.columns:
+        raise ValueError(f"{source}: age column {column!r} is not in the manifest (columns: {list(df.columns)}).")
+    ages = pd.to_numeric(df[column], errors="coerce")
+    bad = df[column].notna() & ages.isna()
+    if bad.any():
+        raise ValueError(f"{source}: age column {column!r} holds text in row(s) {list(df.index[bad][:5])} "
+                         f"({list(df.loc[bad, column][:3])}): ages are numbers of years, blank when unknown.")
+    if ages.notna().sum() < 10:
+        raise ValueError(f"{source}: age column {column!r} has {int(ages.notna().sum())} known ages: the age probe "
+                         "needs at least 10.")
+    return ages
 
 
 def _split(df: pd.DataFrame, seed: int, test_fraction: float) -> np.ndarray:
@@ -325,11 +363,26 @@ def _probe(features: np.ndarray, df: pd.DataFrame, column: str, train_mask: np.n
             result = site_leakage(features, df["site"], seed=seed, **split)
             leak, chance = result.balanced_accuracy, result.chance
         curve = _label_efficiency(features, y, groups, train_mask, scores.folds, seed, config)
+        age = _age_probe(features, df, groups, train_mask, seed, config) if config.age is not None else {}
     notes += list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught if issubclass(w.category, UserWarning)))
     chosen = np.asarray(getattr(scores, "chosen_C", [math.nan]), dtype=float).ravel()
     return {"auc": auc, "auc_low": low, "auc_high": high, "knn_auc": knn_auc, "site_leakage": leak,
             "site_chance": chance, "chosen_C": float(np.nanmedian(chosen)) if np.isfinite(chosen).any() else math.nan,
-            "label_efficiency": curve.to_dict("records"), "notes": "; ".join(notes)}
+            "label_efficiency": curve.to_dict("records"), **age, "notes": "; ".join(notes)}
+
+
+def _age_probe(features: np.ndarray, df: pd.DataFrame, groups: np.ndarray, train_mask: np.ndarray | None, seed: int,
+               config: CompareConfig) -> dict[str, Any]:
+    """Ridge regression of age on the frozen features (L2 strength by inner patient-grouped CV): its MAE with a
+    patient-bootstrap CI, and the MAE of the mean-age predictor on the same splits (the floor)."""
+    ages = df[config.age].to_numpy(dtype=np.float64)
+    if train_mask is None:
+        scores = regression_probe(features, ages, groups=groups, n_splits=config.folds, seed=seed)
+    else:
+        scores = regression_probe(features, ages, groups=groups, train_mask=train_mask, seed=seed)
+    mae, low, high = scores.mae_ci(n_bootstrap=config.n_bootstrap, seed=seed)
+    return {"age_mae": mae, "age_mae_low": low, "age_mae_high": high, "age_floor_mae": scores.floor_mae,
+            "age_alpha": float(np.median(scores.alphas_chosen))}
 
 
 def _label_efficiency(features: np.ndarray, y: pd.Series, groups: np.ndarray, train_mask: np.ndarray | None,
@@ -381,8 +434,11 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     bundle, manifest, dataset_dir, out = Path(config.bundle), Path(config.manifest), Path(config.dataset_dir), \
         Path(config.out)
     specs = method_files(bundle, config.methods, config.method_configs)
-    df = read_manifest(manifest, root=dataset_dir).reset_index(drop=True)
-    column = resolve_label_column(df, config.label, f"manifest {manifest}")
+    rows_read = read_manifest(manifest, root=dataset_dir).reset_index(drop=True)
+    column = resolve_label_column(rows_read, config.label, f"manifest {manifest}")
+    df = rows_read.assign(**{column: label_values(rows_read[column], column, f"manifest {manifest}")})
+    if config.age is not None:
+        df[config.age] = _ages(df, config.age, f"manifest {manifest}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -405,9 +461,11 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     parser.read_config(str(bundle / "configs" / "train.yaml"))
     parser.update(dict(config.overrides))  # e.g. spatial_size: the probes see the images at the size runs train at
     spatial = list(parser["spatial_size"])
+    # the probes see the images as the runs load them (the bundle's image_loading; a bundle copy without it: defaults)
+    loading = dict(parser.get_parsed_content("image_loading")) if "image_loading" in parser else {}
     epochs = int(config.epochs if config.epochs is not None else parser["max_epochs"])
     batch = int(config.batch_size if config.batch_size is not None else parser["batch_size"])
-    modality = "2d" if len(spatial) == 2 else "3d"
+    modality = loading.pop("modality", "2d" if len(spatial) == 2 else "3d")
     manifest_sha256, labelled_sha256 = file_digest(pretrain), file_digest(manifest)
     # a batch larger than a seed's training images is clamped to them: say so, and audit with what training used
     batches = {seed: min(batch, n) for seed, n in n_train.items()}
@@ -421,7 +479,7 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     for line in notes:
         say(line)
     t0 = time.perf_counter()
-    images = load_images(df, modality=modality, image_size=int(spatial[0]))
+    images = load_images(rows_read, modality=modality, image_size=[int(s) for s in spatial], **loading)
     say(f"images for the probes: {tuple(images.shape)} ({time.perf_counter() - t0:.1f} s)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -441,7 +499,7 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
             probe_marker = DoneMarker(root / "eval" / "probe_done.json", {
                 "run": run_inputs([bundle / "configs" / "train.yaml", *stage_files(bundle, spec)], overrides,
                                    manifest_sha256),
-                "label": column, "labelled": labelled_sha256, "test_fraction": config.test_fraction,
+                "label": column, "age": config.age, "labelled": labelled_sha256, "test_fraction": config.test_fraction,
                 "folds": config.folds if config.pool is not None else None, "label_sizes": list(config.label_sizes),
                 "label_draws": config.label_draws, "n_bootstrap": config.n_bootstrap})
             probe_file = root / "eval" / _PROBE
@@ -470,7 +528,8 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
                 write_text_atomic(probe_file, json.dumps(report.json_safe(row), indent=2) + "\n")
                 probe_marker.write()
                 speed = f", {row['images_per_s']:.0f} images/s" if steps else ""
-                say(f"[{done}/{total}] seed {seed} {spec.name}: AUC {row['auc']:.3f} (C {row['chosen_C']:.3g}), "
+                age = f", age MAE {row['age_mae']:.2f}" if config.age is not None else ""
+                say(f"[{done}/{total}] seed {seed} {spec.name}: AUC {row['auc']:.3f} (C {row['chosen_C']:.3g}){age}, "
                     f"{steps} steps, {wall:.1f} s{speed} (log: {root / 'logs'})")
             efficiency += [{"method_key": key, "method": spec.name, "seed": seed,
                             **{k: v for k, v in r.items() if k != "patients"}} for r in row.pop("label_efficiency")]
@@ -486,6 +545,8 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
               f"{column}; seeds {list(config.seeds)}; {epochs} epochs, {batch_words}; linear probe (C by inner "
               f"patient-grouped CV) {probes}; total wall time {wall:.0f} s"
               + (f"; overrides {dict(config.overrides)}" if config.overrides else "")
+              + (f"; age {config.age} regressed by ridge (L2 by inner patient-grouped CV), same patients"
+                 if config.age is not None else "")
               + "".join(f"\n{n}" for n in notes))
     written = report.write_report(out, header, results, curve, losses, list(specs), plots=config.plots,
                                   config=asdict(config) | {"manifest": str(manifest), "label": column, "epochs": epochs,

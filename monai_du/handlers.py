@@ -12,6 +12,8 @@
   ``n_saved``.
 - :class:`LatestCheckpointLoader`: at ``STARTED``, loads the newest ``checkpoint_epoch=N.pt`` of a folder with MONAI's
   ``CheckpointLoader`` (network, optimizer, scheduler and trainer state), or starts fresh when there is none.
+- :class:`ViewPicturesSaver`: after the first iteration, saves mid-slice pictures of a few augmented views
+  (:mod:`monai_du.view_pictures`), so a person can see what the model sees.
 - :class:`PretrainedEncoderExporter`: at ``COMPLETED``, writes ``encoder.pt`` (the backbone's state dict alone),
   ``model.pt`` (the whole network), ``prior_encoder.json``, ``kernel.json`` and ``encoder_info.json``.
 """
@@ -38,6 +40,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch.utils.data import DistributedSampler
 
 from monai_du.io import atomic_write, remove_stale_temporaries, write_text_atomic
+from monai_du.view_pictures import save_view_pictures
 
 __all__ = [
     "SamplerEpochHandler",
@@ -45,6 +48,7 @@ __all__ = [
     "AtomicCheckpointSaver",
     "LatestCheckpointLoader",
     "PretrainedEncoderExporter",
+    "ViewPicturesSaver",
     "latest_checkpoint",
     "atomic_torch_save",
 ]
@@ -545,3 +549,37 @@ class PretrainedEncoderExporter:
         written["info"] = write_text_atomic(self.output_dir / "encoder_info.json", text)
         logging.getLogger(__name__).info(f"Saved the pretrained encoder to {written['encoder']}.")
         return written
+
+
+class ViewPicturesSaver:
+    """After the run's first iteration, save pictures of the augmented views of a few images of that batch.
+
+    The views are the batch's ``image_key`` entry ``(B, V, C, *spatial)``: ``views_axial.png``, ``views_coronal.png``
+    and ``views_sagittal.png`` (3D, middle slices) or ``views.png`` (2D) in ``output_dir``, one row per image and one
+    column per view (:func:`monai_du.view_pictures.save_view_pictures`). A resumed run does not redraw them.
+
+    Args:
+        output_dir: folder of the pictures.
+        image_key: batch key of the views.
+        max_images: images shown.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, image_key: str = "image", max_images: int = 4) -> None:
+        self.output_dir = Path(output_dir)
+        self.image_key = image_key
+        self.max_images = int(max_images)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.iteration != 1:  # a resumed run starts past its first iteration
+            return
+        batch = engine.state.batch
+        views = batch.get(self.image_key) if isinstance(batch, Mapping) else None
+        if views is None or len(getattr(views, "shape", ())) not in (5, 6):
+            warnings.warn(f"ViewPicturesSaver: no (B, V, C, *spatial) views under {self.image_key!r}; no pictures.",
+                          stacklevel=2)
+            return
+        written = save_view_pictures(views, self.output_dir, max_images=self.max_images)
+        logger.info(f"Saved pictures of the augmented views: {', '.join(str(p) for p in written)}.")

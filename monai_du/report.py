@@ -54,6 +54,12 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else math.nan
 
 
+#: Columns of the age probe (``compare --age``): ridge MAE, its bootstrap CI and the mean-age predictor's MAE.
+AGE_COLUMNS: tuple[str, ...] = ("age_mae", "age_mae_low", "age_mae_high", "age_floor_mae")
+#: Paired differences of age MAE (years) that the power line sizes seeds for.
+AGE_POWER_TARGETS: tuple[float, ...] = (0.5, 1.0)
+
+
 def summarise(results: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
     """One row per method: mean and std over seeds of every metric, in ``methods`` order."""
     rows = []
@@ -62,7 +68,8 @@ def summarise(results: pd.DataFrame, methods: Sequence[str]) -> pd.DataFrame:
         if part.empty:
             continue
         row: dict[str, Any] = {"method_key": key, "method": part["method"].iloc[0], "n_seeds": len(part)}
-        for name in ("auc", "auc_low", "auc_high", "knn_auc", "site_leakage", "chosen_C", "steps", "wall_time_s"):
+        for name in ("auc", "auc_low", "auc_high", "knn_auc", "site_leakage", "chosen_C", "steps", "wall_time_s",
+                     *[n for n in AGE_COLUMNS if n in part.columns]):
             row[f"{name}_mean"], row[f"{name}_std"] = _mean_std(part[name].astype(float))
         row["site_chance"] = _mean_std(part["site_chance"].astype(float))[0]
         rows.append(row)
@@ -90,8 +97,10 @@ def format_summary(summary: pd.DataFrame, label: str) -> str:
     steps and wall time."""
     n = int(summary["n_seeds"].max()) if len(summary) else 0
     sites = bool(np.isfinite(summary.get("site_leakage_mean", pd.Series(dtype=float))).any())
+    ages = "age_mae_mean" in summary.columns
     header = ["method", f"AUC {label} (mean ± std, {n} seed{'s' if n != 1 else ''})", "mean 95% CI", "probe C",
-              "kNN AUC"] + (["site leakage (chance)"] if sites else []) + ["steps", "wall time"]
+              "kNN AUC"] + (["site leakage (chance)"] if sites else []) \
+        + (["age MAE, years (floor)", "mean 95% CI"] if ages else []) + ["steps", "wall time"]
     body = []
     for _, r in summary.iterrows():
         ci = f"[{r['auc_low_mean']:.3f}, {r['auc_high_mean']:.3f}]" if np.isfinite(r["auc_low_mean"]) else "-"
@@ -101,6 +110,11 @@ def format_summary(summary: pd.DataFrame, label: str) -> str:
         if sites:
             leak = _pm(r["site_leakage_mean"], r["site_leakage_std"])
             line.append(leak + (f" ({r['site_chance']:.3f})" if leak != "-" else ""))
+        if ages:
+            mae = _pm(r["age_mae_mean"], r["age_mae_std"], 2)
+            line += [mae + (f" ({r['age_floor_mae_mean']:.2f})" if mae != "-" else ""),
+                     f"[{r['age_mae_low_mean']:.2f}, {r['age_mae_high_mean']:.2f}]"
+                     if np.isfinite(r["age_mae_low_mean"]) else "-"]
         line += [f"{r['steps_mean']:.0f}" if np.isfinite(r["steps_mean"]) else "-", f"{r['wall_time_s_mean']:.1f} s"]
         body.append(line)
     return _render(header, body)
@@ -182,12 +196,12 @@ def seeds_needed(delta: float, std: float, alpha: float = POWER_ALPHA, power: fl
     return high
 
 
-def power_words(std: float, n: int) -> str:
-    """The power line of a paired difference: what ``n`` seeds could detect, and the seeds for the targets."""
+def power_words(std: float, n: int, targets: Sequence[float] = POWER_TARGETS, digits: int = 3) -> str:
+    """The power line of a paired difference: what ``n`` seeds could detect, and the seeds for the ``targets``."""
     if n < 2 or not np.isfinite(std) or std <= 0:
         return "power: needs 2 or more seeds with a spread"
-    need = ", ".join(f"±{d:g}: {seeds_needed(d, std)}" for d in POWER_TARGETS)
-    return (f"{n} seeds detect ±{detectable_difference(std, n):.3f} at {POWER:.0%} power (two-sided "
+    need = ", ".join(f"±{d:g}: {seeds_needed(d, std)}" for d in targets)
+    return (f"{n} seeds detect ±{detectable_difference(std, n):.{digits}f} at {POWER:.0%} power (two-sided "
             f"{POWER_ALPHA:.0%}); seeds needed for {need}")
 
 
@@ -235,6 +249,32 @@ def verdict(results: pd.DataFrame, summary: pd.DataFrame, label: str) -> list[st
                 verb = "ties with" if abs(d) < 5e-4 else "is above" if d > 0 else "is below"
                 lines.append(f"{names[key]} {verb} {what}: {d:+.3f} AUC (paired std {s:.3f}; {_judge(d, s, n)}; "
                              f"{power_words(s, n)}).")
+    return lines + age_verdict(results, summary)
+
+
+def age_verdict(results: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+    """Sentences on the age probe (lower MAE is better): the best method against the mean-age floor, and each method
+    against plain DU and random init, paired by seed, with the power line in years."""
+    if "age_mae_mean" not in summary.columns:
+        return []
+    ranked = summary.dropna(subset=["age_mae_mean"]).sort_values("age_mae_mean")
+    if ranked.empty:
+        return []
+    best = ranked.iloc[0]
+    lines = [f"Lowest mean age MAE: {best['method']} ({_pm(best['age_mae_mean'], best['age_mae_std'], 2)} years; the "
+             f"mean-age predictor on the same splits: {best['age_floor_mae_mean']:.2f})."]
+    names = summary.set_index("method_key")["method"]
+    for base, what in (("du", "plain DU"), ("random", "the random-init encoder")):
+        if base not in names:
+            continue
+        for key in names.index:
+            if key in (base, "random"):
+                continue
+            d, sd, n = paired_difference(results, key, base, column="age_mae")
+            if np.isfinite(d):
+                verb = "ties with" if abs(d) < 5e-3 else "is worse than" if d > 0 else "is better than"
+                lines.append(f"age MAE: {names[key]} {verb} {what}: {d:+.2f} years (paired std {sd:.2f}; "
+                             f"{_judge(d, sd, n)}; {power_words(sd, n, AGE_POWER_TARGETS, 2)}).")
     return lines
 
 
@@ -324,7 +364,9 @@ def write_report(
     sentences = verdict(results, summary, label)
     efficiency = _efficiency_summaries(curve, methods)
     efficiency_table = format_label_efficiency(efficiency) if efficiency else ""
-    per_seed = results[["method", "seed", "auc", "chosen_C", "knn_auc", "steps", "wall_time_s"]].to_string(
+    columns = ["method", "seed", "auc", "chosen_C", "knn_auc", *[c for c in ("age_mae",) if c in results.columns],
+               "steps", "wall_time_s"]
+    per_seed = results[columns].to_string(
         index=False, formatters={"chosen_C": "{:.3g}".format}, float_format=lambda v: f"{v:.3f}")
     lines = [header, "", table, "", "label efficiency (linear-probe AUC on the held-out patients, by number of "
              "labelled training patients; mean ± std over seeds and draws):", efficiency_table, "", *sentences, "",

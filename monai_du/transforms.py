@@ -342,6 +342,7 @@ def brain_augmentations(
     rotate_degrees: float = 10.0,
     scale_range: float = 0.1,
     flip_prob: float = 0.5,
+    flip_axes: Sequence[int] = (0,),
     blur_prob: float = 0.2,
     blur_sigma: Sequence[float] = (0.5, 1.0),
     noise_prob: float = 0.5,
@@ -353,13 +354,16 @@ def brain_augmentations(
 
     Random crop (each side ``crop_scale`` of the input, then resized to ``spatial_size``), a small random affine
     (rotation within ``±rotate_degrees`` per axis, isotropic-range scaling ``±scale_range``, size kept), a flip along
-    each axis with probability ``flip_prob``, a polynomial bias field, Gaussian blur and Gaussian noise. The output
-    is a float32 tensor ``(C, *spatial_size)``.
+    each of ``flip_axes`` with probability ``flip_prob``, a polynomial bias field, Gaussian blur and Gaussian noise.
+    The output is a float32 tensor ``(C, *spatial_size)``.
 
     Args:
         spatial_size: output ``(H, W, D)``.
         crop_scale: ``(low, high)`` fraction of each side kept by the random crop.
         affine_prob, flip_prob, blur_prob, noise_prob, bias_field_prob: probability of each random transform.
+        flip_axes: the axes a flip may reverse. Default: axis 0 only, left-right of a RAS volume (the bundles reorient
+            to RAS): a brain is nearly symmetric left to right, while an upside-down or back-to-front head is not an
+            image a scanner makes.
         rotate_degrees: maximum absolute rotation about each axis in the affine.
         scale_range: the affine scales each axis by ``1 + U(-scale_range, scale_range)``.
         blur_sigma: ``(low, high)`` range of the Gaussian blur sigma (voxels), per axis.
@@ -371,6 +375,8 @@ def brain_augmentations(
     """
     where = "brain_augmentations"
     size = _check_size(spatial_size, 3, where)
+    if any(isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < 3 for a in flip_axes):
+        raise ValueError(f"{where}: flip_axes must hold spatial axes 0, 1 or 2, got {list(flip_axes)}.")
     lo, hi = _check_range(crop_scale, where, "crop_scale")
     angle = math.radians(rotate_degrees)
     sigma = tuple(float(s) for s in blur_sigma)
@@ -385,9 +391,7 @@ def brain_augmentations(
                 padding_mode="zeros",
                 mode="bilinear",
             ),
-            RandFlip(prob=flip_prob, spatial_axis=0),
-            RandFlip(prob=flip_prob, spatial_axis=1),
-            RandFlip(prob=flip_prob, spatial_axis=2),
+            *[RandFlip(prob=flip_prob, spatial_axis=int(axis)) for axis in flip_axes],
             RandBiasField(degree=3, coeff_range=tuple(bias_field_coeff), prob=bias_field_prob),
             RandGaussianSmooth(sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=blur_prob),
             RandGaussianNoise(prob=noise_prob, mean=0.0, std=noise_std),

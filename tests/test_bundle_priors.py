@@ -51,7 +51,8 @@ def _manifest(tmp_path: Path, n_patients: int = 60, sites: int = 1) -> Path:
 
 def test_kernel_methods_are_the_method_files_with_a_kernel():
     assert kernel_methods("cxr") == ["kdu_attr", "kdu_encoder", "kdu_gen", "kdu_patient", "yaware"]
-    assert kernel_methods("brain") == ["kdu_attr", "kdu_encoder", "kdu_gen", "kdu_patient", "yaware"]
+    assert kernel_methods("brain") == ["kdu_age", "kdu_attr", "kdu_encoder", "kdu_gen", "kdu_patient", "yaware",
+                                       "yaware_age"]
 
 
 def test_patient_time_prior_matches_a_loop_over_the_bundle_settings(tmp_path):

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from monai_du.bundles import bundle_path
-from monai_du.data.real_cohort import nih_cxr_dev_manifest
-from monai_du.demo import DEMO_DEFAULTS, DEMO_METHODS, demo_config
+from monai_du.data.real_cohort import ixi_t1_dev_manifest, nih_cxr_dev_manifest
+from monai_du.demo import BRAIN_DEMO_METHODS, DEMO_DEFAULTS, DEMO_METHODS, demo_config
 
 
 def test_cxr_demo_is_compare_on_the_real_embedded_cohort(tmp_path):
@@ -19,10 +19,12 @@ def test_cxr_demo_is_compare_on_the_real_embedded_cohort(tmp_path):
     assert demo_config(out=tmp_path, epochs=3, seeds=(5,)).epochs == 3
 
 
-def test_brain_demo_generates_its_phantom_cohort(tmp_path):
+def test_brain_demo_is_compare_on_the_shipped_ixi_cohort(tmp_path):
     config = demo_config("brain", out=tmp_path)
     df = pd.read_csv(config.manifest)
-    assert len(df) == DEMO_DEFAULTS["brain"]["n"] and config.label in df.columns
-    assert config.bundle == bundle_path("brain")
+    assert config.manifest == ixi_t1_dev_manifest() and config.bundle == bundle_path("brain")
+    assert config.label == "sex" and config.age == "age" and tuple(config.methods) == BRAIN_DEMO_METHODS
+    assert set(df["sex"]) == {"M", "F"} and df["age"].notna().all() and len(df) == df["patient_id"].nunique()
+    assert (config.manifest.parent / "LICENSE.md").is_file()  # CC BY-SA 3.0: the licence travels with the images
     with pytest.raises(ValueError, match="modality"):
         demo_config("ct", out=tmp_path)

@@ -39,7 +39,7 @@ from monai_du.audit.statistics import (
 )
 from monai_du.audit.verdicts import format_audit, rank_audit
 from monai_du.bundles import check_overrides
-from monai_du.data.manifest import read_manifest, resolve_label_column
+from monai_du.data.manifest import label_values, read_manifest, resolve_label_column
 from monai_du.data.samplers import AttributeBatchSampler, draw_batches
 from monai_du.io import write_text_atomic
 from monai_du.kernels import PriorKernel
@@ -51,11 +51,8 @@ statistics cost O(n^2) memory and O(n^2 * n_permutations) time."""
 
 
 def _binary_label(df: pd.DataFrame, column: str, source: str) -> np.ndarray:
-    """(N,) float labels: 0/1, NaN for unlabelled (NaN or -1 uncertain) rows."""
-    values = pd.to_numeric(df[column], errors="coerce").astype(float)
-    bad_text = df[column].notna() & values.isna()
-    if bad_text.any():
-        raise ValueError(f"{source}: label column {column!r} holds non-numeric value {df[column][bad_text].iloc[0]!r}.")
+    """(N,) float labels: 0/1 (M/F: male = 1), NaN for unlabelled (NaN or -1 uncertain) rows."""
+    values = label_values(df[column], column, source).astype(float)
     values = values.mask(values == -1.0)
     other = values.notna() & ~values.isin([0.0, 1.0])
     if other.any():

@@ -57,6 +57,7 @@ __all__ = [
     "ManifestBuildResult",
     "find_phi_columns",
     "patients_in_several_splits",
+    "label_values",
     "normalize_sex",
     "label_column_name",
     "validate_manifest",
@@ -272,6 +273,23 @@ def resolve_label_column(df: pd.DataFrame, name: str, source: str = "manifest") 
             return column
     known = [c for c in df.columns if str(c).startswith(LABEL_PREFIX)]
     raise ValueError(f"{source}: label column {name!r} is not in the manifest (label columns: {known}).")
+
+
+def label_values(values: pd.Series, column: str, source: str) -> pd.Series:
+    """The label as numbers: 0/1 (and -1 uncertain, blank missing) as they are; a sex column (``M``/``F``) as
+    male = 1, female = 0.
+
+    Raises:
+        ValueError: naming the column and a few of its values, for any other text.
+    """
+    numeric = pd.to_numeric(values, errors="coerce")
+    text = values[values.notna() & numeric.isna()].astype(str).str.strip()
+    if text.empty:
+        return numeric
+    if set(text.str.upper()) <= {"M", "F"}:
+        return values.astype(str).str.strip().str.upper().map({"M": 1.0, "F": 0.0}).where(values.notna())
+    raise ValueError(f"{source}: label column {column!r} holds {sorted(text.unique())[:5]}: a label is 0/1 (-1 "
+                     "uncertain, blank missing), or M/F for sex (male = 1).")
 
 
 @dataclass
