@@ -20,6 +20,7 @@ import os
 import re
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,8 @@ from monai.transforms import (
     ScaleIntensityd,
     ScaleIntensityRangePercentilesd,
 )
+from monai.transforms.transform import RandomizableTrait, Transform
+from monai.transforms.utils import convert_to_contiguous
 
 from monai_du.data.manifest import (
     RESOLVED_IMAGE_COLUMN,
@@ -755,19 +758,47 @@ class _Unusable:
         self.error = error
 
 
+def _runs_per_access(transform) -> bool:
+    """Whether a transform of a cached dataset runs at every access rather than once, into the cache: MONAI's rule
+    (random, or not a MONAI ``Transform``), except that a nested plain ``Compose`` is random only when one of its
+    transforms is. MONAI counts every ``Compose`` as random (it is ``Randomizable``): by its rule, a loading pipeline
+    nested in a bundle's preprocessing (``cached_load_transforms(...)`` as its first step) would never be cached, the
+    images would be decoded again every epoch, and a volume holding NaN values would stop the run in its first epoch
+    instead of being reported when the cache is built."""
+    if type(transform) is Compose:
+        return any(_runs_per_access(inner) for inner in transform.transforms)
+    return isinstance(transform, RandomizableTrait) or not isinstance(transform, Transform)
+
+
 class _CheckedCacheDataset(CacheDataset):
     """``CacheDataset`` that keeps an :class:`UnusableImageError` raised while caching an item (an image that
     decodes to NaN values, a DICOM of the wrong dimensionality, ...) as a placeholder, for
-    :func:`manifest_to_dataset` to report and drop, instead of failing the whole cache."""
+    :func:`manifest_to_dataset` to report and drop, instead of failing the whole cache.
+
+    It caches every transform before the first one that :func:`_runs_per_access` (MONAI's ``CacheDataset`` stops at
+    the first nested ``Compose``); the cache is complete and positional, as :func:`manifest_to_dataset` builds it."""
+
+    def _first_per_access(self) -> int | None:
+        return self.transform.get_index_of_first(_runs_per_access)
 
     def _load_cache_item(self, idx: int):
         try:
-            return super()._load_cache_item(idx)
+            item = self.transform(self.data[idx], end=self._first_per_access(), threading=True)
+            if self.as_contiguous:
+                item = convert_to_contiguous(item, memory_format=torch.contiguous_format)
+            return item
         except Exception as err:
             unusable = _unusable_in(err)
             if unusable is None:
                 raise
             return _Unusable(unusable)
+
+    def _transform(self, index: int):
+        data = self._cache[index]
+        first = self._first_per_access()
+        if first is None:
+            return data
+        return self.transform(deepcopy(data) if self.copy_cache is True else data, start=first)
 
 
 def _drop_unusable(ds: _CheckedCacheDataset, rows: list, images: list, on_error: str, source: str) -> pd.DataFrame:
@@ -930,9 +961,26 @@ def load_images(
 
     Returns:
         float32 array (N, 1, *spatial), scaled to [0, 1] per image (with "minmax" or "percentile").
+
+    Raises:
+        ValueError: images that are missing, unreadable or of another shape (from their headers), or that cannot be
+            used once loaded (NaN or infinite values, a file that does not decode), naming every such row and file.
     """
     size = int(image_size) if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size]
     transform = load_image_transforms(keys="image", modality=modality, spatial_size=size, intensity=intensity)
     dataset = manifest_to_dataset(df, root=root, transform=transform, columns=[])
-    images = [np.asarray(item["image"], dtype=np.float32) for item in dataset]
+    images, failed = [], []
+    for i, (row, image) in enumerate(zip(df.index, df["image"])):
+        try:
+            images.append(np.asarray(dataset[i]["image"], dtype=np.float32))
+        except Exception as err:  # noqa: BLE001 - an unusable image is reported with the others; other errors raise
+            unusable = _unusable_in(err)
+            if unusable is None:
+                raise
+            failed.append((row, str(image), dataset.data[i]["image"], unusable))
+    if failed:
+        report = pd.DataFrame([(*f[:3], f[3].reason) for f in failed], columns=list(CHECK_REPORT_COLUMNS))
+        raise ValueError(
+            f"manifest DataFrame: {len(report)} image(s) cannot be used once loaded:{_format_report(report)}"
+        ) from failed[0][3]
     return np.stack(images)
