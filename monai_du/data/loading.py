@@ -949,6 +949,7 @@ def load_images(
     image_size: int | Sequence[int] = 32,
     root: str | os.PathLike | None = None,
     intensity: str | None = "minmax",
+    size_mode: str = "resize",
 ) -> np.ndarray:
     """Load every manifest image with :func:`load_image_transforms`, resized, in row order, into one array.
 
@@ -958,6 +959,8 @@ def load_images(
         image_size: size of the resized images: a side (int) or one value per axis.
         root: folder of relative image paths.
         intensity: intensity scaling of ``load_image_transforms`` ("minmax", "percentile" or None).
+        size_mode: how images reach ``image_size`` ("resize", "longest" or "pad_crop", as in
+            ``load_image_transforms``).
 
     Returns:
         float32 array (N, 1, *spatial), scaled to [0, 1] per image (with "minmax" or "percentile").
@@ -967,7 +970,9 @@ def load_images(
             used once loaded (NaN or infinite values, a file that does not decode), naming every such row and file.
     """
     size = int(image_size) if isinstance(image_size, (int, np.integer)) else [int(s) for s in image_size]
-    transform = load_image_transforms(keys="image", modality=modality, spatial_size=size, intensity=intensity)
+    transform = load_image_transforms(
+        keys="image", modality=modality, spatial_size=size, intensity=intensity, size_mode=size_mode
+    )
     dataset = manifest_to_dataset(df, root=root, transform=transform, columns=[])
     images, failed = [], []
     for i, (row, image) in enumerate(zip(df.index, df["image"])):
