@@ -107,7 +107,8 @@ def _check_only_rank0_wrote(root: Path, summaries: list[dict], writes: list[dict
     assert any(p.startswith("eval/tensorboard/events.out.tfevents.") for p in written)
     assert {p.name for p in (root / "models").iterdir()} == EXPECTED_MODELS
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and "tensorboard" not in
-                  p.parts) == sorted(f"models/{name}" for name in EXPECTED_MODELS)
+                  p.parts and not p.name.startswith("views")) == sorted(f"models/{name}" for name in EXPECTED_MODELS)
+    assert any(p.startswith("eval/views") and p.endswith(".png") for p in written)  # what the network sees
     events = list((root / "eval" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and all(e.name.split(".")[-2] == str(summaries[0]["pid"]) for e in events)  # rank 0's pid
     ckpt = torch.load(root / "models" / "checkpoint_epoch=1.pt", weights_only=True)
