@@ -10,13 +10,17 @@ Data-loader glue: :class:`EpochSeededDataset` and :class:`EpochBatchSampler` mak
 epoch ``e`` a function of ``(seed, e, i)`` alone, so that the views do not depend on the number of worker processes,
 on persistent workers, on the rank that draws the item, or on whether the run was resumed.
 
-Helpers for bundle configs: :func:`fit_prior_kernel`, :func:`default_num_workers`, :func:`default_num_threads` and
-:func:`default_bundle_root`. Loading weights into a bundle's network is :mod:`monai_du.encoders`' job.
+Helpers for bundle configs: :func:`fit_prior_kernel`, :func:`default_num_workers`, :func:`default_num_threads`,
+:func:`default_bundle_root`, and the targets of a fine-tune run (:func:`supervised_rows`, :func:`target_scaling`,
+:func:`write_target_info`, :func:`read_target_info`). Loading weights into a bundle's network is
+:mod:`monai_du.encoders`' job.
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -29,6 +33,8 @@ import torch
 from monai.engines.utils import PrepareBatch
 from monai.utils import MAX_SEED
 
+from monai_du.data.manifest import label_values
+
 __all__ = [
     "MultiViewPrepareBatch",
     "EpochSeededDataset",
@@ -37,7 +43,15 @@ __all__ = [
     "default_num_workers",
     "default_num_threads",
     "default_bundle_root",
+    "TASKS",
+    "target_column_names",
+    "supervised_rows",
+    "target_scaling",
+    "write_target_info",
+    "read_target_info",
 ]
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------------------------
 # prepare_batch
@@ -303,3 +317,116 @@ def default_bundle_root(fallback: str = ".") -> str:
         # a bundle run straight from the installed package writes into the working directory, never site-packages
         return str(Path.cwd() / folder.name)
     return str(folder)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# targets of a fine-tune run (classification labels, or one regression target such as age)
+# --------------------------------------------------------------------------------------------------------------------
+
+TASKS = ("classification", "regression")
+TARGET_PREFIX = "target_"
+
+
+def target_column_names(targets: list[str] | tuple[str, ...]) -> list[str]:
+    """The manifest columns that :func:`supervised_rows` adds, one per target: ``target_<column>``."""
+    return [TARGET_PREFIX + str(t) for t in targets]
+
+
+def supervised_rows(
+    df: pd.DataFrame, targets: list[str] | tuple[str, ...], task: str = "classification", source: object = "manifest"
+) -> pd.DataFrame:
+    """The rows of a fine-tune split with their targets as numbers, in added columns ``target_<column>``
+    (:func:`target_column_names`); the manifest's own columns stay as they are, so the rows still validate.
+
+    ``classification``: each label column through :func:`monai_du.data.manifest.label_values` (1, 0, -1 and blank as
+    they are; ``M``/``F`` as male = 1, female = 0). ``regression``: the target column as a number (age in years, say);
+    rows without a value are left out (logged), since a regression target has no "negative" to stand in for it.
+
+    Apply it after the patient split, so that leaving rows out cannot change which patients are in which split.
+
+    Raises:
+        ValueError: an unknown task, a target column the manifest lacks, or values that are not labels / numbers,
+            naming ``source`` and the column.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}.")
+    missing = [c for c in targets if c not in df.columns]
+    if missing:
+        raise ValueError(f"{source}: target column(s) {missing} not in the manifest (columns: {list(df.columns)}).")
+    out = df.copy()
+    for column, name in zip(targets, target_column_names(targets)):
+        if task == "classification":
+            out[name] = label_values(df[column], column, str(source)).astype(float)
+            continue
+        value = pd.to_numeric(df[column], errors="coerce").astype(float)
+        text = df[column].notna() & value.isna() & (df[column].astype(str).str.strip() != "")
+        if text.any():
+            examples = sorted(df[column][text].astype(str).unique())[:5]
+            raise ValueError(f"{source}: regression target {column!r} holds {examples}: it must be a number.")
+        out[name] = value
+    if task == "regression":
+        names = target_column_names(targets)
+        keep = out[names].notna().all(axis=1) & np.isfinite(out[names].to_numpy()).all(axis=1)
+        if not keep.all():
+            logger.warning("%s: %d of %d rows have no %s value and are left out", source, int((~keep).sum()), len(out),
+                           "/".join(map(str, targets)))
+        out = out[keep]
+    return out
+
+
+def target_scaling(df: pd.DataFrame, column: str) -> dict[str, Any]:
+    """Mean and standard deviation (``ddof=1``) of a regression target over the training rows, to standardise it.
+
+    Returns:
+        ``{"column", "mean", "std", "n"}``; ``std`` is 1.0 when the rows do not vary.
+
+    Raises:
+        ValueError: fewer than two rows with a value.
+    """
+    values = pd.to_numeric(df[column], errors="coerce").dropna().to_numpy(dtype=np.float64)
+    if len(values) < 2:
+        raise ValueError(f"regression target {column!r}: {len(values)} training row(s) with a value; need at least 2.")
+    std = float(values.std(ddof=1))
+    return {"column": str(column), "mean": float(values.mean()), "std": std if std > 0 else 1.0, "n": int(len(values))}
+
+
+def write_target_info(
+    path: str | os.PathLike, task: str, targets: list[str], scaling: Mapping[str, Any] | None = None
+) -> Path:
+    """Write what a fine-tuned model predicts (``models/target_info.json``): the task, its target columns and, for
+    regression, the standardisation of the target, which inference undoes. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scaling = None if scaling is None else dict(scaling)
+    info = {"task": str(task), "targets": [str(t) for t in targets], "scaling": scaling}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_target_info(path: str | os.PathLike, task: str, targets: list[str]) -> dict[str, Any] | None:
+    """The ``target_info.json`` of a trained model, checked against the inference settings.
+
+    Returns:
+        the recorded info (``scaling`` holds the regression target's ``mean`` and ``std``); None for a
+        classification model trained before the file existed.
+
+    Raises:
+        FileNotFoundError: in regression, when the file is missing (the target's scale is unknown).
+        ValueError: the file records another task or other targets than ``task`` and ``targets``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        if task == "regression":
+            raise FileNotFoundError(f"{path} not found: a regression model's inference needs the target's mean and "
+                                    "std that training wrote there (train with --task regression first).")
+        return None
+    info = json.loads(path.read_text())
+    if info.get("task") != task or list(info.get("targets", [])) != [str(t) for t in targets]:
+        raise ValueError(f"{path}: the model was trained for task {info.get('task')!r} on {info.get('targets')}, but "
+                         f"inference is set to task {task!r} on {list(targets)}; use the training run's --task, "
+                         "--labels and --regression_target.")
+    if task == "regression" and not info.get("scaling"):
+        raise ValueError(f"{path}: a regression model without the target's scaling.")
+    return info

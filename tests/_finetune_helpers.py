@@ -3,7 +3,8 @@ test_bundles_distributed.py); not a test module.
 
 The chest X-ray runs use 48 images of the embedded real NIH cohort (a smaller manifest in ``<tmp>/data`` pointing at
 the shipped images) with the bundle's default labels; the brain runs a tiny brain phantom that the bundle makes in
-``<tmp>/data``. AUC references are computed with scikit-learn from the predictions CSV.
+``<tmp>/data`` (``--demo_cohort phantom``, label ``label_lesion``), or 12 volumes copied from the shipped IXI cohort
+(:func:`_ixi_subset`, at 16^3). AUC references are computed with scikit-learn from the predictions CSV.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from monai_du.data.real_cohort import NIH_CXR_DEV_DIR, nih_cxr_dev_manifest
+from monai_du.data.real_cohort import NIH_CXR_DEV_DIR, ixi_t1_dev_manifest, nih_cxr_dev_manifest
 from monai_du.data.splits import patient_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,10 +41,14 @@ SETTINGS = {
         "spatial_dims": 3,
         "labels": ["label_lesion"],
         "image_shape": (32, 32, 32),
-        "overrides": ["--demo_num_images", "16", "--demo_image_size", "32", "--batch_size", "4", "--num_threads", "1"],
+        "overrides": ["--demo_cohort", "phantom", "--demo_num_images", "16", "--demo_image_size", "32",
+                      "--labels", "['label_lesion']", "--batch_size", "4", "--num_threads", "1"],
     },
 }
 N_REAL = 48  # images of the real cohort used by the chest X-ray runs (at most 2 per patient)
+# the brain runs on real volumes: 12 IXI subjects (6 male, 6 female) copied to <tmp>/data, at 16^3
+N_IXI = 12
+IXI_OVERRIDES = ["--spatial_size", "[16,16,16]", "--batch_size", "4", "--num_workers", "0", "--num_threads", "1"]
 
 def _run(args: list[str], cwd: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ)
@@ -74,6 +79,20 @@ def _data_args(bundle: Path, name: str) -> list[str]:
     return ["--dataset_dir", str(data)]
 
 
+def _ixi_subset(dest: Path, n: int = N_IXI) -> list[str]:
+    """Copy ``n`` volumes of the shipped IXI cohort (the first n/2 male and n/2 female subjects) with their manifest
+    rows to ``dest/data``; returns the bundle arguments that select them."""
+    shipped = ixi_t1_dev_manifest()
+    real = pd.read_csv(shipped, dtype={"patient_id": str})
+    subset = pd.concat([real[real["sex"] == "M"].head(n // 2), real[real["sex"] == "F"].head(n - n // 2)]).sort_index()
+    data = dest / "data"
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    for image in subset["image"]:
+        shutil.copy(shipped.parent / image, data / image)
+    subset.to_csv(data / "manifest.csv", index=False)
+    return ["--manifest", str(data / "manifest.csv"), "--dataset_dir", str(data)]
+
+
 def _infer(bundle: Path, name: str) -> pd.DataFrame:
     _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.yaml"),
           "--bundle_root", str(bundle), *_data_args(bundle, name), *SETTINGS[name]["overrides"]], cwd=bundle.parent)
@@ -89,8 +108,13 @@ def _logged_metrics(bundle: Path) -> dict[str, float]:
     return out
 
 
+def _label_name(column: str) -> str:
+    return column[len("label_"):] if column.startswith("label_") else column
+
+
 def _sklearn_val_auc(bundle: Path, predictions: pd.DataFrame, labels: list[str]) -> dict[str, float]:
-    """ROC AUC per label on the validation patients, from the predictions CSV, with scikit-learn (NaN: one class)."""
+    """ROC AUC per label on the validation patients, from the predictions CSV, with scikit-learn (NaN: one class).
+    A sex column counts male as the positive class."""
     manifest = pd.read_csv(bundle.parent / "data" / "manifest.csv", dtype={"patient_id": str})  # the run's manifest
     assert len(predictions) == len(manifest)
     assert predictions["image"].tolist() == manifest["image"].tolist()
@@ -98,8 +122,9 @@ def _sklearn_val_auc(bundle: Path, predictions: pd.DataFrame, labels: list[str])
     val = patient_split(manifest, fractions=SPLIT, seed=0)["split"].to_numpy() == "val"
     aucs = {}
     for column in labels:
-        name = column[len("label_"):]
-        y = manifest.loc[val, column].to_numpy()
+        name = _label_name(column)
+        y = manifest.loc[val, column]
+        y = (y.map({"M": 1.0, "F": 0.0}) if column == "sex" else y).astype(float).to_numpy()
         score = predictions.loc[val, f"prob_{name}"].to_numpy()
         aucs[f"val_auc_{name}"] = roc_auc_score(y, score) if len(np.unique(y)) == 2 else math.nan
     aucs["val_mean_auc"] = float(np.mean(list(aucs.values())))

@@ -3,37 +3,45 @@
 Every run goes through the real entry point (``python -m monai.bundle run``) in a subprocess (``ckpt_export`` is
 called in this process), on a copy of the bundle in a temporary folder, one epoch: the chest X-ray bundle on 48 images
 of its default data, the embedded real NIH cohort (a smaller manifest pointing at the shipped images, with the default
-labels), the brain bundle on a tiny brain phantom. The torchrun run of the multi-GPU override is in
-test_bundles_distributed.py. References are computed independently: AUCs with scikit-learn from the predictions of
-the saved model, weights compared tensor by tensor with the encoder file the test wrote, TorchScript outputs against
-the eager ``ProbeClassifier`` loaded from the checkpoint.
+labels), the brain bundle on a tiny brain phantom (label label_lesion) and, for sex classification and age
+regression, on 12 volumes copied from its default data, the shipped IXI cohort. The torchrun run of the multi-GPU
+override is in test_bundles_distributed.py. References are computed independently: AUCs with scikit-learn from the
+predictions of the saved model, MAEs and the mean-age floor with numpy from the manifest, weights compared tensor by
+tensor with the encoder file the test wrote, TorchScript outputs against the eager ``ProbeClassifier`` loaded from
+the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 from _finetune_helpers import (
+    IXI_OVERRIDES,
     SETTINGS,
     SPLIT,
     _assert_close_or_both_nan,
     _copy_bundle,
     _data_args,
     _infer,
+    _ixi_subset,
+    _label_name,
     _logged_metrics,
     _run,
     _sklearn_val_auc,
 )
 
-from monai_du.data.real_cohort import nih_cxr_dev_manifest
+from monai_du.data.real_cohort import ixi_t1_dev_manifest, nih_cxr_dev_manifest
+from monai_du.data.splits import patient_split
 from monai_du.networks import ContrastiveEncoder, ProbeClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +116,7 @@ def test_metadata_verifies_against_monai_schema(name):
     out = meta["network_data_format"]["outputs"]["pred"]
     labels = _config(name, "train.yaml")["labels"]
     assert out["num_channels"] == len(labels)
-    assert list(out["channel_def"].values()) == [c[len("label_"):] for c in labels]
+    assert list(out["channel_def"].values()) == [_label_name(c) for c in labels]
     spatial_size = _config(name, "train.yaml")["spatial_size"]
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == spatial_size
 
@@ -117,8 +125,9 @@ def test_metadata_verifies_against_monai_schema(name):
 def test_configs_agree(name):
     """train.yaml and inference.yaml describe the same network and data; the backbone matches the pretrain bundle's."""
     train, infer = _config(name, "train.yaml"), _config(name, "inference.yaml")
-    for key in ("backbone", "widen_factor", "spatial_size", "labels", "dataset_dir", "demo_num_images", "demo_seed",
-                "demo_image_size", "manifest", "split_fractions", "split_seed"):
+    for key in ("backbone", "widen_factor", "spatial_size", "labels", "dataset_dir", "demo_cohort", "demo_num_images",
+                "demo_seed", "demo_image_size", "manifest", "split_fractions", "split_seed", "task",
+                "regression_target", "targets", "image_loading"):
         assert train.get(key) == infer.get(key), key
     for key in ("_target_", "encoder", "num_classes", "spatial_dims", "in_channels", "encoder_kwargs"):
         assert train["network_def"][key] == infer["network_def"][key], key
@@ -129,8 +138,8 @@ def test_configs_agree(name):
     pretrain = BUNDLES / name.replace("_finetune", "_du_pretrain") / "configs" / "train.yaml"
     if pretrain.is_file():
         pre = yaml.safe_load(pretrain.read_text())
-        for key in ("backbone", "widen_factor", "spatial_size", "split_fractions", "split_seed", "demo_num_images",
-                    "demo_image_size"):
+        for key in ("backbone", "widen_factor", "spatial_size", "split_fractions", "split_seed", "demo_cohort",
+                    "demo_num_images", "demo_image_size", "dataset_dir", "manifest", "image_loading"):
             if key in pre or key in train:
                 assert pre.get(key) == train.get(key), f"{key}: pretrain {pre.get(key)!r}, finetune {train.get(key)!r}"
 
@@ -253,3 +262,126 @@ def test_missing_pretrained_encoder_is_an_error_when_required(tmp_path):
     assert proc.returncode != 0
     assert "pretrained encoder file" in out and "not found" in out and str(missing) in out
     assert not (bundle / "models" / "model.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the brain bundle on real volumes: sex (classification from M/F) and age (regression)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_brain_defaults_are_the_pretrain_cohort_and_split(tmp_path):
+    """No data override: the shipped IXI cohort, label sex, and the pretrain bundle's patient split, so that no
+    validation patient was pretrained on; --task regression targets age, standardised with the training rows' ages."""
+    from monai.bundle import ConfigParser
+
+    def parsed(bundle: str, **overrides) -> ConfigParser:
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / bundle / "configs" / "train.yaml"))
+        parser.update({"bundle_root": str(tmp_path / bundle), **overrides})
+        return parser
+
+    finetune = parsed("brain_mri_finetune")
+    assert finetune.get_parsed_content("task") == "classification"
+    assert finetune.get_parsed_content("labels") == ["sex"]
+    assert Path(finetune.get_parsed_content("manifest")) == ixi_t1_dev_manifest()
+    assert finetune.get_parsed_content("network_def").classifier.out_features == 1
+    pretrain = parsed("brain_mri_du_pretrain")
+    pretrained_on = set(pretrain.get_parsed_content("train#df")["patient_id"])
+    validation = finetune.get_parsed_content("validate#df")
+    assert set(finetune.get_parsed_content("train#df")["patient_id"]) == pretrained_on
+    assert len(validation) > 0 and not pretrained_on & set(validation["patient_id"])
+    # sex read as male = 1, female = 0 into the target column, the manifest's own column kept for validation
+    assert (validation["target_sex"] == validation["sex"].map({"M": 1.0, "F": 0.0})).all()
+    assert set(validation["target_sex"]) == {0.0, 1.0}
+
+    regression = parsed("brain_mri_finetune", task="regression")
+    assert regression.get_parsed_content("targets") == ["age"]
+    assert regression.get_parsed_content("network_def").classifier.out_features == 1
+    manifest = pd.read_csv(ixi_t1_dev_manifest(), dtype={"patient_id": str})
+    ages = manifest.loc[manifest["patient_id"].isin(pretrained_on), "age"].to_numpy()
+    scaling = regression.get_parsed_content("target_scaling")
+    assert scaling["n"] == len(ages) == len(pretrained_on)
+    assert scaling["mean"] == pytest.approx(ages.mean()) and scaling["std"] == pytest.approx(ages.std(ddof=1))
+    assert isinstance(regression.get_parsed_content("loss"), torch.nn.L1Loss)
+    with pytest.raises(Exception) as raised:  # a misspelt task is refused (look_up_option's error, chained)
+        parsed("brain_mri_finetune", task="regresion").get_parsed_content("targets")
+    assert "regresion" in str(raised.value.__cause__)
+
+
+def _ixi_train(bundle: Path, data_args: list[str], extra: list[str]) -> str:
+    proc = _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "train.yaml"),
+                 "--bundle_root", str(bundle), *data_args, "--pretrained", "null", "--split_fractions", repr(SPLIT),
+                 *IXI_OVERRIDES, *extra], cwd=bundle.parent)
+    return proc.stdout + proc.stderr
+
+
+def _ixi_infer(bundle: Path, data_args: list[str], extra: list[str]) -> pd.DataFrame:
+    _run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.yaml"),
+          "--bundle_root", str(bundle), *data_args, *IXI_OVERRIDES, *extra], cwd=bundle.parent)
+    return pd.read_csv(bundle / "eval" / "predictions.csv", dtype={"patient_id": str})
+
+
+def test_brain_sex_classification_from_m_f(tmp_path):
+    """The default label, sex, written M/F in the manifest: the logged AUC is scikit-learn's with male = 1 (fine-tune
+    mode, so the whole network trains)."""
+    bundle = _copy_bundle("brain_mri_finetune", tmp_path)
+    data_args = _ixi_subset(tmp_path)
+    manifest = pd.read_csv(tmp_path / "data" / "manifest.csv", dtype={"patient_id": str})
+    val = patient_split(manifest, fractions=SPLIT, seed=0)["split"] == "val"
+    assert set(manifest.loc[val, "sex"]) == {"M", "F"}  # both classes among the validation patients
+
+    out = _ixi_train(bundle, data_args, ["--mode", "finetune", "--train#trainer#max_epochs", "1"])
+    assert re.search(r"Metrics -- .*val_auc_sex: ", out), out[-3000:]
+    predictions = _ixi_infer(bundle, data_args, [])
+    assert list(predictions.columns) == ["image", "patient_id", "prob_sex"]
+    reference = _sklearn_val_auc(bundle, predictions, ["sex"])
+    assert not math.isnan(reference["val_auc_sex"])
+    _assert_close_or_both_nan(_logged_metrics(bundle), reference)
+    info = json.loads((bundle / "models" / "target_info.json").read_text())
+    assert info == {"task": "classification", "targets": ["sex"], "scaling": None}
+
+
+def test_brain_age_regression_mae_floor_and_inference_in_years(tmp_path):
+    """--task regression: a single-output head on the standardised age, MAE in years and the mean-age floor logged
+    (the floor equal to a computation from the manifest), the best model kept by the lowest MAE, and inference that
+    writes ages in years."""
+    bundle = _copy_bundle("brain_mri_finetune", tmp_path)
+    data_args = _ixi_subset(tmp_path)
+    manifest = pd.read_csv(tmp_path / "data" / "manifest.csv", dtype={"patient_id": str})
+    split = patient_split(manifest, fractions=SPLIT, seed=0)["split"].to_numpy()
+    train_ages, val_ages = manifest["age"].to_numpy()[split == "train"], manifest["age"].to_numpy()[split == "val"]
+    floor = float(np.mean(np.abs(val_ages - train_ages.mean())))
+
+    # a large learning rate, so that the two epochs give different models and MAEs
+    out = _ixi_train(bundle, data_args, ["--task", "regression", "--train#trainer#max_epochs", "2",
+                                         "--learning_rate", "0.05"])
+    logged = _logged_metrics(bundle)
+    assert set(logged) == {"val_mae", "val_mae_floor"}
+    assert math.isfinite(logged["val_mae"]) and logged["val_mae"] > 0
+    assert logged["val_mae_floor"] == pytest.approx(floor, rel=1e-5)
+    epochs = re.findall(r"Epoch\[(\d)\] Metrics -- val_mae: ([\d.]+) val_mae_floor: ([\d.]+)", out)
+    assert [e[0] for e in epochs] == ["1", "2"], out[-3000:]
+    assert epochs[0][1] != epochs[1][1]  # two different MAEs, so keeping the highest one would be caught below
+    assert all(float(e[2]) == pytest.approx(floor, abs=1e-4) for e in epochs)
+
+    info = json.loads((bundle / "models" / "target_info.json").read_text())
+    assert info["task"] == "regression" and info["targets"] == ["age"]
+    assert info["scaling"]["mean"] == pytest.approx(train_ages.mean())
+    assert info["scaling"]["std"] == pytest.approx(train_ages.std(ddof=1))
+    state = _checkpoint(bundle)
+    assert state["classifier.weight"].shape[0] == 1
+
+    # inference writes ages in years; on the validation rows their MAE is the best (lowest) logged epoch's
+    predictions = _ixi_infer(bundle, data_args, ["--task", "regression"])
+    assert list(predictions.columns) == ["image", "patient_id", "pred_age"]
+    assert predictions["image"].tolist() == manifest["image"].tolist()
+    ages = predictions["pred_age"].to_numpy()
+    assert np.all(np.isfinite(ages))
+    assert train_ages.min() <= ages.mean() <= train_ages.max()
+    mae = float(np.mean(np.abs(ages[split == "val"] - val_ages)))
+    assert mae == pytest.approx(min(float(e[1]) for e in epochs), abs=2e-4)
+
+    # a classification inference of this regression model is refused (target_info.json records the task)
+    infer = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.yaml")]
+    proc = _run([*infer, "--bundle_root", str(bundle), *data_args, *IXI_OVERRIDES], cwd=tmp_path, expect_ok=False)
+    assert proc.returncode != 0 and "trained for task 'regression'" in proc.stdout + proc.stderr
