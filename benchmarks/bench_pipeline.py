@@ -1,5 +1,7 @@
 """Benchmark of the image pipeline: DataLoader images/s from DICOM, from PNG and from the decode-once cache, against
-the forward plus backward of the CXR pretrain network on the same batch.
+the forward plus backward of the CXR pretrain network on the same batch. The loaders here are built by hand; for the
+loader, model step and epochs that a pretrain bundle really runs (its own ``train#dataloader``, ``network``, ``loss``
+and ``train#trainer`` from its train.yaml), see ``benchmarks/bench_bundle_pipeline.py --bundle cxr``.
 
 Run: ``python benchmarks/bench_pipeline.py [--n 192] [--source-size 2048] [--sizes 64 224] [--batch-sizes 32 64]
 [--workers 0 1 2] [--work DIR]``
