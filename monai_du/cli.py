@@ -342,7 +342,8 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
             "batch size, and its information about each label: centred kernel-target alignment, HSIC with a "
             "patient-level permutation p-value, and the patient-grouped CV AUC of the prior alone. Prints a ranked "
             "table with a verdict per prior (too coarse / near identity / uninformative / informative) and writes "
-            "audit.csv, audit.json and audit.txt to --out (monai_du.audit.audit_priors)."
+            "audit.csv, audit.json and audit.txt to --out (monai_du.audit.audit_priors). With --pool, the two "
+            "inputs of compare --pool: kernels and batches from the pool, label statistics from --manifest."
         ),
     )
     p.add_argument("--manifest", required=True, help="manifest file (.csv, .csv.gz, .tsv, .parquet)")
@@ -379,6 +380,14 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--knn-k", type=int, default=None, help="neighbour rank of the knn bandwidth rule (default 5)")
     p.add_argument("--seed", type=int, default=None, help="seed of batches, permutations and folds (default 0)")
     p.add_argument("--out", default=None, help="report folder (audit.csv, audit.json, audit.txt)")
+    pool = p.add_argument_group("two inputs, as compare --pool: kernels and batches from the pool, label statistics "
+                                "from --manifest's labelled rows")
+    pool.add_argument("--pool", default=None,
+                      help="pool manifest that pretraining reads: each prior's kernel is fitted and its batches drawn "
+                           "there, its label statistics come from --manifest (encoded as the pool's rows)")
+    pool.add_argument("--pool-dataset-dir", default=None, help="folder of the pool's relative image paths")
+    pool.add_argument("--keep-labelled-in-pool", action="store_true",
+                      help="keep pool images of the labelled patients (default: removed, and counted, as compare does)")
     p.set_defaults(func=_run_audit)
 
 
@@ -402,8 +411,11 @@ def _run_audit(args: argparse.Namespace) -> int:
         "n_permutations", "lam", "instance_weight", "knn_k", "seed", "methods") if getattr(args, name) is not None}
     if args.bundle is not None:
         given["bundle"] = None if str(args.bundle).lower() == "none" else args.bundle
+    if args.keep_labelled_in_pool:
+        given["keep_labelled_in_pool"] = True
     result = run_audit(args.manifest, args.label, dataset_dir=args.dataset_dir, prior_tables=tables, out=args.out,
-                       bundle_overrides=_overrides(args.set), **given)
+                       bundle_overrides=_overrides(args.set), pool=args.pool, pool_dataset_dir=args.pool_dataset_dir,
+                       **given)
     print(format_audit(result))
     if args.out is not None:
         print(f"\nwrote {args.out}/audit.csv, audit.json and audit.txt")

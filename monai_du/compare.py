@@ -570,35 +570,61 @@ def _audit_next_to(config: CompareConfig, specs: Mapping[str, MethodSpec], colum
     paired difference from plain DU.
 
     A composite method whose last stage takes its prior from the stage before is audited on the first seed's
-    previous-stage encoder: its embeddings of every row are the prior table of that last stage's method."""
-    if config.pool is not None:
-        return ["", "audit skipped: with a pool, run monai-du audit on the labelled manifest (an audit of the pool's "
-                "kernels and batches against the labelled rows is not built yet)."]
+    previous-stage encoder: its embeddings of every row are the prior table of that last stage's method.
+
+    With a pool, the audit takes the two inputs the runs and probes took (``run_audit(..., pool=...)``): kernels and
+    batches from the pool rows pretraining read (less the labelled patients, unless ``keep_labelled_in_pool``), label
+    statistics from the labelled manifest's rows; a composite's table then holds the previous-stage encoder's
+    embeddings of the pool's rows and of the labelled rows."""
     bundle, manifest, dataset_dir, out = Path(config.bundle), Path(config.manifest), Path(config.dataset_dir), \
         Path(config.out)
     kernels = kernel_methods(bundle)
     audited = [key for key in specs if key in kernels]
     seed = int(config.seeds[0])
-    split = _split_overrides(seed, config.test_fraction)
-    tables = {}
+    pooled = config.pool is not None
+    split = _pool_split(seed) if pooled else _split_overrides(seed, config.test_fraction)
+    two = {"pool": config.pool, "pool_dataset_dir": config.pool_dataset_dir,
+           "keep_labelled_in_pool": config.keep_labelled_in_pool} if pooled else {}
+    tables, notes = {}, []
     for key, spec in specs.items():
         if spec.stages and spec.stages[-1].prior_from_previous:
             previous = stage_roots(out / "runs" / f"seed{seed}" / key, spec)[-2]
-            if (previous / "models" / DONE_MARKER).is_file():
+            if not (previous / "models" / DONE_MARKER).is_file():
+                continue
+            if not pooled:
                 tables[key] = encoder_table(previous, {"manifest": str(manifest), "dataset_dir": str(dataset_dir),
                                                         **split}, split="all")
+                continue
+            from monai_du.priors import encoder_prior_table, load_prior_table, write_prior_table
+
+            # the previous stage's embeddings of the pool rows it trained on, and of the labelled rows
+            pool_part = load_prior_table(encoder_table(previous, {
+                "manifest": str(out / "pool_manifest.csv"), "dataset_dir": str(config.pool_dataset_dir), **split},
+                split="all"))
+            labelled_part = encoder_prior_table(manifest, previous / "models", root=dataset_dir, split="all")
+            both = pd.concat([pool_part, labelled_part], ignore_index=True)
+            by_image = both.groupby("image")[[c for c in both.columns if str(c).startswith("gen_")]]
+            if ((by_image.max() - by_image.min()).to_numpy() > 1e-4).any():  # one key, two images
+                notes.append(f"- {spec.name}: not audited (an image path of the labelled manifest names another "
+                             "image in the pool: its prior table is keyed by the path as written)")
+                continue
+            tables[key] = str(write_prior_table(both.drop_duplicates("image"),
+                                                out / "audit" / f"{key}_prior_table.csv"))
     if not audited and not tables:
-        return []
+        return notes and ["", *notes]
     try:
-        # the kernels and batches of the first seed's runs: its split, its seed
+        # the kernels and batches of the first seed's runs: its split (with a pool: every pool row), its seed
         table = run_audit(manifest, [column], dataset_dir=dataset_dir, prior_tables=tables, out=out / "audit",
                           bundle=bundle, methods=audited, bundle_overrides={**split, **dict(config.overrides)},
-                          batch_size=batch, seed=seed)
+                          batch_size=batch, seed=seed, **two)
     except ValueError as err:
         return ["", f"audit skipped: {err}"]
     aucs = results.pivot(index="seed", columns="method_key", values="auc")
-    lines = ["", "Audit of the compared priors, before pretraining (monai-du audit, written to "
-             f"{out / 'audit'}):", "", format_audit(table), "", "audit verdict beside the measured paired difference:"]
+    inputs = (" --pool: kernels and batches from the pool rows pretraining read, label statistics from the labelled "
+              "rows" if pooled else "")
+    lines = ["", f"Audit of the compared priors, before pretraining (monai-du audit{inputs}, written to "
+             f"{out / 'audit'}):", "", format_audit(table), *notes, "",
+             "audit verdict beside the measured paired difference:"]
     rows = table.set_index("prior")
     for key in audited + list(tables):
         if key not in rows.index:

@@ -507,3 +507,196 @@ def test_time_ordered_pk_blocks_pool_more_than_random_ones():
         audit_priors(df, ["label_x"], sampler_order="study_offset_days", **common)
     with pytest.raises(ValueError, match="only used by sampler mode 'pk'"):
         audit_priors(df, ["label_x"], batch_size=16, sampler_mode="random", sampler_order="follow_up")
+
+
+# ------------------------------------------------------------------------------------------------ two inputs: a pool
+_TWO = {"batch_size": 16, "n_batches": 4, "n_permutations": 49}
+_BATCH_STATS = ["eff_rank", "mean_offdiag", "centroid_dof", "pooled"]
+_LABEL_STATS = ["n_labelled", "n_positive", "n_patients", "kta", "hsic", "p_value", "cv_auc", "auc_chance"]
+
+
+def _same_kernel_matrix(values) -> np.ndarray:
+    values = np.asarray(values, dtype=object)
+    return (values[:, None] == values[None, :]).astype(float)
+
+
+def test_a_pool_equal_to_the_labelled_manifest_gives_the_one_input_audit(tmp_path):
+    df = _cohort(n_patients=80, max_images=4)
+    one = audit_priors(df, ["label_x"], sampler_mode="random", **_TWO).set_index("prior")
+    # the labelled rows as the pool (keep-labelled semantics), and a copy of them under other patient ids and paths
+    same = audit_priors(df, ["label_x"], pool_df=df, sampler_mode="random", **_TWO).set_index("prior")
+    copy = df.assign(patient_id="q" + df["patient_id"], image="pool/" + df["image"])
+    other = audit_priors(df, ["label_x"], pool_df=copy, sampler_mode="random", pool_source="copy.csv",
+                         **_TWO).set_index("prior")
+    assert set(one.index) == {"age", "sex", "age x sex", "patient x time"}
+    for two in (same, other):
+        assert set(two.index) == set(one.index)
+        for prior in one.index:
+            for key in _BATCH_STATS + _LABEL_STATS:
+                assert two.loc[prior, key] == pytest.approx(one.loc[prior, key], rel=1e-12, abs=1e-15), (prior, key)
+    # a reference outside the audit: the sex kernel [s_i == s_j] over the labelled rows
+    y = df["label_x"].to_numpy()
+    assert other.loc["sex", "kta"] == pytest.approx(centred_kta(_same_kernel_matrix(df["sex"]), y), rel=1e-12)
+    assert other.attrs["settings"]["pool"] == "copy.csv" and other.attrs["settings"]["n_pool_rows"] == len(df)
+    # the copy's patients are not the labelled ones: each labelled patient is a patient of its own, and said
+    assert other.attrs["notes"] == {"patient x time": f"80 labelled patient(s) ({len(df)} rows) are not in the pool: "
+                                                      "each is a patient of its own"}
+    assert same.attrs["notes"] == {}
+    # files and the bundle's methods: the manifest as its own pool, its patients kept, against the one-input audit
+    # of a bundle run that pretrains on every row (compare's pool split)
+    manifest = tmp_path / "m.csv"
+    df.to_csv(manifest, index=False)
+    methods = ["kdu_attr", "kdu_patient"]
+    one_file = run_audit(manifest, ["label_x"], methods=methods, **_TWO,
+                         bundle_overrides={"split_fractions": {"train": 1.0}, "pretrain_split": "train"})
+    kept = run_audit(manifest, ["label_x"], methods=methods, pool=manifest, keep_labelled_in_pool=True,
+                     out=tmp_path / "r", **_TWO)
+    one_file, kept = one_file.set_index("prior"), kept.set_index("prior")
+    assert set(kept.index) == {"age", "sex", *methods} == set(one_file.index)
+    for prior in kept.index:
+        for key in _BATCH_STATS + _LABEL_STATS:
+            assert kept.loc[prior, key] == pytest.approx(one_file.loc[prior, key], rel=1e-12, abs=1e-15), (prior, key)
+        assert kept.loc[prior, "sampler"] == one_file.loc[prior, "sampler"]
+    settings = json.loads((tmp_path / "r" / "audit.json").read_text())["settings"]
+    assert settings["pool_note"] == (f"pool {manifest}: {len(df)} images of 80 patients; {len(df)} images of 80 "
+                                     f"patients of the labelled manifest kept (keep_labelled_in_pool); kernels and "
+                                     f"batches from {len(df)} images")
+    assert (tmp_path / "r" / "pool_manifest.csv").is_file()
+    # by default the labelled patients leave the pool, as compare's pool_rows removes them: nothing is left here
+    with pytest.raises(ValueError, match="no row is left once the labelled manifest's patients are removed"):
+        run_audit(manifest, ["label_x"], bundle=None, pool=manifest, **_TWO)
+
+
+def test_the_batch_statistics_come_from_the_pool_and_the_label_statistics_from_the_labelled_rows():
+    from monai_du.prior_encoder import PriorEncoder
+
+    df = _cohort(n_patients=80)  # one site, sexes at random
+    # a pool of two sites, each of one sex, and ages in a narrow range
+    pool = _cohort(n_patients=120, seed=7).assign(patient_id=lambda d: "q" + d["patient_id"])
+    pool["site"] = np.where(pool["sex"] == "M", "A", "B")
+    pool["age"] = 50.0 + np.random.default_rng(1).uniform(0, 2, size=len(pool))
+    one = audit_priors(df, ["label_x"], sampler_mode="random", **_TWO).set_index("prior")
+    two = audit_priors(df, ["label_x"], pool_df=pool, **_TWO).set_index("prior")
+    # the sampler is the pool's: within-site batches (the labelled manifest has one site)
+    assert (two["sampler"] == "within:site").all() and two.attrs["settings"]["sampler"] == "within:site"
+    # within-site batches of the pool are of one sex: K_b = 11^T + eta I, mean off-diagonal 1, effective rank
+    # trace^2 / ||K_b||_F^2 = B^2 (1 + eta)^2 / (B^2 + 2 eta B + eta^2 B), and centroid dof from its eigenvalues
+    b, eta, lam = 16, 0.05, 0.01
+    assert two.loc["sex", "mean_offdiag"] == pytest.approx(1.0)
+    assert two.loc["sex", "eff_rank"] == pytest.approx(b**2 * (1 + eta) ** 2 / (b**2 + 2 * eta * b + eta**2 * b))
+    eig = np.array([b + eta] + [eta] * (b - 1))
+    assert two.loc["sex", "centroid_dof"] == pytest.approx(float((eig / (eig + lam)).sum()))
+    assert one.loc["sex", "mean_offdiag"] < 0.75  # random batches of the labelled rows mix the sexes
+    # the label statistics are the labelled rows', and the sex kernel is the same there (M and F coded as the pool)
+    for key in _LABEL_STATS:
+        assert two.loc["sex", key] == pytest.approx(one.loc["sex", key], rel=1e-12), key
+    # age: the kernel is fitted on the pool's narrow ages (within its site groups) and read on the labelled ages
+    kernel = RBFKernel("knn", columns=[0], knn_k=5, knn_batch_size=b)
+    kernel.fit(PriorEncoder(continuous=["age"]).fit(pool).transform(pool).astype(np.float64),
+               groups=pool["site"].to_numpy(dtype=object))
+    labelled_ages = torch.as_tensor(df[["age"]].to_numpy(np.float32).astype(np.float64))  # the encoder's float32
+    k = kernel(labelled_ages).to(torch.float64).numpy()
+    y = df["label_x"].to_numpy()
+    assert two.loc["age", "kta"] == pytest.approx(centred_kta(k, y), rel=1e-9)
+    assert two.loc["age", "hsic"] == pytest.approx(hsic(k, y), rel=1e-9)
+    assert two.loc["age", "kta"] != pytest.approx(one.loc["age", "kta"], rel=1e-3)  # another bandwidth
+    assert "site" in two.index and "site" in one.attrs["skipped"]  # two sites in the pool, one in the labelled rows
+
+
+def test_a_labelled_category_unseen_in_the_pool_is_its_own_and_said(tmp_path):
+    df = _cohort(n_patients=60)
+    unseen = df["patient_id"].isin(df["patient_id"].unique()[:6])
+    df.loc[unseen, "sex"] = "X"
+    pool = _cohort(n_patients=80, seed=3).assign(patient_id=lambda d: "q" + d["patient_id"])
+    out = audit_priors(df, ["label_x"], pool_df=pool, sampler_mode="random", **_TWO)
+    said = f"labelled sex value(s) unseen in the pool: 'X' ({int(unseen.sum())} rows), each coded as a sex of its own"
+    notes = out.attrs["notes"]
+    assert notes["sex"].startswith(said) and notes["age x sex"].startswith(said)
+    assert f"- sex: note: {said}" in format_audit(out)
+    # 'X' is a category of its own (similar only to itself), neither a pool category nor unknown
+    row = out.set_index("prior").loc["sex"]
+    assert row["kta"] == pytest.approx(centred_kta(_same_kernel_matrix(df["sex"]), df["label_x"].to_numpy()), rel=1e-12)
+    # files hold M or F: a pool of men. The bundle's kdu_attr codes the labelled rows with its own encoder fitted on
+    # the pool, and says so; the sex prior alone has one value in the pool and is left out
+    labelled = _cohort(n_patients=60)
+    manifest, pool_file = tmp_path / "m.csv", tmp_path / "pool.csv"
+    labelled.to_csv(manifest, index=False)
+    pool.assign(sex="M").to_csv(pool_file, index=False)
+    written = run_audit(manifest, ["label_x"], methods=["kdu_attr"], pool=pool_file, out=tmp_path / "r", **_TWO)
+    payload = json.loads((tmp_path / "r" / "audit.json").read_text())
+    women = int((labelled["sex"] == "F").sum())
+    assert payload["notes"]["kdu_attr"] == (f"labelled sex value(s) unseen in the pool: 'F' ({women} rows), each "
+                                            "coded as a sex of its own (similar only to itself)")
+    assert payload["skipped"]["sex"] == "column 'sex' has 1 distinct known value(s) in the pool; a prior needs 2"
+    assert set(written["prior"]) == {"kdu_attr", "age"}
+    # the kernel of a kdu_attr run on the pool, on the labelled rows: M coded as in the pool (0), F a code of its own
+    from monai_du.bundle_priors import method_prior
+
+    run = method_prior("cxr", "kdu_attr", tmp_path / "r" / "pool_manifest.csv", dataset_dir=tmp_path,
+                       overrides={"batch_size": 16, "seed": 0, "split_fractions": {"train": 1.0},
+                                  "pretrain_split": "train"}, n_batches=2)
+    coded = np.stack([labelled["age"].to_numpy(np.float32), (labelled["sex"] == "F").to_numpy(np.float32)], 1)
+    k = run.kernel(torch.as_tensor(coded.astype(np.float64))).to(torch.float64).numpy()
+    row = written.set_index("prior").loc["kdu_attr"]
+    assert row["kta"] == pytest.approx(centred_kta(k, labelled["label_x"].to_numpy()), rel=1e-9)
+    assert row["kta"] != pytest.approx(written.set_index("prior").loc["age", "kta"], rel=1e-3)  # F is not M
+
+
+def test_cli_audit_with_a_pool(tmp_path, capsys):
+    from monai_du.bundle_priors import method_prior
+    from monai_du.cli import main
+    from monai_du.phantoms import make_cxr_cohort
+
+    labelled_file = make_cxr_cohort(tmp_path / "labelled", n=120, seed=2, size=16, n_sites=1)
+    pool_file = make_cxr_cohort(tmp_path / "pool", n=200, seed=1, size=16, n_sites=2)
+    labelled = pd.read_csv(labelled_file)
+    pool = pd.read_csv(pool_file)
+    # two labelled patients are in the pool too: removed from it, and counted
+    shared = labelled[labelled["patient_id"].isin(labelled["patient_id"].unique()[:2])]
+    pool = pd.concat([pool, shared.assign(image="shared/" + shared["image"])], ignore_index=True)
+    pool.to_csv(pool_file, index=False)
+    code = main(["audit", "--manifest", str(labelled_file), "--label", "effusion", "--pool", str(pool_file),
+                 "--pool-dataset-dir", str(tmp_path / "pool"), "--methods", "kdu_attr", "--batch-size", "16",
+                 "--n-batches", "3", "--n-permutations", "49", "--out", str(tmp_path / "r")])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert f"kernels and batches from the pool {pool_file} ({len(pool) - len(shared)} rows)" in printed
+    assert (f"{len(shared)} images of 2 patients of the labelled manifest removed; kernels and batches from "
+            f"{len(pool) - len(shared)} images") in printed
+    saved = pd.read_csv(tmp_path / "r" / "audit.csv").set_index("prior")
+    assert set(saved.index) == {"kdu_attr", "age", "sex", "site", "view"}
+    assert (saved["n_labelled"] == len(labelled)).all() and saved.loc["kdu_attr", "sampler"] == "within:site"
+    # kdu_attr's batch statistics are those of a bundle run on the pool rows the audit wrote (compare's pool split)
+    prior = method_prior("cxr", "kdu_attr", tmp_path / "r" / "pool_manifest.csv", dataset_dir=tmp_path / "pool",
+                         overrides={"batch_size": 16, "seed": 0, "split_fractions": {"train": 1.0},
+                                    "pretrain_split": "train"}, n_batches=3)
+    stats = batch_kernel_stats(prior.kernel, prior.batch_prior, prior.batches, instance_weight=prior.instance_weight,
+                               lam=prior.lam)
+    for key in ("eff_rank", "mean_offdiag", "centroid_dof"):
+        assert saved.loc["kdu_attr", key] == pytest.approx(stats[key], rel=1e-9)
+    # a pool setting without the pool is one line
+    assert main(["audit", "--manifest", str(labelled_file), "--label", "effusion", "--keep-labelled-in-pool"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "go with pool" in err and len(err.splitlines()) == 1
+
+
+def test_compare_with_a_pool_audits_the_pool_against_the_labelled_rows(tmp_path):
+    from monai_du.bundles import method_files
+    from monai_du.compare import CompareConfig, _audit_next_to
+    from monai_du.phantoms import make_cxr_cohort
+
+    labelled_file = make_cxr_cohort(tmp_path / "labelled", n=120, seed=2, size=16, n_sites=1)
+    pool_file = make_cxr_cohort(tmp_path / "pool", n=200, seed=1, size=16, n_sites=2)
+    config = CompareConfig(manifest=labelled_file, label="effusion", pool=pool_file, methods=("du", "kdu_attr"),
+                           seeds=(0,), out=tmp_path / "c", plots=False)
+    results = pd.DataFrame({"seed": [0, 0], "method_key": ["du", "kdu_attr"], "auc": [0.6, 0.65]})
+    lines = _audit_next_to(config, method_files(config.bundle, config.methods), "label_effusion", 16, results)
+    text = "\n".join(lines)
+    assert "audit skipped" not in text
+    assert "monai-du audit --pool: kernels and batches from the pool rows pretraining read" in text
+    assert "kernel DU (age x sex): audit rank" in text and "measured +0.050 AUC vs plain DU over 1 seeds" in text
+    audit = pd.read_csv(tmp_path / "c" / "audit" / "audit.csv").set_index("prior")
+    direct = run_audit(labelled_file, ["label_effusion"], methods=["kdu_attr"], pool=pool_file, batch_size=16,
+                       n_batches=20, n_permutations=999).set_index("prior")
+    for key in _BATCH_STATS + _LABEL_STATS:
+        assert audit.loc["kdu_attr", key] == pytest.approx(direct.loc["kdu_attr", key], rel=1e-9), key

@@ -58,6 +58,14 @@ site and view (categorical), and without a bundle also age x sex, patient x time
 ``patient_id`` and ``study_offset_days`` or ``follow_up``) and one candidate per prior table (an RBF with the
 ``"knn"`` bandwidth).
 
+Two inputs, as ``monai-du compare --pool`` takes them (:func:`run_audit` ``pool=``, :func:`audit_priors`
+``pool_df=``, ``monai-du audit --pool``): the batch kernel's statistics come from the pool, each candidate's kernel
+fitted on the pool's priors and its batches drawn there by the sampler a run on the pool uses, and the label
+statistics from the labelled manifest's rows, their priors encoded by the encoder fitted on the pool and read by the
+same fitted kernel. A labelled category the pool lacks is a category of its own, similar only to itself, and said
+(``attrs["notes"]``); the pool's images of labelled patients are removed first, as
+:func:`monai_du.compare.pool_rows` removes them.
+
 Submodules (every public name is importable from :mod:`monai_du.audit`):
 
 - :mod:`monai_du.audit.statistics`: the label statistics (:func:`centred_kta`, :func:`hsic`,
@@ -77,6 +85,7 @@ Python::
 Command line (the bundle's methods, the attributes, and an encoder prior through the ``kdu_encoder`` method)::
 
     monai-du audit --manifest M.csv --label label_no_finding --prior-table du_encoder=enc_prior.csv --out report/
+    monai-du audit --manifest labelled.csv --label label_no_finding --pool pool.csv --out report/
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from monai_du.bundle_priors import innermost_cause, method_prior
-from monai_du.bundles import bundle_path, kernel_methods, prior_table_setting
+from monai_du.bundle_priors import MethodPrior, innermost_cause, method_prior
+from monai_du.bundle_priors import _build as _build_method_prior
+from monai_du.bundles import (
+    bundle_path,
+    check_overrides,
+    kernel_methods,
+    method_files,
+    prior_table_setting,
+    stage_files,
+)
 from monai_du.kernels import CategoricalKernel, PriorKernel, RBFKernel, patient_time_kernel
 from monai_du.prior_encoder import PriorEncoder
 from monai_du.priors import attach_prior_table, generative_prior_kernel, prior_columns
@@ -42,6 +51,10 @@ class PriorCandidate:
         sampler: the sampler of ``batches`` in words.
         lam: the candidate's ridge (None: the audit's ``lam``).
         instance_weight: the candidate's identity term (None: the audit's ``instance_weight``).
+        fit_prior: a two-input audit (``audit_priors(..., pool_df=...)``): (N_pool, P) prior vectors of the pool's
+            rows, which the kernel is fitted on and the audit's batches index (without own ``batches``), while
+            ``prior`` holds the labelled rows', encoded the same way; None: ``prior`` serves both.
+        note: a remark for the report, e.g. labelled categories unseen in the pool and how they are coded.
     """
 
     kernel: PriorKernel
@@ -53,6 +66,8 @@ class PriorCandidate:
     sampler: str | None = None
     lam: float | None = None
     instance_weight: float | None = None
+    fit_prior: np.ndarray | None = None
+    note: str = ""
 
 
 def _distinct(df: pd.DataFrame, column: str) -> int:
@@ -70,18 +85,33 @@ def _has_repeat_times(patients: np.ndarray, times: np.ndarray) -> bool:
 
 
 def skipped_attributes(df: pd.DataFrame, attributes: Sequence[str] = ATTRIBUTE_COLUMNS,
-                       combined: bool = True) -> dict[str, str]:
-    """Why each attribute candidate of :func:`default_candidates` is left out: ``{name: reason}``."""
+                       combined: bool = True, labelled: pd.DataFrame | None = None) -> dict[str, str]:
+    """Why each attribute candidate of :func:`default_candidates` is left out: ``{name: reason}`` (with
+    ``labelled``, ``df`` is the pool and the labelled manifest must have the column too)."""
     skipped = {}
+    where = "the manifest" if labelled is None else "the pool"
     for name in attributes:
         if name not in df.columns:
-            skipped[name] = f"the manifest has no {name!r} column"
+            skipped[name] = f"{where} has no {name!r} column"
         elif _distinct(df, name) < 2:
-            skipped[name] = f"column {name!r} has {_distinct(df, name)} distinct known value(s); a prior needs 2"
+            skipped[name] = (f"column {name!r} has {_distinct(df, name)} distinct known value(s)"
+                             f"{'' if labelled is None else ' in the pool'}; a prior needs 2")
+        elif labelled is not None and name not in labelled.columns:
+            skipped[name] = f"the labelled manifest has no {name!r} column"
     if combined and ("age" in skipped or "sex" in skipped) and {"age", "sex"} <= set(attributes):
         skipped["age x sex"] = "needs both age and sex (" + "; ".join(
             skipped[a] for a in ("age", "sex") if a in skipped) + ")"
+    time_column = _time_column(df)
+    if combined and labelled is not None and "patient_id" in df.columns and time_column is not None:
+        missing = [c for c in ("patient_id", time_column) if c not in labelled.columns]
+        if missing:
+            skipped["patient x time"] = f"the labelled manifest has no {missing[0]!r} column"
     return skipped
+
+
+def _time_column(df: pd.DataFrame) -> str | None:
+    """The first column of :data:`TIME_COLUMNS` with a number, or None."""
+    return next((c for c in TIME_COLUMNS if c in df.columns and _numeric(df, c).notna().any()), None)
 
 
 def default_candidates(
@@ -91,6 +121,7 @@ def default_candidates(
     knn_k: int = 5,
     attributes: Sequence[str] = ATTRIBUTE_COLUMNS,
     combined: bool = True,
+    labelled: pd.DataFrame | None = None,
 ) -> dict[str, PriorCandidate]:
     """The candidate priors a manifest supports.
 
@@ -111,47 +142,109 @@ def default_candidates(
         attributes: manifest columns considered as single-attribute priors.
         combined: add ``"age x sex"`` and ``"patient x time"`` (False when the bundle's methods stand for them,
             :func:`bundle_candidates`).
+        labelled: a two-input audit: ``df`` is the pool, whose rows each encoder and kernel are fitted on
+            (:attr:`PriorCandidate.fit_prior`), and ``labelled`` the labelled manifest, encoded by the pool's encoder
+            (:attr:`PriorCandidate.prior`; a category unseen in the pool becomes a category of its own, said in
+            :attr:`PriorCandidate.note`). A candidate needs its columns in both.
 
     Returns:
         candidates by name, kernels not yet fitted.
     """
     out: dict[str, PriorCandidate] = {}
-    present = [a for a in attributes if _distinct(df, a) >= 2]
+
+    def make(kernel: PriorKernel, encoder: PriorEncoder, description: str, **kw: Any) -> PriorCandidate:
+        own = encoder.fit(df).transform(df).astype(np.float64)
+        if labelled is None:
+            return PriorCandidate(kernel, own, description=description, **kw)
+        prior, note = encode_labelled(encoder, labelled)
+        return PriorCandidate(kernel, prior, description=description, fit_prior=own, note=note, **kw)
+
+    present = [a for a in attributes
+               if _distinct(df, a) >= 2 and (labelled is None or a in labelled.columns)]
     for name in present:
         if name == "age":
-            encoder = PriorEncoder(continuous=["age"]).fit(df)
             kernel: PriorKernel = RBFKernel("knn", columns=[0], knn_k=knn_k, knn_batch_size=batch_size)
-            out[name] = PriorCandidate(kernel, encoder.transform(df).astype(np.float64), description="RBF(knn)[age]")
+            out[name] = make(kernel, PriorEncoder(continuous=["age"]), "RBF(knn)[age]")
         else:
-            encoder = PriorEncoder(categorical=[name]).fit(df)
-            out[name] = PriorCandidate(CategoricalKernel(columns=[0]), encoder.transform(df).astype(np.float64),
-                                       description=f"Cat[{name}]")
+            out[name] = make(CategoricalKernel(columns=[0]), PriorEncoder(categorical=[name]), f"Cat[{name}]")
     if combined and "age" in present and "sex" in present:
-        encoder = PriorEncoder(continuous=["age"], categorical=["sex"]).fit(df)
         kernel = RBFKernel("knn", columns=[0], knn_k=knn_k, knn_batch_size=batch_size) * CategoricalKernel(columns=[1])
-        out["age x sex"] = PriorCandidate(kernel, encoder.transform(df).astype(np.float64),
-                                          description="RBF(knn)[age] * Cat[sex]")
-    time_column = next((c for c in TIME_COLUMNS if c in df.columns and _numeric(df, c).notna().any()), None)
-    if combined and "patient_id" in df.columns and time_column is not None:
-        patients = PriorEncoder(categorical=["patient_id"]).fit(df).transform(df)[:, 0].astype(np.float64)
+        out["age x sex"] = make(kernel, PriorEncoder(continuous=["age"], categorical=["sex"]),
+                                "RBF(knn)[age] * Cat[sex]")
+    time_column = _time_column(df)
+    if combined and "patient_id" in df.columns and time_column is not None and (
+            labelled is None or {"patient_id", time_column} <= set(labelled.columns)):
+        # patient codes (float) and times: the encoder codes the patients, the time column is read as numbers
+        encoder = PriorEncoder(categorical=["patient_id"]).fit(df)
+        patients = encoder.transform(df)[:, 0].astype(np.float64)
         times = _numeric(df, time_column).to_numpy()
         bandwidth: float | str = "gap" if _has_repeat_times(patients, times) else 1.0
-        out["patient x time"] = PriorCandidate(
-            patient_time_kernel(0, 1, bandwidth=bandwidth), np.stack([patients, times], 1), fit_groups=None,
-            description=f"Cat[patient_id] * RBF({bandwidth})[{time_column}]",
-        )
+        own = np.stack([patients, times], 1)
+        kernel = patient_time_kernel(0, 1, bandwidth=bandwidth)
+        description = f"Cat[patient_id] * RBF({bandwidth})[{time_column}]"
+        if labelled is None:
+            out["patient x time"] = PriorCandidate(kernel, own, fit_groups=None, description=description)
+        else:
+            codes, note = encode_labelled(encoder, labelled)
+            out["patient x time"] = PriorCandidate(
+                kernel, np.stack([codes[:, 0], _numeric(labelled, time_column).to_numpy()], 1), fit_groups=None,
+                description=description, fit_prior=own, note=note)
     for name, table in (prior_tables or {}).items():
         if name in out:
             raise ValueError(f"prior table name {name!r} is also an attribute candidate; give the table another name.")
         attached = attach_prior_table(df[["image"]] if "image" in df.columns else df, table)
         columns = prior_columns(attached)
         kernel = generative_prior_kernel(len(columns), knn_k=knn_k, knn_batch_size=batch_size)
-        out[name] = PriorCandidate(kernel, attached[columns].to_numpy(np.float64),
-                                   description=f"RBF(knn)[{len(columns)}-d table]")
+        own = attached[columns].to_numpy(np.float64)
+        description = f"RBF(knn)[{len(columns)}-d table]"
+        if labelled is None:
+            out[name] = PriorCandidate(kernel, own, description=description)
+            continue
+        try:
+            rows = attach_prior_table(labelled[["image"]] if "image" in labelled.columns else labelled, table)
+        except ValueError as err:
+            raise ValueError(f"prior table {name!r} must cover the pool's and the labelled manifest's images; the "
+                             f"labelled manifest: {err}") from None
+        out[name] = PriorCandidate(kernel, rows[columns].to_numpy(np.float64), description=description, fit_prior=own)
     return out
 
 
-def _as_candidate(name: str, value: Any, n: int) -> PriorCandidate:
+def encode_labelled(encoder: PriorEncoder, labelled: pd.DataFrame) -> tuple[np.ndarray, str]:
+    """The labelled rows' prior vectors by an encoder fitted on the pool, and a note on what the pool lacked.
+
+    Continuous attributes keep the pool's statistics. A category of the labelled rows that the pool does not hold
+    (``encoder.categories``) gets a code of its own (``PriorEncoder.with_unseen_categories``, as the bundles code
+    rows outside their pretraining split): it is similar only to itself in a categorical kernel, never miscoded as a
+    pool category nor read as *unknown*. The note names those values and counts their rows
+    ("" when there are none).
+
+    Raises:
+        ValueError: when the labelled manifest lacks one of the encoder's columns (named).
+    """
+    try:
+        extended = encoder.with_unseen_categories(labelled)
+        prior = extended.transform(labelled).astype(np.float64)
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"the labelled manifest: {str(err).strip(chr(39))}") from None
+    parts = []
+    for name in encoder.categorical:
+        known = len(encoder.categories[name])
+        new = extended.categories[name][known:]
+        if not new:
+            continue
+        n_rows = int((prior[:, encoder.index(name)] >= known).sum())
+        if name == "patient_id":
+            parts.append(f"{len(new)} labelled patient(s) ({n_rows} rows) are not in the pool: each is a patient of "
+                         "its own")
+        else:
+            shown = ", ".join(repr(v) for v in new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+            parts.append(f"labelled {name} value(s) unseen in the pool: {shown} ({n_rows} rows), each coded as a "
+                         f"{name} of its own (similar only to itself)")
+    return prior, "; ".join(parts)
+
+
+def _as_candidate(name: str, value: Any, n: int, n_pool: int | None = None) -> PriorCandidate:
+    """The candidate checked, its prior a float64 copy; ``n_pool``: the pool's rows of a two-input audit."""
     if isinstance(value, PriorCandidate):
         candidate = value
     elif isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], PriorKernel):
@@ -167,8 +260,23 @@ def _as_candidate(name: str, value: Any, n: int) -> PriorCandidate:
         raise ValueError(f"candidate {name!r}: prior holds infinite values; use NaN for a missing value.")
     if (candidate.batches is None) != (candidate.batch_prior is None):
         raise ValueError(f"candidate {name!r}: give batches and batch_prior together.")
+    fit_prior = candidate.fit_prior
+    if fit_prior is not None:
+        if n_pool is None:
+            raise ValueError(f"candidate {name!r}: fit_prior (the pool's prior vectors) needs a pool (pool_df).")
+        fit_prior = np.array(fit_prior, dtype=np.float64)
+        if fit_prior.ndim == 1:
+            fit_prior = fit_prior[:, None]
+        if fit_prior.shape != (n_pool, prior.shape[1]):
+            raise ValueError(f"candidate {name!r}: fit_prior must have shape ({n_pool}, {prior.shape[1]}), one row "
+                             f"per pool row, got {fit_prior.shape}.")
+        if np.isinf(fit_prior).any():
+            raise ValueError(f"candidate {name!r}: fit_prior holds infinite values; use NaN for a missing value.")
+    elif n_pool is not None and (candidate.batches is None or not candidate.kernel.is_fitted):
+        raise ValueError(f"candidate {name!r}: with a pool, give its fit_prior (the pool's prior vectors, encoded as "
+                         "its prior) or its own batches and a fitted kernel.")
     description = candidate.description or type(candidate.kernel).__name__
-    return dataclasses.replace(candidate, prior=prior, description=description)
+    return dataclasses.replace(candidate, prior=prior, fit_prior=fit_prior, description=description)
 
 
 def _root_message(err: BaseException) -> str:
@@ -186,6 +294,7 @@ def bundle_candidates(
     overrides: Mapping[str, Any] | None = None,
     n_batches: int = 20,
     work_dir: str | os.PathLike | None = None,
+    labelled: pd.DataFrame | None = None,
 ) -> tuple[dict[str, PriorCandidate], dict[str, str]]:
     """Candidates that the pretrain bundle's method files build (:func:`~monai_du.bundle_priors.method_prior`).
 
@@ -205,6 +314,10 @@ def bundle_candidates(
         n_batches: batches drawn from each method's sampler.
         work_dir: folder for what a method builds (``kdu_gen``'s VAE table, under ``<work_dir>/<method>``); None: a
             temporary folder.
+        labelled: a two-input audit: ``manifest`` is the pool the runs pretrain on (its kernel is fitted and its
+            batches drawn there, as a run on the pool does) and ``labelled`` the labelled manifest, whose rows are
+            encoded by the method's prior encoder fitted on the pool (:func:`encode_labelled`; a table must then
+            cover the labelled images too, and ``kdu_gen``, whose VAE table covers the pool only, needs one).
 
     Returns:
         ``(candidates, skipped)``: candidates by name, and ``{name: reason}`` for the default methods that could
@@ -224,6 +337,9 @@ def bundle_candidates(
             jobs.append((key, key, {"prior_table": str(tables.pop(key))}))
         elif reads and not builds:
             skipped[key] = f"needs a prior table: --prior-table {key}=FILE (monai-du prior --encoder ... --split all)"
+        elif reads and labelled is not None:
+            skipped[key] = (f"with a pool, the table it builds covers the pool's images only: --prior-table {key}=FILE "
+                            "covering the pool's and the labelled manifest's images")
         else:
             jobs.append((key, key, {}))
     for name, table in tables.items():
@@ -231,10 +347,16 @@ def bundle_candidates(
     out: dict[str, PriorCandidate] = {}
     for name, method, extra in jobs:
         root = None if work_dir is None else Path(work_dir) / name
+        note = ""
         try:
-            prior = method_prior(folder, method, manifest, dataset_dir=dataset_dir,
-                                 overrides={**dict(overrides or {}), **extra}, n_batches=n_batches,
-                                 bundle_root=root, name=name)
+            if labelled is None:
+                prior = method_prior(folder, method, manifest, dataset_dir=dataset_dir,
+                                     overrides={**dict(overrides or {}), **extra}, n_batches=n_batches,
+                                     bundle_root=root, name=name)
+            else:
+                prior, note = _pool_method_prior(folder, method, manifest, labelled, dataset_dir=dataset_dir,
+                                                 overrides={**dict(overrides or {}), **extra}, n_batches=n_batches,
+                                                 bundle_root=root, name=name)
         except (ValueError, KeyError, RuntimeError) as err:
             reason = _root_message(err)
             if named or name not in keys:
@@ -244,6 +366,59 @@ def bundle_candidates(
         out[name] = PriorCandidate(
             prior.kernel, prior.prior, fit_groups=None, description=f"{method}: {prior.description}",
             batches=prior.batches, batch_prior=prior.batch_prior, sampler=prior.sampler, lam=prior.lam,
-            instance_weight=prior.instance_weight,
+            instance_weight=prior.instance_weight, note=note,
         )
     return out, skipped
+
+
+def _pool_method_prior(
+    folder: Path,
+    method: str,
+    pool_manifest: str | os.PathLike,
+    labelled: pd.DataFrame,
+    dataset_dir: str | os.PathLike | None,
+    overrides: Mapping[str, Any],
+    n_batches: int,
+    bundle_root: str | os.PathLike | None,
+    name: str,
+) -> tuple[MethodPrior, str]:
+    """A method's prior as a run on the pool builds it (:func:`~monai_du.bundle_priors.method_prior` on
+    ``pool_manifest``: kernel, batches and ``batch_prior`` of the pool), with ``prior`` the labelled rows' vectors by
+    the same fitted prior encoder (and the same prior table), and the note of :func:`encode_labelled`.
+
+    The config is read as :func:`~monai_du.bundle_priors.method_prior` reads it; the fitted ``prior_encoder`` and
+    the ``prior_table`` are taken from that parser before the bundle's prior is built from it, so the labelled rows
+    are coded by the very encoder the kernel was fitted through."""
+    from monai.bundle import ConfigParser
+
+    files = stage_files(folder, method_files(folder, [str(method)])[str(method)])
+    if len(files) != 1:
+        raise ValueError(f"method {str(method)!r} is a composite of several runs; audit its stages instead.")
+    pool_manifest = Path(pool_manifest).expanduser()
+    with tempfile.TemporaryDirectory(prefix="monai_du_audit_") as scratch:
+        parser = ConfigParser()
+        parser.read_config([str(folder / "configs" / "train.yaml"), str(files[0])])
+        overrides = {k: str(Path(v).expanduser().absolute()) if k == "prior_table" and isinstance(v, (str, Path)) else v
+                     for k, v in overrides.items()}
+        parser.update({
+            "manifest": str(pool_manifest.absolute()),
+            "dataset_dir": str(Path(dataset_dir or pool_manifest.parent).expanduser().absolute()),
+            "bundle_root": str(Path(bundle_root if bundle_root is not None else scratch).absolute()),
+            **check_overrides(folder, overrides, files),
+        })
+        if parser.get("kernel") is None:
+            raise ValueError(f"method {str(method)!r} of {folder} sets no kernel: there is no prior to audit.")
+        try:
+            encoder = parser.get_parsed_content("prior_encoder")
+            table = parser.get_parsed_content("prior_table") if "prior_table" in parser else None
+            built = _build_method_prior(parser, name, int(n_batches))
+        except (RuntimeError, ValueError) as err:
+            raise ValueError(f"method {str(method)!r}: {innermost_cause(err)}") from None
+    rows = labelled
+    if table is not None:
+        try:
+            rows = attach_prior_table(labelled, table)
+        except ValueError as err:
+            raise ValueError(f"the labelled manifest's images must be in its prior table too: {err}") from None
+    prior, note = encode_labelled(encoder, rows)
+    return dataclasses.replace(built, prior=prior), note

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -39,7 +41,13 @@ from monai_du.audit.statistics import (
 )
 from monai_du.audit.verdicts import format_audit, rank_audit
 from monai_du.bundles import check_overrides
-from monai_du.data.manifest import label_values, read_manifest, resolve_label_column
+from monai_du.data.manifest import (
+    RESOLVED_IMAGE_COLUMN,
+    label_values,
+    read_manifest,
+    resolve_label_column,
+    write_manifest,
+)
 from monai_du.data.samplers import AttributeBatchSampler, draw_batches
 from monai_du.io import write_text_atomic
 from monai_du.kernels import PriorKernel
@@ -130,8 +138,17 @@ def audit_priors(
     source: str = "manifest",
     extra_candidates: Mapping[str, PriorCandidate] | None = None,
     combined: bool = True,
+    pool_df: pd.DataFrame | None = None,
+    pool_source: str = "pool",
 ) -> pd.DataFrame:
     """Audit candidate priors on a manifest against a few labels (see :mod:`monai_du.audit`).
+
+    With ``pool_df`` the audit takes two inputs, as ``monai-du compare --pool`` does: each candidate's kernel is
+    fitted on the pool's priors and its batch statistics (``eff_rank``, ``mean_offdiag``, ``centroid_dof``,
+    ``pooled``) come from batches the sampler draws on the pool, while its label statistics (KTA, HSIC, p-value, CV
+    AUC) come from ``manifest_df``'s labelled rows, their priors encoded by the encoder fitted on the pool and read by
+    the same fitted kernel (:func:`~monai_du.audit.candidates.encode_labelled`: a labelled category unseen in the pool
+    is a category of its own, said in ``attrs["notes"]``).
 
     Args:
         manifest_df: the manifest (one row per image; ``patient_id`` groups the rows by patient when present).
@@ -157,6 +174,11 @@ def audit_priors(
         source: name of the manifest in error messages (its file).
         extra_candidates: candidates added to the others, e.g. the bundle's methods (:func:`bundle_candidates`).
         combined: with ``candidates=None``, include the default ``"age x sex"`` and ``"patient x time"`` candidates.
+        pool_df: the rows pretraining reads (a pool less the labelled patients: :func:`run_audit` removes them as
+            ``monai-du compare`` does); None: ``manifest_df`` serves both. The sampler's columns are the pool's. A
+            candidate given in ``candidates`` then needs :attr:`~PriorCandidate.fit_prior` (the pool's vectors) or
+            its own ``batches`` and an already fitted kernel.
+        pool_source: name of the pool in messages and settings.
 
     Returns:
         one row per (prior, label), ranked within each label (column ``rank``, best first): ``prior``, ``label``,
@@ -165,8 +187,9 @@ def audit_priors(
         replaces by pooling, 0 for plain DU), ``n_labelled``, ``n_positive``, ``n_patients``, ``kta``, ``hsic``,
         ``p_value``, ``null``
         (``"patient"`` or ``"image"`` permutations), ``cv_auc``, ``auc_chance``, ``verdict``.
-        ``attrs["settings"]`` holds the settings and ``attrs["skipped"]`` the default candidates that could not be
-        fitted, with the reason.
+        ``attrs["settings"]`` holds the settings, ``attrs["skipped"]`` the default candidates that could not be
+        fitted (or built on one of the two inputs), with the reason, and ``attrs["notes"]`` remarks by candidate
+        (labelled categories unseen in the pool).
 
     Raises:
         ValueError: for a missing label column, a label with one class, a missing sampler attribute, a batch size
@@ -176,6 +199,11 @@ def audit_priors(
         raise ValueError(f"audit_priors: manifest_df must be a pandas DataFrame, got {type(manifest_df).__name__}.")
     df = manifest_df.reset_index(drop=True)
     n = len(df)
+    if pool_df is not None and not isinstance(pool_df, pd.DataFrame):
+        raise ValueError(f"audit_priors: pool_df must be a pandas DataFrame, got {type(pool_df).__name__}.")
+    # the rows of the kernels and batches: the pool's, or the manifest's own
+    pool = df if pool_df is None else pool_df.reset_index(drop=True)
+    n_pool, pool_name = len(pool), source if pool_df is None else pool_source
     if isinstance(labels, str):
         labels = [labels]
     if not labels:
@@ -183,20 +211,20 @@ def audit_priors(
     _check_settings(batch_size=batch_size, n_batches=n_batches, n_permutations=n_permutations, lam=lam,
                     instance_weight=instance_weight, knn_k=knn_k, seed=seed)
     batch_size = int(batch_size)
-    if n < batch_size:
-        raise ValueError(f"{source}: {n} rows, fewer than the batch size {batch_size}; lower --batch-size.")
+    if n_pool < batch_size:
+        raise ValueError(f"{pool_name}: {n_pool} rows, fewer than the batch size {batch_size}; lower --batch-size.")
     label_columns = list(dict.fromkeys(resolve_label_column(df, str(name), source) for name in labels))
     label_values = {column: _binary_label(df, column, source) for column in label_columns}
 
-    mode, attribute = _default_sampler(df, sampler_mode, sampler_attribute)
+    mode, attribute = _default_sampler(pool, sampler_mode, sampler_attribute)
     groups = None
     if attribute is not None:
-        if attribute not in df.columns:
+        if attribute not in pool.columns:
             raise ValueError(
-                f"{source}: sampler attribute {attribute!r} is not a manifest column (columns: {list(df.columns)}); "
-                "pass another sampler attribute or sampler mode 'random'."
+                f"{pool_name}: sampler attribute {attribute!r} is not a manifest column (columns: "
+                f"{list(pool.columns)}); pass another sampler attribute or sampler mode 'random'."
             )
-        groups = df[attribute].to_numpy(dtype=object)
+        groups = pool[attribute].to_numpy(dtype=object)
     sampler_name = mode if attribute is None else f"{mode}:{attribute}"
     sampler_kwargs = dict(sampler_kwargs or {})
     if mode == "pk" and images_per_patient is None and "images_per_group" not in sampler_kwargs:
@@ -210,22 +238,25 @@ def audit_priors(
     if sampler_order is not None:
         if mode != "pk":
             raise ValueError(f"sampler_order is only used by sampler mode 'pk', not {mode!r}.")
-        if sampler_order not in df.columns:
-            raise ValueError(f"{source}: sampler order column {sampler_order!r} is not a manifest column (columns: "
-                             f"{list(df.columns)}).")
-        sampler_kwargs["block_order"] = df[sampler_order].to_numpy()
+        if sampler_order not in pool.columns:
+            raise ValueError(f"{pool_name}: sampler order column {sampler_order!r} is not a manifest column (columns: "
+                             f"{list(pool.columns)}).")
+        sampler_kwargs["block_order"] = pool[sampler_order].to_numpy()
         sampler_name += f" by {sampler_order}"
     patients = _patient_codes(df["patient_id"] if "patient_id" in df.columns else None, n)
 
     skipped: dict[str, str] = {}
+    labelled = None if pool_df is None else df
     if candidates is None:
-        raw = default_candidates(df, batch_size=batch_size, prior_tables=prior_tables, knn_k=knn_k, combined=combined)
-        skipped.update(skipped_attributes(df, combined=combined))
+        raw = default_candidates(pool, batch_size=batch_size, prior_tables=prior_tables, knn_k=knn_k,
+                                 combined=combined, labelled=labelled)
+        skipped.update(skipped_attributes(pool, combined=combined, labelled=labelled))
         user = False
     else:
         raw = dict(candidates)
         if prior_tables:
-            raw.update(default_candidates(df, batch_size, prior_tables=prior_tables, knn_k=knn_k, attributes=()))
+            raw.update(default_candidates(pool, batch_size, prior_tables=prior_tables, knn_k=knn_k, attributes=(),
+                                          labelled=labelled))
         user = True
     for name, value in (extra_candidates or {}).items():
         if name in raw:
@@ -233,12 +264,13 @@ def audit_priors(
         raw[name] = value
     if not raw:
         raise ValueError(f"{source}: no candidate prior (no age, sex, site or view with 2 values, and no prior table).")
-    prepared = {name: _as_candidate(name, value, n) for name, value in raw.items()}
+    prepared = {name: _as_candidate(name, value, n, n_pool if pool_df is not None else None)
+                for name, value in raw.items()}
 
     shared_batches = None
     if mode not in ("neighbourhood", "neighborhood"):
         try:
-            sampler = _make_sampler(mode, batch_size, groups, np.zeros((n, 1)), seed, sampler_kwargs)
+            sampler = _make_sampler(mode, batch_size, groups, np.zeros((n_pool, 1)), seed, sampler_kwargs)
         except ValueError as err:
             raise ValueError(f"{source}: batch sampler {sampler_name!r} with batch size {batch_size}: {err}") from None
         shared_batches = draw_batches(sampler, int(n_batches))
@@ -258,23 +290,26 @@ def audit_priors(
         )
 
     records = []
+    notes = {name: candidate.note for name, candidate in prepared.items() if candidate.note}
     for name, candidate in prepared.items():
         kernel, prior = candidate.kernel, candidate.prior
+        # the rows the kernel is fitted on and the shared batches index: the pool's (two inputs) or the manifest's
+        fit_prior = prior if candidate.fit_prior is None else candidate.fit_prior
         fit_groups = candidate.fit_groups
         if isinstance(fit_groups, str) and fit_groups == _SAMPLER:
             fit_groups = groups if mode == "within" else None
         if not kernel.is_fitted:
             try:
-                kernel.fit(prior, groups=fit_groups)
+                kernel.fit(fit_prior, groups=fit_groups)
             except ValueError as err:
                 if user and name in (candidates or {}):
                     raise ValueError(f"candidate prior {name!r}: fitting {candidate.description}: {err}") from None
                 skipped[name] = str(err)
                 continue
         own = candidate.batches is not None
-        batches, batch_prior = (candidate.batches, candidate.batch_prior) if own else (shared_batches, prior)
+        batches, batch_prior = (candidate.batches, candidate.batch_prior) if own else (shared_batches, fit_prior)
         if batches is None:
-            sampler = _make_sampler(mode, batch_size, None, prior, seed, sampler_kwargs)
+            sampler = _make_sampler(mode, batch_size, None, fit_prior, seed, sampler_kwargs)
             batches = draw_batches(sampler, int(n_batches))
         stats = batch_kernel_stats(
             kernel, batch_prior, batches,
@@ -310,8 +345,37 @@ def audit_priors(
         "n_batches": int(n_batches), "n_permutations": int(n_permutations), "lam": float(lam),
         "instance_weight": float(instance_weight), "knn_k": int(knn_k), "seed": int(seed),
     }
+    if pool_df is not None:
+        out.attrs["settings"].update(pool=pool_source, n_pool_rows=n_pool)
     out.attrs["skipped"] = skipped
+    out.attrs["notes"] = {name: note for name, note in notes.items() if name not in skipped}
     return out
+
+
+def _pool_rows(pool: str | os.PathLike, pool_dataset_dir: str | os.PathLike | None, labelled: pd.DataFrame,
+               keep_labelled_in_pool: bool) -> tuple[pd.DataFrame, str]:
+    """The pool rows pretraining reads, by the rule of :func:`monai_du.compare.pool_rows` (its one home), and a line
+    saying what the pool holds and what was removed from it."""
+    from monai_du.compare import pool_rows  # compare imports the audit: imported when used
+
+    settings = SimpleNamespace(pool=Path(pool), pool_dataset_dir=pool_dataset_dir,
+                               keep_labelled_in_pool=bool(keep_labelled_in_pool))
+    try:
+        every, kept = pool_rows(settings, labelled)  # type: ignore[arg-type]  # reads these three settings only
+    except FileNotFoundError as err:
+        raise ValueError(f"pool: {err}") from None
+    shared = every["patient_id"].astype(str).isin(set(labelled["patient_id"].astype(str)))
+    what = "kept (keep_labelled_in_pool)" if keep_labelled_in_pool else "removed"
+    note = (f"pool {pool}: {len(every)} images of {every['patient_id'].nunique()} patients; {int(shared.sum())} "
+            f"images of {every.loc[shared, 'patient_id'].nunique()} patients of the labelled manifest {what}; "
+            f"kernels and batches from {len(kept)} images")
+    return kept.reset_index(drop=True), note
+
+
+def _pool_split(seed: int) -> dict[str, Any]:
+    from monai_du.compare import _pool_split as split  # the bundle ids of a pool run, as compare sets them
+
+    return split(seed)
 
 
 def write_audit(df: pd.DataFrame, out: str | os.PathLike) -> dict[str, Path]:
@@ -320,7 +384,8 @@ def write_audit(df: pd.DataFrame, out: str | os.PathLike) -> dict[str, Path]:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     rows = json.loads(df.to_json(orient="records"))  # NaN -> null
-    payload = {"settings": df.attrs.get("settings", {}), "skipped": df.attrs.get("skipped", {}), "rows": rows}
+    payload = {"settings": df.attrs.get("settings", {}), "skipped": df.attrs.get("skipped", {}),
+               "notes": df.attrs.get("notes", {}), "rows": rows}
     return {
         "csv": write_text_atomic(folder / "audit.csv", df.to_csv(index=False)),
         "json": write_text_atomic(folder / "audit.json", json.dumps(payload, indent=2) + "\n"),
@@ -337,9 +402,17 @@ def run_audit(
     bundle: str | os.PathLike | None = "cxr",
     methods: Sequence[str] | None = None,
     bundle_overrides: Mapping[str, Any] | None = None,
+    pool: str | os.PathLike | None = None,
+    pool_dataset_dir: str | os.PathLike | None = None,
+    keep_labelled_in_pool: bool = False,
     **kwargs: Any,
 ) -> pd.DataFrame:
     """Read a manifest file and its prior tables, audit the priors, and write the report to ``out`` (if given).
+
+    With ``pool``, the two inputs of ``monai-du compare --pool``: kernels and batches from the pool (less the
+    labelled manifest's patients, as :func:`monai_du.compare.pool_rows` removes them; every pool row is pretraining
+    data, as compare's pool runs read it), label statistics from ``manifest``'s labelled rows (``audit_priors``'s
+    ``pool_df``).
 
     Args:
         manifest: manifest file (read with :func:`~monai_du.data.manifest.read_manifest`).
@@ -353,6 +426,10 @@ def run_audit(
         methods: the bundle's methods to audit (None: every method file that sets a kernel).
         bundle_overrides: bundle ids for every method, as ``monai-du compare --set`` gives them to every run (e.g.
             ``{"time_column": "study_offset_days"}``).
+        pool: an unlabelled pool manifest that pretraining reads; None: ``manifest`` serves both.
+        pool_dataset_dir: folder of the pool's relative image paths (default: the pool manifest's folder).
+        keep_labelled_in_pool: keep the pool's rows of patients of ``manifest`` (default: removed, and counted in
+            ``attrs["settings"]["pool_note"]``).
         kwargs: further arguments of :func:`audit_priors`.
 
     Returns:
@@ -365,6 +442,12 @@ def run_audit(
         df = read_manifest(manifest, root=dataset_dir)
     except FileNotFoundError as err:
         raise ValueError(str(err)) from None
+    pool_df, pool_note = None, None
+    if pool is not None:
+        pool_df, pool_note = _pool_rows(pool, pool_dataset_dir, df, keep_labelled_in_pool)
+    elif pool_dataset_dir is not None or keep_labelled_in_pool:
+        raise ValueError("pool_dataset_dir and keep_labelled_in_pool go with pool: give the pool manifest too.")
+    two = {} if pool_df is None else {"pool_df": pool_df, "pool_source": str(pool)}
     tables: dict[str, str] = {}
     for name, path in (prior_tables or {}).items():
         if not str(name).strip():
@@ -373,20 +456,34 @@ def run_audit(
         tables[str(name)] = str(path)
     try:
         if bundle is None:
-            result = audit_priors(df, labels, prior_tables=tables, source=str(manifest), **kwargs)
+            result = audit_priors(df, labels, prior_tables=tables, source=str(manifest), **two, **kwargs)
         else:
-            overrides = {"batch_size": int(kwargs.get("batch_size", 64)), "seed": int(kwargs.get("seed", 0)),
+            seed = int(kwargs.get("seed", 0))
+            # a pool run reads every pool row (compare's pool split), unless the overrides say otherwise
+            split = {} if pool_df is None else _pool_split(seed)
+            overrides = {"batch_size": int(kwargs.get("batch_size", 64)), "seed": seed, **split,
                          **dict(bundle_overrides or {})}
             work_dir = None if out is None else Path(out) / "methods"
-            extra, skipped = bundle_candidates(
-                bundle, manifest, methods=methods, prior_tables=tables, dataset_dir=dataset_dir, overrides=overrides,
-                n_batches=int(kwargs.get("n_batches", 20)), work_dir=work_dir,
-            )
-            result = audit_priors(df, labels, source=str(manifest), extra_candidates=extra, combined=False, **kwargs)
+            with tempfile.TemporaryDirectory(prefix="monai_du_audit_pool_") as scratch:
+                if pool_df is None:
+                    runs_on, runs_dir, labelled = Path(manifest), dataset_dir, None
+                else:  # the bundle reads a manifest file: the pool rows the runs pretrain on
+                    runs_on = write_manifest(pool_df.drop(columns=[RESOLVED_IMAGE_COLUMN], errors="ignore"),
+                                             Path(out if out is not None else scratch) / "pool_manifest.csv")
+                    runs_dir = Path(pool_dataset_dir or Path(pool).parent)
+                    labelled = df
+                extra, skipped = bundle_candidates(
+                    bundle, runs_on, methods=methods, prior_tables=tables, dataset_dir=runs_dir, overrides=overrides,
+                    n_batches=int(kwargs.get("n_batches", 20)), work_dir=work_dir, labelled=labelled,
+                )
+            result = audit_priors(df, labels, source=str(manifest), extra_candidates=extra, combined=False, **two,
+                                  **kwargs)
             result.attrs["skipped"] = {**result.attrs.get("skipped", {}), **skipped}
             result.attrs["settings"]["bundle"] = str(bundle)
     except ValueError as err:
         raise ValueError(str(err)) from None
+    if pool_note is not None:
+        result.attrs["settings"].update(pool_note=pool_note, keep_labelled_in_pool=bool(keep_labelled_in_pool))
     if out is not None:
         write_audit(result, out)
     return result

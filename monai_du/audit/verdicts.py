@@ -113,12 +113,16 @@ def format_audit(df: pd.DataFrame) -> str:
     settings = df.attrs.get("settings", {})
     lines = []
     if settings:
+        pool = (f", kernels and batches from the pool {settings['pool']} ({settings.get('n_pool_rows')} rows)"
+                if settings.get("pool") else "")
         lines.append(
-            f"Prior audit of {settings.get('source')} ({settings.get('n_rows')} rows): "
+            f"Prior audit of {settings.get('source')} ({settings.get('n_rows')} rows){pool}: "
             f"batch {settings.get('batch_size')}, "
             f"sampler {settings.get('sampler')}, {settings.get('n_batches')} batches, lam {settings.get('lam'):g}, "
             f"instance weight {settings.get('instance_weight'):g}, {settings.get('n_permutations')} permutations."
         )
+        if settings.get("pool_note"):
+            lines.append(str(settings["pool_note"]))
     header = (f"{'#':>2}  {'prior':<16} {'eff.rank':>9} {'offdiag':>8} {'pooled':>6} {'KTA':>7} {'HSIC':>8} {'p':>6} "
               f"{'AUC':>5} {'chance':>6}  verdict")
     for label, part in df.groupby("label", sort=False):
@@ -138,6 +142,8 @@ def format_audit(df: pd.DataFrame) -> str:
             lines.append(f"- {row['prior']}{own}: {row['verdict']} ({_reason(row)})")
     for name, reason in df.attrs.get("skipped", {}).items():
         lines.append(f"- {name}: skipped ({reason})")
+    for name, note in df.attrs.get("notes", {}).items():
+        lines.append(f"- {name}: note: {note}")
     return "\n".join(lines).lstrip("\n")
 
 
