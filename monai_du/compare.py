@@ -387,14 +387,20 @@ def _age_probe(features: np.ndarray, df: pd.DataFrame, groups: np.ndarray, train
 
 def _label_efficiency(features: np.ndarray, y: pd.Series, groups: np.ndarray, train_mask: np.ndarray | None,
                       folds: np.ndarray, seed: int, config: CompareConfig) -> pd.DataFrame:
-    """The label-efficiency draws: on the one split, or spread over the cross-fitting folds (``label_draws / folds``
+    """The label-efficiency draws: on the one split (the "all patients" size recorded as ``labelled patients *
+    (1 - test_fraction)``, so every seed fills the same column), or spread over the cross-fitting folds (``label_draws / folds``
     draws in each, rounded up: draws from the fold's training patients, scored on its held-out patients, so the
     cost stays that of one split; the "all patients" size is recorded as ``labelled patients * (folds - 1) / folds``
     whatever the fold sizes, so every seed fills the same column)."""
     sizes = tuple(config.label_sizes)
     if train_mask is not None:
-        return label_efficiency(features, y, groups, train_mask, n_patients=sizes, n_draws=config.label_draws,
-                                seed=seed)
+        curve = label_efficiency(features, y, groups, train_mask, n_patients=sizes, n_draws=config.label_draws,
+                                 seed=seed)
+        every = curve["n_patients"] == curve.attrs["n_train_patients"]
+        if None in sizes and every.any():  # one column for every seed: the nominal training share of the patients
+            patients = len(np.unique(groups[y.notna().to_numpy()]))
+            curve.loc[every, "n_patients"] = int(round(patients * (1 - config.test_fraction)))
+        return curve
     parts = []
     for k in np.unique(folds[folds >= 0]):
         part = label_efficiency(features, y, groups, (folds >= 0) & (folds != k), n_patients=sizes,
