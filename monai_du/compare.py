@@ -387,11 +387,11 @@ def _age_probe(features: np.ndarray, df: pd.DataFrame, groups: np.ndarray, train
 
 def _label_efficiency(features: np.ndarray, y: pd.Series, groups: np.ndarray, train_mask: np.ndarray | None,
                       folds: np.ndarray, seed: int, config: CompareConfig) -> pd.DataFrame:
-    """The label-efficiency draws: on the one split (the "all patients" size recorded as ``labelled patients *
-    (1 - test_fraction)``, so every seed fills the same column), or spread over the cross-fitting folds (``label_draws / folds``
-    draws in each, rounded up: draws from the fold's training patients, scored on its held-out patients, so the
-    cost stays that of one split; the "all patients" size is recorded as ``labelled patients * (folds - 1) / folds``
-    whatever the fold sizes, so every seed fills the same column)."""
+    """The label-efficiency draws: on the one split (the "all patients" size recorded as ``labelled patients * (1 -
+    test_fraction)``, so every seed fills the same column), or spread over the cross-fitting folds (``label_draws
+    / folds`` draws in each, rounded up: draws from the fold's training patients, scored on its held-out
+    patients, so the cost stays that of one split; the "all patients" size is recorded as ``labelled patients *
+    (folds - 1) / folds`` whatever the fold sizes, so every seed fills the same column)."""
     sizes = tuple(config.label_sizes)
     if train_mask is not None:
         curve = label_efficiency(features, y, groups, train_mask, n_patients=sizes, n_draws=config.label_draws,
