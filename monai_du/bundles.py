@@ -368,3 +368,9 @@ def check_overrides(bundle: str | os.PathLike, overrides: Mapping[str, Any],
             raise ValueError(f"override {key!r}: {code!r} would run as code in the bundle config; values are data "
                              "only (put expressions in a method file of your own, --method-config).")
     return dict(overrides)
+
+
+def pool_run_split(seed: int) -> dict[str, Any]:
+    """The bundle ids of a run on an unlabelled pool: every row is pretraining data (``seed`` seeds the weights and
+    views). ``monai-du compare --pool`` and ``monai-du audit --pool`` both set them."""
+    return {"split_fractions": {"train": 1.0}, "split_seed": int(seed), "pretrain_split": "train"}

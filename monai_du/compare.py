@@ -46,6 +46,7 @@ from monai_du.bundles import (
     default_methods,
     kernel_methods,
     method_files,
+    pool_run_split,
     stage_files,
 )
 from monai_du.data.loading import load_images
@@ -56,7 +57,7 @@ from monai_du.data.manifest import (
     resolve_label_column,
     write_manifest,
 )
-from monai_du.data.splits import select_split
+from monai_du.data.splits import pool_without_patients, select_split
 from monai_du.encoders import load_encoder
 from monai_du.evaluation import (
     extract_features,
@@ -257,24 +258,14 @@ def _check_classes(y: pd.Series, train_mask: np.ndarray, column: str, seed: int)
             )
 
 
-def _pool_split(seed: int) -> dict[str, Any]:
-    """The bundle ids of a pool run: every pool row is pretraining data (``seed`` seeds the weights and views)."""
-    return {"split_fractions": {"train": 1.0}, "split_seed": int(seed), "pretrain_split": "train"}
-
-
 def pool_rows(config: CompareConfig, labelled: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(every pool row, the rows pretraining reads)``: the pool less the patients of the labelled manifest (unless
-    ``keep_labelled_in_pool``).
+    ``keep_labelled_in_pool``; :func:`monai_du.data.splits.pool_without_patients`).
 
     Raises:
         ValueError: when no pool row is left.
     """
-    pool = read_manifest(Path(config.pool), root=config.pool_dataset_dir)
-    shared = pool["patient_id"].astype(str).isin(set(labelled["patient_id"].astype(str)))
-    kept = pool if config.keep_labelled_in_pool else pool[~shared]
-    if kept.empty:
-        raise ValueError(f"pool {config.pool}: no row is left once the labelled manifest's patients are removed.")
-    return pool, kept
+    return pool_without_patients(Path(config.pool), labelled, config.pool_dataset_dir, config.keep_labelled_in_pool)
 
 
 def _pool_manifest(config: CompareConfig, labelled: pd.DataFrame, out: Path) -> tuple[Path, int, str]:
@@ -495,7 +486,7 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     total = len(specs) * len(config.seeds)
     for seed in config.seeds:
         train_mask = masks[seed]
-        split = _split_overrides(seed, config.test_fraction) if config.pool is None else _pool_split(seed)
+        split = _split_overrides(seed, config.test_fraction) if config.pool is None else pool_run_split(seed)
         overrides = {
             "manifest": str(pretrain), "dataset_dir": str(pretrain_dir), "seed": int(seed), **split,
             "max_epochs": epochs, "batch_size": batches[seed], **dict(config.overrides),
@@ -588,7 +579,7 @@ def _audit_next_to(config: CompareConfig, specs: Mapping[str, MethodSpec], colum
     audited = [key for key in specs if key in kernels]
     seed = int(config.seeds[0])
     pooled = config.pool is not None
-    split = _pool_split(seed) if pooled else _split_overrides(seed, config.test_fraction)
+    split = pool_run_split(seed) if pooled else _split_overrides(seed, config.test_fraction)
     two = {"pool": config.pool, "pool_dataset_dir": config.pool_dataset_dir,
            "keep_labelled_in_pool": config.keep_labelled_in_pool} if pooled else {}
     tables, notes = {}, []

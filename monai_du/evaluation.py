@@ -504,7 +504,9 @@ def select_C(
     splits: list[tuple[np.ndarray, np.ndarray]] = []
     if k >= 2 and int(repeats) == 1:
         splits = [(tr, va) for tr, va in GroupKFold(n_splits=k).split(x, y, groups=g)]
-    elif k >= 2:
+    elif k >= 2 and min(int(np.sum(y == 0)), int(np.sum(y == 1))) >= 2:
+        # stratified folds need a few rows of each class: no more folds than the larger class has rows
+        k = min(k, int(max(np.sum(y == 0), np.sum(y == 1))))
         for r in range(int(repeats)):
             splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=r)
             splits += [(tr, va) for tr, va in splitter.split(x, y, groups=g)]

@@ -64,7 +64,7 @@ fitted on the pool's priors and its batches drawn there by the sampler a run on 
 statistics from the labelled manifest's rows, their priors encoded by the encoder fitted on the pool and read by the
 same fitted kernel. A labelled category the pool lacks is a category of its own, similar only to itself, and said
 (``attrs["notes"]``); the pool's images of labelled patients are removed first, as
-:func:`monai_du.compare.pool_rows` removes them.
+:func:`monai_du.data.splits.pool_without_patients` removes them.
 
 Submodules (every public name is importable from :mod:`monai_du.audit`):
 

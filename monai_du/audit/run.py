@@ -9,7 +9,6 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -40,7 +39,7 @@ from monai_du.audit.statistics import (
     hsic,
 )
 from monai_du.audit.verdicts import format_audit, rank_audit
-from monai_du.bundles import check_overrides
+from monai_du.bundles import check_overrides, pool_run_split
 from monai_du.data.manifest import (
     RESOLVED_IMAGE_COLUMN,
     label_values,
@@ -49,6 +48,7 @@ from monai_du.data.manifest import (
     write_manifest,
 )
 from monai_du.data.samplers import AttributeBatchSampler, draw_batches
+from monai_du.data.splits import pool_without_patients
 from monai_du.io import write_text_atomic
 from monai_du.kernels import PriorKernel
 from monai_du.priors import load_prior_table
@@ -354,14 +354,10 @@ def audit_priors(
 
 def _pool_rows(pool: str | os.PathLike, pool_dataset_dir: str | os.PathLike | None, labelled: pd.DataFrame,
                keep_labelled_in_pool: bool) -> tuple[pd.DataFrame, str]:
-    """The pool rows pretraining reads, by the rule of :func:`monai_du.compare.pool_rows` (its one home), and a line
-    saying what the pool holds and what was removed from it."""
-    from monai_du.compare import pool_rows  # compare imports the audit: imported when used
-
-    settings = SimpleNamespace(pool=Path(pool), pool_dataset_dir=pool_dataset_dir,
-                               keep_labelled_in_pool=bool(keep_labelled_in_pool))
+    """The pool rows pretraining reads, by the rule of :func:`monai_du.data.splits.pool_without_patients` (its one
+    home), and a line saying what the pool holds and what was removed from it."""
     try:
-        every, kept = pool_rows(settings, labelled)  # type: ignore[arg-type]  # reads these three settings only
+        every, kept = pool_without_patients(Path(pool), labelled, pool_dataset_dir, bool(keep_labelled_in_pool))
     except FileNotFoundError as err:
         raise ValueError(f"pool: {err}") from None
     shared = every["patient_id"].astype(str).isin(set(labelled["patient_id"].astype(str)))
@@ -370,12 +366,6 @@ def _pool_rows(pool: str | os.PathLike, pool_dataset_dir: str | os.PathLike | No
             f"images of {every.loc[shared, 'patient_id'].nunique()} patients of the labelled manifest {what}; "
             f"kernels and batches from {len(kept)} images")
     return kept.reset_index(drop=True), note
-
-
-def _pool_split(seed: int) -> dict[str, Any]:
-    from monai_du.compare import _pool_split as split  # the bundle ids of a pool run, as compare sets them
-
-    return split(seed)
 
 
 def write_audit(df: pd.DataFrame, out: str | os.PathLike) -> dict[str, Path]:
@@ -410,9 +400,9 @@ def run_audit(
     """Read a manifest file and its prior tables, audit the priors, and write the report to ``out`` (if given).
 
     With ``pool``, the two inputs of ``monai-du compare --pool``: kernels and batches from the pool (less the
-    labelled manifest's patients, as :func:`monai_du.compare.pool_rows` removes them; every pool row is pretraining
-    data, as compare's pool runs read it), label statistics from ``manifest``'s labelled rows (``audit_priors``'s
-    ``pool_df``).
+    labelled manifest's patients, as :func:`monai_du.data.splits.pool_without_patients` removes them; every pool row
+    is pretraining data, as compare's pool runs read it), label statistics from ``manifest``'s labelled rows
+    (``audit_priors``'s ``pool_df``).
 
     Args:
         manifest: manifest file (read with :func:`~monai_du.data.manifest.read_manifest`).
@@ -460,7 +450,7 @@ def run_audit(
         else:
             seed = int(kwargs.get("seed", 0))
             # a pool run reads every pool row (compare's pool split), unless the overrides say otherwise
-            split = {} if pool_df is None else _pool_split(seed)
+            split = {} if pool_df is None else pool_run_split(seed)
             overrides = {"batch_size": int(kwargs.get("batch_size", 64)), "seed": seed, **split,
                          **dict(bundle_overrides or {})}
             work_dir = None if out is None else Path(out) / "methods"

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from monai_du.data.manifest import SPLIT_VALUES, _as_text, _describe_leaks, _is_blank, patients_in_several_splits
+from monai_du.data.manifest import (
+    SPLIT_VALUES,
+    _as_text,
+    _describe_leaks,
+    _is_blank,
+    patients_in_several_splits,
+    read_manifest,
+)
 
-__all__ = ["DEFAULT_FRACTIONS", "patient_split", "select_split"]
+__all__ = ["DEFAULT_FRACTIONS", "patient_split", "pool_without_patients", "select_split"]
 
 DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.8, "val": 0.1, "test": 0.1}
 """Default fractions of patients per split."""
@@ -184,3 +192,21 @@ def select_split(
         counts = assigned["split"].value_counts(dropna=False).to_dict()
         raise ValueError(f"select_split: no manifest row in split(s) {names}; split counts: {counts}.")
     return selected
+
+
+def pool_without_patients(
+    pool: str | os.PathLike, labelled: pd.DataFrame, pool_dataset_dir: str | os.PathLike | None = None,
+    keep_labelled: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(every pool row, the rows pretraining reads)``: the pool manifest less the patients of ``labelled`` (unless
+    ``keep_labelled``), so that no probe of the labelled cohort scores a patient the encoder saw.
+
+    Raises:
+        ValueError: when no pool row is left.
+    """
+    rows = read_manifest(pool, root=pool_dataset_dir)
+    shared = rows["patient_id"].astype(str).isin(set(labelled["patient_id"].astype(str)))
+    kept = rows if keep_labelled else rows[~shared]
+    if kept.empty:
+        raise ValueError(f"pool {pool}: no row is left once the labelled manifest's patients are removed.")
+    return rows, kept
