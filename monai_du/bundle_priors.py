@@ -17,10 +17,11 @@ Python::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from monai_du.bundles import bundle_path, check_overrides, method_files, stage_f
 from monai_du.data.samplers import draw_batches
 from monai_du.priors import attach_prior_table
 
-__all__ = ["MethodPrior", "method_prior", "innermost_cause"]
+__all__ = ["MethodPrior", "method_parser", "method_prior", "innermost_cause"]
 
 
 @dataclass
@@ -76,6 +77,42 @@ def _sampler_words(parser: Any) -> str:
     return words
 
 
+@contextlib.contextmanager
+def method_parser(
+    folder: Path,
+    files: Sequence[Path],
+    method: str | os.PathLike,
+    manifest: str | os.PathLike,
+    dataset_dir: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    bundle_root: str | os.PathLike | None = None,
+) -> Iterator[Any]:
+    """The ``ConfigParser`` of a one-run method (``configs/train.yaml`` plus its file ``files[0]``) on ``manifest``,
+    as a run of the bundle reads it; ``bundle_root`` defaults to a temporary folder, removed when the block ends.
+
+    Raises:
+        ValueError: for a method that sets no kernel, or an override the bundle does not know.
+    """
+    from monai.bundle import ConfigParser
+
+    manifest = Path(manifest).expanduser()
+    with tempfile.TemporaryDirectory(prefix="monai_du_audit_") as scratch:
+        parser = ConfigParser()
+        parser.read_config([str(folder / "configs" / "train.yaml"), str(files[0])])
+        # paths as absolute paths and overrides as checked data: no value from a user reaches the parser as code
+        overrides = {k: str(Path(v).expanduser().absolute()) if k == "prior_table" and isinstance(v, (str, Path)) else v
+                     for k, v in (overrides or {}).items()}
+        parser.update({
+            "manifest": str(manifest.absolute()),
+            "dataset_dir": str(Path(dataset_dir or manifest.parent).expanduser().absolute()),
+            "bundle_root": str(Path(bundle_root if bundle_root is not None else scratch).absolute()),
+            **check_overrides(folder, overrides, files),
+        })
+        if parser.get("kernel") is None:
+            raise ValueError(f"method {str(method)!r} of {folder} sets no kernel: there is no prior to audit.")
+        yield parser
+
+
 def method_prior(
     bundle: str | os.PathLike,
     method: str | os.PathLike,
@@ -106,8 +143,6 @@ def method_prior(
         ValueError: an unknown method, a method without a kernel, or a prior table that lacks manifest images
             (naming them).
     """
-    from monai.bundle import ConfigParser
-
     folder = bundle_path(bundle)
     path = Path(method).expanduser()
     if path.suffix in (".yaml", ".yml", ".json"):
@@ -117,21 +152,7 @@ def method_prior(
     files = stage_files(folder, spec)
     if len(files) != 1:
         raise ValueError(f"method {str(method)!r} is a composite of several runs; audit its stages instead.")
-    manifest = Path(manifest).expanduser()
-    with tempfile.TemporaryDirectory(prefix="monai_du_audit_") as scratch:
-        parser = ConfigParser()
-        parser.read_config([str(folder / "configs" / "train.yaml"), str(files[0])])
-        # paths as absolute paths and overrides as checked data: no value from a user reaches the parser as code
-        overrides = {k: str(Path(v).expanduser().absolute()) if k == "prior_table" and isinstance(v, (str, Path)) else v
-                     for k, v in (overrides or {}).items()}
-        parser.update({
-            "manifest": str(manifest.absolute()),
-            "dataset_dir": str(Path(dataset_dir or manifest.parent).expanduser().absolute()),
-            "bundle_root": str(Path(bundle_root if bundle_root is not None else scratch).absolute()),
-            **check_overrides(folder, overrides, files),
-        })
-        if parser.get("kernel") is None:
-            raise ValueError(f"method {str(method)!r} of {folder} sets no kernel: there is no prior to audit.")
+    with method_parser(folder, files, method, manifest, dataset_dir, overrides, bundle_root) as parser:
         try:
             return _build(parser, name or Path(str(method)).stem, int(n_batches))
         except (RuntimeError, ValueError) as err:  # the config parser wraps an expression's error in a RuntimeError

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +13,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from monai_du.bundle_priors import MethodPrior, innermost_cause, method_prior
+from monai_du.bundle_priors import MethodPrior, innermost_cause, method_parser, method_prior
 from monai_du.bundle_priors import _build as _build_method_prior
 from monai_du.bundles import (
     bundle_path,
-    check_overrides,
     kernel_methods,
     method_files,
     prior_table_setting,
@@ -389,25 +387,10 @@ def _pool_method_prior(
     The config is read as :func:`~monai_du.bundle_priors.method_prior` reads it; the fitted ``prior_encoder`` and
     the ``prior_table`` are taken from that parser before the bundle's prior is built from it, so the labelled rows
     are coded by the very encoder the kernel was fitted through."""
-    from monai.bundle import ConfigParser
-
     files = stage_files(folder, method_files(folder, [str(method)])[str(method)])
     if len(files) != 1:
         raise ValueError(f"method {str(method)!r} is a composite of several runs; audit its stages instead.")
-    pool_manifest = Path(pool_manifest).expanduser()
-    with tempfile.TemporaryDirectory(prefix="monai_du_audit_") as scratch:
-        parser = ConfigParser()
-        parser.read_config([str(folder / "configs" / "train.yaml"), str(files[0])])
-        overrides = {k: str(Path(v).expanduser().absolute()) if k == "prior_table" and isinstance(v, (str, Path)) else v
-                     for k, v in overrides.items()}
-        parser.update({
-            "manifest": str(pool_manifest.absolute()),
-            "dataset_dir": str(Path(dataset_dir or pool_manifest.parent).expanduser().absolute()),
-            "bundle_root": str(Path(bundle_root if bundle_root is not None else scratch).absolute()),
-            **check_overrides(folder, overrides, files),
-        })
-        if parser.get("kernel") is None:
-            raise ValueError(f"method {str(method)!r} of {folder} sets no kernel: there is no prior to audit.")
+    with method_parser(folder, files, method, pool_manifest, dataset_dir, overrides, bundle_root) as parser:
         try:
             encoder = parser.get_parsed_content("prior_encoder")
             table = parser.get_parsed_content("prior_table") if "prior_table" in parser else None
