@@ -41,18 +41,23 @@ NIH_CXR_DEV_DIR: Path = Path(__file__).resolve().parent / "nih_cxr_dev"
 IXI_T1_DEV_DIR: Path = Path(__file__).resolve().parent / "ixi_t1_dev"
 
 
+def _shipped_manifest(folder: Path, what: str) -> Path:
+    """``folder/manifest.csv`` of a shipped cohort, or FileNotFoundError naming it when the package data is missing."""
+    manifest = folder / "manifest.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(
+            f"the embedded {what} cohort is missing ({manifest}); reinstall monai_du with its package data."
+        )
+    return manifest
+
+
 def nih_cxr_dev_manifest() -> Path:
     """Path of the embedded real cohort's ``manifest.csv``; its ``image`` paths are relative to its folder.
 
     Raises:
         FileNotFoundError: when the package was installed without its data files.
     """
-    manifest = NIH_CXR_DEV_DIR / "manifest.csv"
-    if not manifest.is_file():
-        raise FileNotFoundError(
-            f"the embedded NIH chest X-ray cohort is missing ({manifest}); reinstall monai_du with its package data."
-        )
-    return manifest
+    return _shipped_manifest(NIH_CXR_DEV_DIR, "NIH chest X-ray")
 
 
 def build_nih_cxr_dev_manifest(
@@ -94,12 +99,7 @@ def ixi_t1_dev_manifest() -> Path:
     Raises:
         FileNotFoundError: when the package was installed without its data files.
     """
-    manifest = IXI_T1_DEV_DIR / "manifest.csv"
-    if not manifest.is_file():
-        raise FileNotFoundError(
-            f"the embedded IXI brain MRI cohort is missing ({manifest}); reinstall monai_du with its package data."
-        )
-    return manifest
+    return _shipped_manifest(IXI_T1_DEV_DIR, "IXI brain MRI")
 
 
 def _block_mean(image: nib.Nifti1Image, factor: int) -> nib.Nifti1Image:
