@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "FINETUNE_BUNDLES",
     "PRETRAIN_BUNDLES",
     "SHIPPED_BUNDLES",
     "MethodSpec",
@@ -42,6 +43,7 @@ __all__ = [
     "composite_run_error",
     "copy_bundle",
     "default_methods",
+    "finetune_bundle_for",
     "kernel_methods",
     "method_files",
     "method_settings",
@@ -54,6 +56,9 @@ __all__ = [
 
 #: Pretrain bundles by modality key.
 PRETRAIN_BUNDLES: dict[str, str] = {"cxr": "cxr_du_pretrain", "brain": "brain_mri_du_pretrain"}
+
+#: The shipped fine-tune bundle of each shipped pretrain bundle folder.
+FINETUNE_BUNDLES: dict[str, str] = {"cxr_du_pretrain": "cxr_finetune", "brain_mri_du_pretrain": "brain_mri_finetune"}
 
 #: Every shipped bundle folder name.
 SHIPPED_BUNDLES: tuple[str, ...] = ("cxr_du_pretrain", "cxr_finetune", "brain_mri_du_pretrain", "brain_mri_finetune")
@@ -374,3 +379,18 @@ def pool_run_split(seed: int) -> dict[str, Any]:
     """The bundle ids of a run on an unlabelled pool: every row is pretraining data (``seed`` seeds the weights and
     views). ``monai-du compare --pool`` and ``monai-du audit --pool`` both set them."""
     return {"split_fractions": {"train": 1.0}, "split_seed": int(seed), "pretrain_split": "train"}
+
+
+def finetune_bundle_for(pretrain_bundle: str | os.PathLike) -> Path:
+    """The shipped fine-tune bundle that fits a pretrain bundle: by its folder name for a shipped one, else by its
+    number of spatial dimensions (``spatial_size``: 2 for chest X-rays, 3 for brain MRI)."""
+    folder = bundle_path(pretrain_bundle)
+    name = FINETUNE_BUNDLES.get(folder.name)
+    if name is None:
+        with open(folder / "configs" / "train.yaml", encoding="utf-8") as stream:
+            spatial = (yaml.safe_load(stream) or {}).get("spatial_size")
+        if not isinstance(spatial, list) or len(spatial) not in (2, 3):
+            raise ValueError(f"bundle {folder}: cannot tell its fine-tune bundle (spatial_size {spatial!r} is not a "
+                             "list of 2 or 3 sizes); pass the fine-tune bundle's folder.")
+        name = FINETUNE_BUNDLES["cxr_du_pretrain" if len(spatial) == 2 else "brain_mri_du_pretrain"]
+    return shipped_bundle(name)

@@ -181,6 +181,19 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     pool.add_argument("--pool-sizes", type=int, nargs="+", default=None, metavar="N",
                       help="also compare at these pool sizes (nested subsets by patient, same epochs) and print AUC "
                            "against pool size (OUT/pool_curve.*)")
+    tune = p.add_argument_group("fine-tuning end to end (off by default: methods x seeds x splits x sizes more runs)")
+    tune.add_argument("--finetune", action="store_true",
+                      help="also fine-tune every encoder through the fine-tune bundle on the probes' splits and label "
+                           "sizes, and print that table beside the probes' (OUT/finetune.*)")
+    tune.add_argument("--finetune-sizes", type=int, nargs="+", default=None, metavar="N",
+                      help="labelled training patients of the fine-tune runs (all of them is always added; default: "
+                           "the label sizes)")
+    tune.add_argument("--finetune-epochs", type=int, default=None, help="epochs of each fine-tune run "
+                      "(default: the fine-tune bundle's)")
+    tune.add_argument("--finetune-bundle", default=None,
+                      help="the fine-tune bundle's folder (default: the shipped one that fits --bundle)")
+    tune.add_argument("--finetune-set", nargs="+", default=[], metavar="ID=VALUE",
+                      help="fine-tune bundle overrides for every fine-tune run, e.g. batch_size=32 (YAML data)")
     _add_budget(p)
     p.set_defaults(func=_run_compare)
 
@@ -193,6 +206,15 @@ def _run_compare(args: argparse.Namespace) -> int:
                                ("folds", args.folds), ("age", args.age)) if v is not None}
     if args.keep_labelled_in_pool:
         given["keep_labelled_in_pool"] = True
+    if args.finetune:
+        given.update(finetune=True, finetune_overrides=_overrides(args.finetune_set))
+        given.update({k: v for k, v in (("finetune_epochs", args.finetune_epochs),
+                                        ("finetune_bundle", args.finetune_bundle)) if v is not None})
+        if args.finetune_sizes:
+            given["finetune_sizes"] = (*args.finetune_sizes, None)
+    elif args.finetune_sizes or args.finetune_epochs or args.finetune_bundle or args.finetune_set:
+        raise ValueError("--finetune-sizes, --finetune-epochs, --finetune-bundle and --finetune-set go with "
+                         "--finetune.")
     config = CompareConfig(manifest=args.manifest, label=args.label, **given, **_budget(args))
     log, progress = _printers(args.quiet)
     if args.pool_sizes:

@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from monai.bundle import ConfigParser
 from monai.data import Dataset
+from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
 from monai_du import report
@@ -44,6 +45,7 @@ from monai_du.bundles import (
     bundle_path,
     check_overrides,
     default_methods,
+    finetune_bundle_for,
     kernel_methods,
     method_files,
     pool_run_split,
@@ -64,9 +66,11 @@ from monai_du.evaluation import (
     knn_probe,
     label_efficiency,
     linear_probe,
+    patient_grouped_splits,
     regression_probe,
     site_leakage,
 )
+from monai_du.finetune_compare import VAL_FRACTION, finetune_encoder, finetune_plan
 from monai_du.io import DoneMarker, file_digest, write_text_atomic
 from monai_du.runs import DONE_MARKER, encoder_table, run_inputs, run_method, stage_roots, training_losses
 
@@ -86,6 +90,11 @@ def _whole(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
     return int(value)
+
+#: Ids of the fine-tune bundle that compare sets for every fine-tune run (data, encoder, mode, seed, epochs).
+_FINETUNE_IDS = ("manifest", "dataset_dir", "labels", "pretrained", "require_pretrained", "mode", "seed",
+                 "backbone", "widen_factor", "spatial_size", "image_loading", "bundle_root", "predict_split",
+                 "ckpt_dir", "train#trainer#max_epochs")
 
 
 @dataclass
@@ -124,6 +133,13 @@ class CompareConfig:
         age: a column of ages (years) to regress from the frozen features too (None: no age probe): ridge regression
             with its L2 strength chosen by inner patient-grouped CV, on the same patients as the label's probe, its
             MAE with a patient-bootstrap CI, and the mean-age predictor on the same splits as the floor.
+        finetune: also fine-tune every compared encoder end to end through the fine-tune bundle, on the probes'
+            splits and label sizes (:mod:`monai_du.finetune_compare`), and report that table beside the probes'.
+            Off by default: it is methods x seeds x splits x sizes more training runs.
+        finetune_sizes: labelled training patients of the fine-tune runs (None: ``label_sizes``; None in it: all).
+        finetune_epochs: epochs of each fine-tune run (None: the fine-tune bundle's).
+        finetune_bundle: the fine-tune bundle (None: the shipped one that fits ``bundle``).
+        finetune_overrides: further ids of the fine-tune bundle for every fine-tune run (values as data).
 
     Raises:
         ValueError: naming the setting, for a bad value.
@@ -151,6 +167,11 @@ class CompareConfig:
     keep_labelled_in_pool: bool = False
     folds: int = 5
     age: str | None = None
+    finetune: bool = False
+    finetune_sizes: Sequence[int | None] | None = None
+    finetune_epochs: int | None = None
+    finetune_bundle: str | Path | None = None
+    finetune_overrides: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # paths become absolute: a value that starts with '$' is a file name here, never a config expression
@@ -211,6 +232,19 @@ class CompareConfig:
                 raise ValueError(f"override {key!r}: compare sets it for every run; use its {_OWN_IDS[key]} setting "
                                  f"(--{_OWN_IDS[key].replace('_', '-')}).")
         self.overrides = check_overrides(self.bundle, self.overrides, self.method_configs)
+        self.finetune = bool(self.finetune)
+        sizes = self.label_sizes if self.finetune_sizes is None else self.finetune_sizes
+        self.finetune_sizes = tuple(None if n is None else _whole(n, "each fine-tune size", 2) for n in sizes)
+        if not self.finetune_sizes:
+            raise ValueError("finetune_sizes is empty: give at least one size (or None for all patients).")
+        if self.finetune_epochs is not None:
+            self.finetune_epochs = _whole(self.finetune_epochs, "finetune_epochs", 1)
+        self.finetune_bundle = (finetune_bundle_for(self.bundle) if self.finetune_bundle is None
+                                else bundle_path(self.finetune_bundle))
+        for key in self.finetune_overrides:
+            if key in _FINETUNE_IDS:
+                raise ValueError(f"finetune override {key!r}: compare sets it for every fine-tune run.")
+        self.finetune_overrides = check_overrides(self.finetune_bundle, self.finetune_overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -327,11 +361,30 @@ def _features(models_dir: Path, images: np.ndarray, device: str) -> np.ndarray:
     return features
 
 
-def _probe(features: np.ndarray, df: pd.DataFrame, column: str, train_mask: np.ndarray | None, seed: int,
-           config: CompareConfig) -> dict[str, Any]:
+def _probe_folds(y: pd.Series, groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """(N,) the cross-fitting fold of each labelled (0/1) row, -1 for the others: ``folds`` stratified
+    patient-grouped folds drawn with ``seed`` (:func:`~monai_du.evaluation.patient_grouped_splits`), the same for
+    every method, its probes and its fine-tune runs."""
+    values = y.to_numpy(dtype=np.float64)
+    rows = np.flatnonzero(np.isin(values, (0.0, 1.0)))
+    out = np.full(len(values), -1, dtype=np.int64)
+    for k, (_, test) in enumerate(patient_grouped_splits(values[rows], groups[rows], folds, seed)):
+        out[rows[test]] = k
+    return out
+
+
+def _probe_splits(train_mask: np.ndarray | None, folds: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The probe's ``(fit_mask, test_mask)`` pairs: the one split, or one per cross-fitting fold."""
+    if train_mask is not None:
+        return [(train_mask, ~train_mask)]
+    return [((folds >= 0) & (folds != k), folds == k) for k in np.unique(folds[folds >= 0])]
+
+
+def _probe(features: np.ndarray, df: pd.DataFrame, column: str, train_mask: np.ndarray | None,
+           folds: np.ndarray | None, seed: int, config: CompareConfig) -> dict[str, Any]:
     """Probe frozen features on the label: trained on ``train_mask`` and scored on the other rows, or, with
-    ``train_mask=None``, cross-fitted over ``config.folds`` stratified patient-grouped folds (each patient scored
-    once, by a probe that never saw it; the AUC pools the out-of-fold scores)."""
+    ``train_mask=None``, cross-fitted over the ``folds`` (:func:`_probe_folds`: each patient scored once, by a probe
+    that never saw it; the AUC pools the out-of-fold scores)."""
     notes: list[str] = []
     groups = df["patient_id"].astype(str).to_numpy()
     y = df[column]
@@ -339,7 +392,7 @@ def _probe(features: np.ndarray, df: pd.DataFrame, column: str, train_mask: np.n
     with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1):
         warnings.simplefilter("always")
         if train_mask is None:
-            scores = linear_probe(features, y, groups=groups, n_splits=config.folds, seed=seed)
+            scores = linear_probe(features, y, groups=groups, folds=folds, seed=seed)
             split: dict[str, Any] = {"groups": groups, "folds": scores.folds}
             n_train = int(scores.evaluated.sum() * (config.folds - 1) / config.folds)
         else:
@@ -353,7 +406,7 @@ def _probe(features: np.ndarray, df: pd.DataFrame, column: str, train_mask: np.n
         if "site" in df.columns and df["site"].nunique() > 1:
             result = site_leakage(features, df["site"], seed=seed, **split)
             leak, chance = result.balanced_accuracy, result.chance
-        curve = _label_efficiency(features, y, groups, train_mask, scores.folds, seed, config)
+        curve = _label_efficiency(features, y, groups, train_mask, scores, seed, config)
         age = _age_probe(features, df, groups, train_mask, seed, config) if config.age is not None else {}
     notes += list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught if issubclass(w.category, UserWarning)))
     chosen = np.asarray(getattr(scores, "chosen_C", [math.nan]), dtype=float).ravel()
@@ -377,32 +430,55 @@ def _age_probe(features: np.ndarray, df: pd.DataFrame, groups: np.ndarray, train
 
 
 def _label_efficiency(features: np.ndarray, y: pd.Series, groups: np.ndarray, train_mask: np.ndarray | None,
-                      folds: np.ndarray, seed: int, config: CompareConfig) -> pd.DataFrame:
+                      scores: Any, seed: int, config: CompareConfig) -> pd.DataFrame:
     """The label-efficiency draws: on the one split (the "all patients" size recorded as ``labelled patients * (1 -
     test_fraction)``, so every seed fills the same column), or spread over the cross-fitting folds (``label_draws
     / folds`` draws in each, rounded up: draws from the fold's training patients, scored on its held-out
     patients, so the cost stays that of one split; the "all patients" size is recorded as ``labelled patients *
-    (folds - 1) / folds`` whatever the fold sizes, so every seed fills the same column)."""
-    sizes = tuple(config.label_sizes)
+    (folds - 1) / folds`` whatever the fold sizes, so every seed fills the same column). The "all patients" rows
+    are the main probe's own fits (``scores``, a :class:`~monai_du.evaluation.ProbeScores`), scored on each
+    split's held-out rows: the same rows, C rule and fit, so they are not fitted twice."""
+    labelled = y.notna().to_numpy()
     if train_mask is not None:
-        curve = label_efficiency(features, y, groups, train_mask, n_patients=sizes, n_draws=config.label_draws,
-                                 seed=seed)
-        every = curve["n_patients"] == curve.attrs["n_train_patients"]
-        if None in sizes and every.any():  # one column for every seed: the nominal training share of the patients
-            patients = len(np.unique(groups[y.notna().to_numpy()]))
-            curve.loc[every, "n_patients"] = int(round(patients * (1 - config.test_fraction)))
-        return curve
-    parts = []
-    for k in np.unique(folds[folds >= 0]):
-        part = label_efficiency(features, y, groups, (folds >= 0) & (folds != k), n_patients=sizes,
-                                n_draws=-(-config.label_draws // config.folds), seed=seed * 1000 + int(k))
-        parts.append(part.assign(fold=int(k), all_patients=part["n_patients"] == part.attrs["n_train_patients"]))
-    curve = pd.concat(parts, ignore_index=True)
-    every = curve["all_patients"]
-    if every.any():  # one column for every seed: the labelled patients less one fold's share
-        patients = len(np.unique(groups[folds >= 0]))
-        curve.loc[every, "n_patients"] = int(patients * (config.folds - 1) / config.folds)
-    return curve.drop(columns="all_patients")
+        parts = [(train_mask, 0, config.label_draws, seed)]
+    else:
+        folds = scores.folds
+        draws = -(-config.label_draws // config.folds)
+        parts = [((folds >= 0) & (folds != k), int(k), draws, seed * 1000 + int(k))
+                 for k in np.unique(folds[folds >= 0])]
+    nominal = _all_patients_size(config, y, pd.Series(groups))
+    sizes = tuple(s for s in config.label_sizes if s is not None)
+    frames = []
+    for fit_mask, k, draws, part_seed in parts:
+        part = (label_efficiency(features, y, groups, fit_mask, n_patients=sizes, n_draws=draws, seed=part_seed)
+                if sizes else pd.DataFrame(columns=["n_patients", "draw", "auc", "chosen_C", "n_images", "n_positive",
+                                                    "patients"]))
+        if None in config.label_sizes:
+            part = pd.concat([part, pd.DataFrame([_all_patients_row(scores, fit_mask & labelled, k, y, groups)])],
+                             ignore_index=True).assign(n_patients=lambda d: d["n_patients"].astype(int))
+            part.loc[part.index[-1], "n_patients"] = nominal  # one column for every seed
+        frames.append(part if train_mask is not None else part.assign(fold=k))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _all_patients_size(config: CompareConfig, y: pd.Series, patients: pd.Series) -> int:
+    """The "all patients" size of a label-efficiency or fine-tune table, the same for every seed: the labelled
+    patients times the training share (``1 - test_fraction``, or ``(folds - 1) / folds`` when cross-fitted)."""
+    n = patients[y.isin((0, 1)).to_numpy()].nunique()
+    return int(round(n * (1 - config.test_fraction))) if config.pool is None else int(n * (config.folds - 1)
+                                                                                      / config.folds)
+
+
+def _all_patients_row(scores: Any, fit_rows: np.ndarray, split: int, y: pd.Series, groups: np.ndarray
+                      ) -> dict[str, Any]:
+    """The label-efficiency record of the main probe's split ``split``: fit on ``fit_rows``, scored on the rows it
+    held out (``scores.folds == split``)."""
+    held_out = scores.folds == split
+    values = y.to_numpy(dtype=np.float64)
+    return {"n_patients": len(np.unique(groups[fit_rows])), "draw": 0,
+            "auc": float(roc_auc_score(values[held_out], scores.scores[held_out])),
+            "chosen_C": float(scores.chosen_C[split]), "n_images": int(fit_rows.sum()),
+            "n_positive": int(values[fit_rows].sum()), "patients": tuple(np.unique(groups[fit_rows]).tolist())}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -482,10 +558,18 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
 
     rows: list[dict[str, Any]] = []
     efficiency: list[dict[str, Any]] = []
+    tuned: list[dict[str, Any]] = []
     losses: dict[str, dict[int, list[float]]] = {key: {} for key in specs}
     total = len(specs) * len(config.seeds)
+    groups = df["patient_id"].astype(str).to_numpy()
     for seed in config.seeds:
         train_mask = masks[seed]
+        folds = None if config.pool is None else _probe_folds(df[column], groups, config.folds, seed)
+        if config.finetune:
+            plan, plan_notes = finetune_plan(df[column].to_numpy(dtype=np.float64), groups,
+                                             _probe_splits(train_mask, folds), config.finetune_sizes, seed)
+            for line in plan_notes:
+                say(f"seed {seed}: {line}")
         split = _split_overrides(seed, config.test_fraction) if config.pool is None else pool_run_split(seed)
         overrides = {
             "manifest": str(pretrain), "dataset_dir": str(pretrain_dir), "seed": int(seed), **split,
@@ -516,7 +600,8 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
                         f"finished so far are kept in {out / 'runs'}; leave the method out (--methods) or fix the data."
                     ) from None
                 say(f"[{done}/{total}] seed {seed} {spec.name}: probing the frozen encoder")
-                probe = _probe(_features(root / "models", images, device), df, column, train_mask, seed, config)
+                probe = _probe(_features(root / "models", images, device), df, column, train_mask, folds, seed,
+                               config)
                 row = {"method_key": key, "method": spec.name, "seed": int(seed), **probe, "wall_time_s": wall,
                        "steps": steps, "images_per_s": steps * batches[seed] / wall if steps else math.nan,
                        "n_train_images": n_train[seed],
@@ -532,6 +617,9 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
                             **{k: v for k, v in r.items() if k != "patients"}} for r in row.pop("label_efficiency")]
             rows.append(row)
             losses[key][seed] = training_losses(root)
+            if config.finetune:
+                tuned += _finetune(config, plan, df, column, root, seed, spec.name, key, f"[{done}/{total}]", say,
+                                   progress)
 
     results = pd.DataFrame(rows)
     curve = pd.DataFrame(efficiency)
@@ -545,9 +633,15 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
               + (f"; age {config.age} regressed by ridge (L2 by inner patient-grouped CV), same patients"
                  if config.age is not None else "")
               + "".join(f"\n{n}" for n in notes))
+    finetuned = pd.DataFrame(tuned)
+    if config.finetune:
+        tune_epochs = config.finetune_epochs or "the bundle's"
+        header += (f"\nfine-tuning: every encoder trained end to end by {Path(config.finetune_bundle).name} "
+                   f"(mode finetune) on the probes' splits, {tune_epochs} epochs, "
+                   f"{VAL_FRACTION:.0%} of each run's training patients as its validation split (checkpoint choice)")
     written = report.write_report(out, header, results, curve, losses, list(specs), plots=config.plots,
                                   config=asdict(config) | {"manifest": str(manifest), "label": column, "epochs": epochs,
-                                                          "batch": batch})
+                                                          "batch": batch}, finetune=finetuned)
     for line in [""] + written["lines"]:
         say(line)
     say(f"report written to {out}: {', '.join(sorted(written['files']))}")
@@ -556,9 +650,30 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
         audit_lines = _audit_next_to(config, specs, column, batches[config.seeds[0]], results)
         for line in audit_lines:
             say(line)
-    return {"results": results, "summary": written["summary"], "efficiency": curve, "table": written["table"],
+    return {"results": results, "summary": written["summary"], "efficiency": curve, "finetune": finetuned,
+            "table": written["table"],
             "efficiency_table": written["efficiency_table"], "verdict": written["verdict"],
             "files": written["files"], "audit": audit_lines, "wall_time_s": wall}
+
+
+def _finetune(config: CompareConfig, plan: list, df: pd.DataFrame, column: str, root: Path, seed: int, name: str,
+              key: str, tag: str, say: Callable[[str], None], progress: Callable[[str], None] | None
+              ) -> list[dict[str, Any]]:
+    """Fine-tune one method's encoder on the seed's plan (:func:`monai_du.finetune_compare.finetune_encoder`): one
+    row per size, the "all patients" size recorded at its nominal number (as the probes' label-efficiency)."""
+    say(f"{tag} seed {seed} {name}: fine-tuning ({len(plan)} runs) in {root / 'finetune'}")
+    status = None if progress is None else (lambda line: progress(f"{tag} seed {seed} {name}: {line}"))
+    table, seconds = finetune_encoder(
+        plan, df, column, root / "models", root / "finetune", Path(config.finetune_bundle),
+        root.parent / "finetune_manifests", seed, epochs=config.finetune_epochs, overrides=config.finetune_overrides,
+        n_bootstrap=config.n_bootstrap, progress=status)
+    if table.empty:
+        return []
+    table.loc[table["size"].isna(), "n_patients"] = _all_patients_size(config, df[column], df["patient_id"])
+    words = ", ".join(f"{'all' if pd.isna(r.size) else f'n={int(r.size)}'} {r.auc:.3f}" for r in table.itertuples())
+    say(f"{tag} seed {seed} {name}: fine-tuned AUC {words}, {seconds:.0f} s")
+    return [{"method_key": key, "method": name, "seed": int(seed), **r, "wall_time_s": seconds}
+            for r in table.to_dict("records")]
 
 
 def _audit_next_to(config: CompareConfig, specs: Mapping[str, MethodSpec], column: str, batch: int,

@@ -278,6 +278,38 @@ def age_verdict(results: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
     return lines
 
 
+def finetune_lines(finetune: pd.DataFrame, results: pd.DataFrame, methods: Sequence[str]) -> list[str]:
+    """The fine-tuning table (pooled held-out AUC by number of labelled training patients, mean ± std over seeds)
+    and, at each size, every method against random init, paired by seed, with the linear probe's gain beside it at
+    all patients: a pretraining gain can shrink once every layer learns."""
+    from monai_du.evaluation import format_label_efficiency
+
+    summaries = _efficiency_summaries(finetune, methods)
+    if not summaries:
+        return []
+    lines = ["fine-tuned end to end (the fine-tune bundle, every layer learns; held-out AUC pooled over the splits, "
+             "by number of labelled training patients; mean ± std over seeds):", format_label_efficiency(summaries)]
+    names = dict(zip(finetune["method_key"], finetune["method"]))
+    if "random" not in names:
+        return lines
+    largest = int(finetune["n_patients"].max())
+    for size in sorted(int(n) for n in finetune["n_patients"].unique()):
+        part = finetune[finetune["n_patients"] == size]
+        for key in methods:
+            if key == "random" or key not in names:
+                continue
+            d, sd, n = paired_difference(part, key, "random")
+            if not np.isfinite(d):
+                continue
+            probe = ""
+            if size == largest:
+                dp, _, np_ = paired_difference(results, key, "random")
+                probe = f"; the linear probe's gain: {dp:+.3f} over {np_} seeds" if np.isfinite(dp) else ""
+            lines.append(f"fine-tuned, n={size}: {names[key]} against random init {d:+.3f} AUC (paired std {sd:.3f}; "
+                         f"{_judge(d, sd, n)}; {power_words(sd, n)}){probe}.")
+    return lines
+
+
 def _efficiency_summaries(curve: pd.DataFrame, methods: Sequence[str]) -> dict[str, pd.DataFrame]:
     from monai_du.evaluation import summarise_label_efficiency
 
@@ -348,9 +380,12 @@ def write_report(
     methods: Sequence[str],
     plots: bool = True,
     config: Mapping[str, Any] | None = None,
+    finetune: pd.DataFrame | None = None,
 ) -> dict[str, Any]:
     """Write ``results.csv``, ``summary.csv``, ``label_efficiency.csv``, ``results.json``, ``report.txt`` and (with
-    ``plots``) ``loss_curves.png``, ``summary.png``, ``label_efficiency.png`` into ``out``.
+    ``plots``) ``loss_curves.png``, ``summary.png``, ``label_efficiency.png`` into ``out``; with ``finetune`` (rows
+    of ``method_key``, ``method``, ``seed``, ``n_patients``, ``auc``: ``compare --finetune``) also ``finetune.csv``,
+    its table and verdict (:func:`finetune_lines`) and ``finetune.png``.
 
     Returns:
         ``summary``, ``table``, ``efficiency_table``, ``verdict`` (sentences), ``lines`` (the printed report) and
@@ -371,6 +406,9 @@ def write_report(
     lines = [header, "", table, "", "label efficiency (linear-probe AUC on the held-out patients, by number of "
              "labelled training patients; mean ± std over seeds and draws):", efficiency_table, "", *sentences, "",
              "per seed:", per_seed]
+    tuned = finetune_lines(finetune, results, methods) if finetune is not None and not finetune.empty else []
+    if tuned:
+        lines += ["", *tuned]
     files: dict[str, str] = {}
 
     def keep(name: str, path: Path) -> None:
@@ -382,12 +420,16 @@ def write_report(
     keep("summary.csv", out / "summary.csv")
     curve.to_csv(out / "label_efficiency.csv", index=False)
     keep("label_efficiency.csv", out / "label_efficiency.csv")
+    if tuned:
+        finetune.to_csv(out / "finetune.csv", index=False)
+        keep("finetune.csv", out / "finetune.csv")
     (out / "report.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     keep("report.txt", out / "report.txt")
     payload = {"config": json_safe(dict(config or {})), "summary": json_safe(summary.to_dict("records")),
                "results": json_safe(results.to_dict("records")),
                "label_efficiency": json_safe(curve.to_dict("records")),
-               "verdict": sentences, "table": table, "efficiency_table": efficiency_table}
+               "verdict": sentences, "table": table, "efficiency_table": efficiency_table,
+               "finetune": json_safe(finetune.to_dict("records")) if tuned else [], "finetune_lines": tuned}
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     keep("results.json", out / "results.json")
     if plots:
@@ -398,5 +440,9 @@ def write_report(
         if efficiency:
             plot_label_efficiency(efficiency, out / "label_efficiency.png")
             keep("label_efficiency.png", out / "label_efficiency.png")
+        if tuned:
+            plot_label_efficiency(_efficiency_summaries(finetune, methods), out / "finetune.png",
+                                  title="fine-tuned end to end: held-out AUC by labelled training patients")
+            keep("finetune.png", out / "finetune.png")
     return {"summary": summary, "table": table, "efficiency_table": efficiency_table, "verdict": sentences,
             "lines": lines, "files": files}

@@ -32,7 +32,8 @@ from monai_du.bundles import MethodSpec, stage_files
 from monai_du.io import DoneMarker, file_digest, package_version
 from monai_du.priors import encoder_prior_table, write_prior_table
 
-__all__ = ["DONE_MARKER", "encoder_table", "run_bundle", "run_inputs", "run_method", "stage_roots", "training_losses"]
+__all__ = ["DONE_MARKER", "encoder_table", "run_bundle", "run_inputs", "run_method", "run_seconds", "stage_roots",
+           "training_losses"]
 
 _STARTED = "compare_started.json"
 DONE_MARKER = "compare_done.json"
@@ -65,17 +66,19 @@ def _changed(changes: list[str], old: Mapping[str, Any] | None, new: Mapping[str
 
 
 def run_bundle(files: Sequence[Path], bundle_root: Path, overrides: Mapping[str, Any], bundle: Path,
-               manifest_sha256: str | None = None, progress: Callable[[str], None] | None = None) -> bool:
-    """Run the pretrain bundle in-process (``monai.bundle.ConfigWorkflow``): ``configs/train.yaml`` plus ``files``.
+               manifest_sha256: str | None = None, progress: Callable[[str], None] | None = None,
+               config: str = "train.yaml") -> bool:
+    """Run a bundle in-process (``monai.bundle.ConfigWorkflow``): ``configs/<config>`` plus ``files``.
 
     Args:
-        files: the method file(s) after ``configs/train.yaml``.
+        files: the method file(s) after ``configs/<config>``.
         bundle_root: the run folder.
         overrides: bundle ids (data values).
-        bundle: the pretrain bundle folder.
+        bundle: the bundle folder (the pretrain bundle, or a fine-tune bundle).
         manifest_sha256: the manifest's content hash (default: computed from ``overrides["manifest"]``).
         progress: called after each training epoch with a line (epoch, mean loss, images/s, ETA); MONAI's own log
             lines of the run go to ``bundle_root/logs/run.log``.
+        config: the bundle's entry config (``train.yaml``; ``inference.yaml`` for a fine-tune bundle's predictions).
 
     Returns:
         False without running when ``bundle_root`` holds a finished run of the same inputs, else True.
@@ -83,7 +86,7 @@ def run_bundle(files: Sequence[Path], bundle_root: Path, overrides: Mapping[str,
     Raises:
         ValueError: when ``bundle_root`` holds a run (finished or not) of other inputs, naming what changed.
     """
-    config_files = [bundle / "configs" / "train.yaml", *files]
+    config_files = [bundle / "configs" / config, *files]
     digest = manifest_sha256 or file_digest(overrides["manifest"])
     inputs = run_inputs(config_files, overrides, digest)
     done = DoneMarker(bundle_root / "models" / DONE_MARKER, inputs)
@@ -121,7 +124,7 @@ def run_bundle(files: Sequence[Path], bundle_root: Path, overrides: Mapping[str,
     return True
 
 
-def _run_seconds(bundle_root: Path) -> float:
+def run_seconds(bundle_root: Path) -> float:
     """The wall time a finished run took, as its done marker records it (also when it is reused)."""
     try:
         return float(json.loads((bundle_root / "models" / DONE_MARKER).read_text(encoding="utf-8"))["seconds"])
@@ -230,7 +233,7 @@ def run_method(spec: MethodSpec, root: Path, overrides: dict[str, Any], bundle: 
             stage_overrides["prior_table"] = str(encoder_table(roots[i - 1], overrides))
         run_bundle([path], stage_root, stage_overrides, bundle, manifest_sha256, progress)
     steps = sum(len(training_losses(r)) for r in roots)
-    return sum(_run_seconds(r) for r in roots), steps
+    return sum(run_seconds(r) for r in roots), steps
 
 
 def encoder_table(stage_root: Path, overrides: Mapping[str, Any], split: str = "train") -> Path:
