@@ -302,9 +302,9 @@ def pool_rows(config: CompareConfig, labelled: pd.DataFrame) -> tuple[pd.DataFra
     return pool_without_patients(Path(config.pool), labelled, config.pool_dataset_dir, config.keep_labelled_in_pool)
 
 
-def _pool_manifest(config: CompareConfig, labelled: pd.DataFrame, out: Path) -> tuple[Path, int, str]:
+def _pool_manifest(config: CompareConfig, labelled: pd.DataFrame, out: Path) -> tuple[Path, pd.DataFrame, str]:
     """The pool rows a run pretrains on (:func:`pool_rows`), written to ``out/pool_manifest.csv``; returns the file,
-    its number of rows and a line saying what the pool holds and what was removed from it."""
+    its rows and a line saying what the pool holds and what was removed from it."""
     pool, kept = pool_rows(config, labelled)
     shared = pool["patient_id"].astype(str).isin(set(labelled["patient_id"].astype(str)))
     what = ("kept (keep_labelled_in_pool)" if config.keep_labelled_in_pool else "removed, so no probe scores a "
@@ -315,7 +315,20 @@ def _pool_manifest(config: CompareConfig, labelled: pd.DataFrame, out: Path) -> 
             f"manifest {what}; pretraining on {len(kept)} images")
     # the runs are keyed on this file's content: rewriting equal rows changes nothing
     path = write_manifest(kept.drop(columns=[RESOLVED_IMAGE_COLUMN], errors="ignore"), out / "pool_manifest.csv")
-    return path, len(kept), note
+    return path, kept, note
+
+
+#: Pool images per site on which an encoder's site leakage is measured (``compare --pool``).
+POOL_LEAKAGE_PER_SITE = 200
+
+
+def _pool_leakage_rows(kept: pd.DataFrame) -> pd.DataFrame:
+    """The pool images of the site-leakage check: up to :data:`POOL_LEAKAGE_PER_SITE` of each site, drawn once
+    (seed 0) and the same for every method and seed; empty when the pool has fewer than 2 sites."""
+    if "site" not in kept.columns or kept["site"].nunique() < 2:
+        return kept.iloc[:0]
+    shuffled = kept.sample(frac=1.0, random_state=0)
+    return shuffled.groupby("site", sort=True).head(POOL_LEAKAGE_PER_SITE).reset_index(drop=True)
 
 
 def _check_folds(df: pd.DataFrame, column: str, folds: int) -> None:
@@ -413,6 +426,15 @@ def _probe(features: np.ndarray, df: pd.DataFrame, column: str, train_mask: np.n
     return {"auc": auc, "auc_low": low, "auc_high": high, "knn_auc": knn_auc, "site_leakage": leak,
             "site_chance": chance, "chosen_C": float(np.nanmedian(chosen)) if np.isfinite(chosen).any() else math.nan,
             "label_efficiency": curve.to_dict("records"), **age, "notes": "; ".join(notes)}
+
+
+def _pool_leakage(features: np.ndarray, rows: pd.DataFrame, seed: int) -> dict[str, float]:
+    """Site leakage on the pool's images (:func:`_pool_leakage_rows`): balanced accuracy of predicting the site from
+    the features, patient-grouped 5-fold CV stratified by site, and its chance level."""
+    with threadpool_limits(limits=1):
+        result = site_leakage(features, rows["site"].astype(str).to_numpy(),
+                              groups=rows["patient_id"].astype(str).to_numpy(), n_splits=5, seed=seed)
+    return {"site_leakage": result.balanced_accuracy, "site_chance": result.chance}
 
 
 def _age_probe(features: np.ndarray, df: pd.DataFrame, groups: np.ndarray, train_mask: np.ndarray | None, seed: int,
@@ -522,14 +544,20 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
             _check_classes(df[column], mask, column, seed)
         pretrain, pretrain_dir = manifest, dataset_dir
         n_train = {seed: int(mask.sum()) for seed, mask in masks.items()}
+        leakage_rows = df.iloc[:0]
         notes = _label_notes(df, column, masks)
     else:
         _check_folds(df, column, config.folds)
         masks = {seed: None for seed in config.seeds}
-        pretrain, n_pool, pool_note = _pool_manifest(config, df, out)
+        pretrain, kept, pool_note = _pool_manifest(config, df, out)
         pretrain_dir = Path(config.pool_dataset_dir)
-        n_train = {seed: n_pool for seed in config.seeds}
+        n_train = {seed: len(kept) for seed in config.seeds}
+        leakage_rows = _pool_leakage_rows(kept)
         notes = [pool_note, *_label_notes(df, column, {})]
+        if len(leakage_rows):
+            counts = ", ".join(f"{n} of {site}" for site, n in leakage_rows["site"].value_counts(sort=False).items())
+            notes.append(f"site leakage: measured on {len(leakage_rows)} pool images ({counts}; patient-grouped "
+                         "5-fold CV), the encoders' own pretraining data")
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "train.yaml"))
     parser.update(dict(config.overrides))  # e.g. spatial_size: the probes see the images at the size runs train at
@@ -553,6 +581,8 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
         say(line)
     t0 = time.perf_counter()
     images = load_images(rows_read, modality=modality, image_size=[int(s) for s in spatial], **loading)
+    leakage_images = load_images(leakage_rows, modality=modality, image_size=[int(s) for s in spatial],
+                                 **loading) if len(leakage_rows) else None
     say(f"images for the probes: {tuple(images.shape)} ({time.perf_counter() - t0:.1f} s)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -582,7 +612,9 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
                                    manifest_sha256),
                 "label": column, "age": config.age, "labelled": labelled_sha256, "test_fraction": config.test_fraction,
                 "folds": config.folds if config.pool is not None else None, "label_sizes": list(config.label_sizes),
-                "label_draws": config.label_draws, "n_bootstrap": config.n_bootstrap})
+                "label_draws": config.label_draws, "n_bootstrap": config.n_bootstrap,
+                "pool_leakage_images": sorted(leakage_rows[RESOLVED_IMAGE_COLUMN].astype(str))
+                if len(leakage_rows) else []})
             probe_file = root / "eval" / _PROBE
             done = len(rows) + 1
             if probe_marker.is_done() and probe_file.is_file():
@@ -602,6 +634,9 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
                 say(f"[{done}/{total}] seed {seed} {spec.name}: probing the frozen encoder")
                 probe = _probe(_features(root / "models", images, device), df, column, train_mask, folds, seed,
                                config)
+                if leakage_images is not None:  # with a pool: how well the pool's sites show in the features
+                    probe.update(_pool_leakage(_features(root / "models", leakage_images, device), leakage_rows,
+                                               seed))
                 row = {"method_key": key, "method": spec.name, "seed": int(seed), **probe, "wall_time_s": wall,
                        "steps": steps, "images_per_s": steps * batches[seed] / wall if steps else math.nan,
                        "n_train_images": n_train[seed],

@@ -410,6 +410,21 @@ def test_a_pool_pretrains_and_the_probes_are_cross_fitted(cohort, tmp_path):
     assert scores.evaluated.sum() == y.isin([0, 1]).sum()  # every labelled image scored once
     row = result["results"].set_index("method_key").loc["du"]
     assert row["auc"] == pytest.approx(scores.roc_auc(n_bootstrap=0)[0], abs=1e-12)
+    # site leakage is measured on a fixed sample of the pool's own images, up to POOL_LEAKAGE_PER_SITE per site
+    from monai_du.compare import POOL_LEAKAGE_PER_SITE, _pool_leakage_rows
+    from monai_du.data.manifest import read_manifest
+    from monai_du.evaluation import site_leakage
+
+    sample = _pool_leakage_rows(read_manifest(out / "pool_manifest.csv", root=tmp_path))
+    assert 2 <= sample["site"].nunique() and sample["site"].value_counts().max() <= POOL_LEAKAGE_PER_SITE
+    assert set(sample["patient_id"]) <= set(written["patient_id"])
+    leak = site_leakage(_features(out / "runs" / "seed0" / "du" / "models", load_images(sample, modality="2d",
+                                                                                        image_size=32), "cpu"),
+                        sample["site"].astype(str).to_numpy(), groups=sample["patient_id"].astype(str).to_numpy(),
+                        n_splits=5, seed=0)
+    assert row["site_leakage"] == pytest.approx(leak.balanced_accuracy, abs=1e-12)
+    assert row["site_chance"] == pytest.approx(1 / sample["site"].nunique())
+    assert any(line.startswith(f"site leakage: measured on {len(sample)} pool images") for line in lines)
     # the pool run is an ordinary bundle run: the same overrides through MONAI's runner give the same encoder
     root = tmp_path / "cli_run"
     overrides = {"manifest": str(out / "pool_manifest.csv"), "dataset_dir": str(tmp_path), "seed": 0,
