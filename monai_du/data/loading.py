@@ -16,6 +16,7 @@ out inverted. :class:`InvertMonochrome1d` fixes that from the DICOM header kept 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import warnings
@@ -354,11 +355,19 @@ class _LoadImageNamingFile(LoadImage):
 
 
 def _image_loader(keys: KeysCollection, dtype=np.float32, allow_missing_keys: bool = False) -> LoadImaged:
-    with warnings.catch_warnings():  # MONAI registers its optional GPU DICOM reader and warns that it is absent
-        warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
-        warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
-        loader = LoadImaged(keys, reader=None, image_only=True, dtype=dtype, allow_missing_keys=allow_missing_keys)
-        loader._loader = _LoadImageNamingFile(reader=None, image_only=True, dtype=dtype)
+    # MONAI makes every reader it supports, its optional GPU DICOM reader too, which warns (a warning and a log line)
+    # that nvImageCodec is absent, once per loader and worker: quiet both while the loader is made
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
+            warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+            loader = LoadImaged(keys, reader=None, image_only=True, dtype=dtype, allow_missing_keys=allow_missing_keys)
+            loader._loader = _LoadImageNamingFile(reader=None, image_only=True, dtype=dtype)
+    finally:
+        plugin_log.setLevel(level)
     return _register_readers(loader)
 
 
