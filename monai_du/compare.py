@@ -653,8 +653,8 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
             rows.append(row)
             losses[key][seed] = training_losses(root)
             if config.finetune:
-                tuned += _finetune(config, plan, df, column, root, seed, spec.name, key, f"[{done}/{total}]", say,
-                                   progress)
+                tuned += _finetune(config, plan, rows_read, df, column, root, seed, spec.name, key,
+                                   f"[{done}/{total}]", say, progress)
 
     results = pd.DataFrame(rows)
     curve = pd.DataFrame(efficiency)
@@ -691,16 +691,17 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
             "files": written["files"], "audit": audit_lines, "wall_time_s": wall}
 
 
-def _finetune(config: CompareConfig, plan: list, df: pd.DataFrame, column: str, root: Path, seed: int, name: str,
-              key: str, tag: str, say: Callable[[str], None], progress: Callable[[str], None] | None
-              ) -> list[dict[str, Any]]:
-    """Fine-tune one method's encoder on the seed's plan (:func:`monai_du.finetune_compare.finetune_encoder`): one
-    row per size, the "all patients" size recorded at its nominal number (as the probes' label-efficiency)."""
+def _finetune(config: CompareConfig, plan: list, rows_read: pd.DataFrame, df: pd.DataFrame, column: str, root: Path,
+              seed: int, name: str, key: str, tag: str, say: Callable[[str], None],
+              progress: Callable[[str], None] | None) -> list[dict[str, Any]]:
+    """Fine-tune one method's encoder on the seed's plan (:func:`monai_du.finetune_compare.finetune_encoder`; the
+    runs' manifests keep the rows as read, ``df`` holds the label as 0/1): one row per size, the "all patients" size
+    recorded at its nominal number (as the probes' label-efficiency)."""
     say(f"{tag} seed {seed} {name}: fine-tuning ({len(plan)} runs) in {root / 'finetune'}")
     status = None if progress is None else (lambda line: progress(f"{tag} seed {seed} {name}: {line}"))
     table, seconds = finetune_encoder(
-        plan, df, column, root / "models", root / "finetune", Path(config.finetune_bundle),
-        root.parent / "finetune_manifests", seed, epochs=config.finetune_epochs, overrides=config.finetune_overrides,
+        plan, rows_read, df[column].to_numpy(dtype=np.float64), column, root / "models", root / "finetune",
+        Path(config.finetune_bundle), root.parent / "finetune_manifests", seed, epochs=config.finetune_epochs, overrides=config.finetune_overrides,
         n_bootstrap=config.n_bootstrap, progress=status)
     if table.empty:
         return []

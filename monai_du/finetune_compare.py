@@ -134,7 +134,8 @@ def _write_run_manifest(df: pd.DataFrame, run: FineTuneSplit, path: Path) -> Pat
     return write_manifest(rows.drop(columns=[RESOLVED_IMAGE_COLUMN]), path)
 
 
-def finetune_encoder(plan: Sequence[FineTuneSplit], df: pd.DataFrame, label: str, encoder_dir: Path, root: Path,
+def finetune_encoder(plan: Sequence[FineTuneSplit], df: pd.DataFrame, y: np.ndarray, label: str, encoder_dir: Path,
+                     root: Path,
                      bundle: Path, manifests: Path, seed: int, epochs: int | None = None,
                      overrides: Mapping[str, Any] | None = None, n_bootstrap: int = 1000,
                      progress: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, float]:
@@ -142,7 +143,9 @@ def finetune_encoder(plan: Sequence[FineTuneSplit], df: pd.DataFrame, label: str
 
     Args:
         plan: the runs (:func:`finetune_plan`).
-        df: the labelled manifest (``read_manifest`` rows, ``label`` as 0/1), in the order the plan indexes.
+        df: the labelled manifest's rows as read (``read_manifest``), in the order the plan indexes; the runs'
+            manifests are written from them, so the label keeps its written values (``M``/``F`` for sex).
+        y: (N,) the label as 0/1 (the scored truth).
         label: the label column.
         encoder_dir: the pretraining run's ``models`` folder (``encoder.pt``, ``encoder_info.json``).
         root: the fine-tune runs go to ``root/<run name>`` (its predictions to ``root/<run name>/predict``).
@@ -160,7 +163,7 @@ def finetune_encoder(plan: Sequence[FineTuneSplit], df: pd.DataFrame, label: str
         ``n_scored`` images; and the wall seconds of the runs.
     """
     settings = _encoder_settings(encoder_dir)
-    y = df[label].to_numpy(dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
     groups = df["patient_id"].astype(str).to_numpy()
     row_of = {path: i for i, path in enumerate(df[RESOLVED_IMAGE_COLUMN].astype(str))}
     scores: dict[int | None, np.ndarray] = {}

@@ -71,6 +71,23 @@ def test_a_size_without_two_patients_of_each_class_is_skipped_with_a_note():
     assert plan == [] and len(notes) == 2 and "split 0 has no draw of 3 patients with 2 of each class" in notes[0]
 
 
+def test_a_run_manifest_keeps_the_written_label_values_and_absolute_paths(tmp_path):
+    """The fine-tune bundle reads the run's manifest with the manifest schema: sex stays M/F (the probes' 0/1 is
+    only the scored truth), images are absolute, and unused rows are left out."""
+    from monai_du.data.manifest import RESOLVED_IMAGE_COLUMN, read_manifest
+    from monai_du.finetune_compare import FineTuneSplit, _write_run_manifest
+
+    rows = pd.DataFrame({"image": [f"v{i}.nii.gz" for i in range(4)], "patient_id": list("abcd"),
+                         "sex": ["M", "F", "M", "F"], "age": [30.0, 40.0, 50.0, 60.0]})
+    rows[RESOLVED_IMAGE_COLUMN] = [str(tmp_path / "images" / i) for i in rows["image"]]
+    run = FineTuneSplit(0, None, np.array(["train", "val", "", "test"], dtype=object))
+    path = _write_run_manifest(rows, run, tmp_path / "m" / "run.csv")
+    back = pd.read_csv(path, dtype={"patient_id": str})
+    assert list(back["sex"]) == ["M", "F", "F"] and list(back["split"]) == ["train", "val", "test"]
+    assert list(back["image"]) == [str(tmp_path / "images" / f"v{i}.nii.gz") for i in (0, 1, 3)]
+    assert list(read_manifest(path)[RESOLVED_IMAGE_COLUMN]) == list(back["image"])
+
+
 def test_finetune_options_without_finetune_are_one_line_errors(cohort, tmp_path, capsys):
     base = ["compare", "--manifest", str(cohort), "--label", "effusion", "--out", str(tmp_path / "r")]
     assert main(base + ["--finetune-epochs", "2"]) == 1
