@@ -701,8 +701,8 @@ def _finetune(config: CompareConfig, plan: list, rows_read: pd.DataFrame, df: pd
     status = None if progress is None else (lambda line: progress(f"{tag} seed {seed} {name}: {line}"))
     table, seconds = finetune_encoder(
         plan, rows_read, df[column].to_numpy(dtype=np.float64), column, root / "models", root / "finetune",
-        Path(config.finetune_bundle), root.parent / "finetune_manifests", seed, epochs=config.finetune_epochs, overrides=config.finetune_overrides,
-        n_bootstrap=config.n_bootstrap, progress=status)
+        Path(config.finetune_bundle), root.parent / "finetune_manifests", seed, epochs=config.finetune_epochs,
+        overrides=config.finetune_overrides, n_bootstrap=config.n_bootstrap, progress=status)
     if table.empty:
         return []
     table.loc[table["size"].isna(), "n_patients"] = _all_patients_size(config, df[column], df["patient_id"])
