@@ -6,6 +6,7 @@ saves the loss, the gathered priors and the parameter gradients (after DDP avera
 
 from __future__ import annotations
 
+import datetime
 import sys
 
 import torch
@@ -38,7 +39,7 @@ def make_losses():
 
 
 def main(out_dir: str) -> None:
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))  # a hang fails, naming itself
     rank, world = dist.get_rank(), dist.get_world_size()
     x, prior, model = make_problem()
     # uneven shards: rank 0 gets 7 samples, rank 1 gets 5
