@@ -811,3 +811,20 @@ def test_summarise_format_and_plot_label_efficiency(tmp_path):
     assert imread(path).shape[:2] == (480, 720)  # 6 x 4 inches at 120 dpi
     with pytest.raises(ValueError, match="auc_mean"):
         format_label_efficiency({"x": du})
+
+
+def test_binary_auc_is_scikit_learns_roc_auc_with_ties():
+    """select_C's inner AUC (rank sum, ties at their mean rank) against sklearn.metrics.roc_auc_score."""
+    from sklearn.metrics import roc_auc_score
+
+    from monai_du.evaluation import binary_auc
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        n = int(rng.integers(4, 60))
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        scores = np.round(rng.normal(size=n), 1)  # many ties
+        assert binary_auc(y, scores) == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+    assert binary_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])) == 1.0
+    assert binary_auc(np.array([0, 1]), np.array([0.5, 0.5])) == 0.5
