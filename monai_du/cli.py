@@ -297,8 +297,9 @@ def _add_prior(sub: argparse._SubParsersAction) -> None:
     enc.add_argument("--network-id", default="network_def", help="the network's id in the bundle config")
     enc.add_argument("--submodule", default=None,
                      help="use this attribute of the network, e.g. 'encoder' for a ContrastiveEncoder's backbone")
-    enc.add_argument("--intensity", choices=("minmax", "percentile"), default="minmax",
-                     help="intensity scaling as the encoder was trained with (2D bundles: minmax; brain: percentile)")
+    enc.add_argument("--intensity", choices=("auto", "minmax", "percentile"), default="auto",
+                     help="intensity scaling as the encoder was trained with (default auto: what the export or bundle "
+                          "records in image_loading, else minmax; 2D bundles: minmax; brain: percentile)")
     enc.add_argument("--pool", choices=("mean", "flatten"), default="mean",
                      help="how an output (N, D, ...) becomes (N, D)")
     vae = p.add_argument_group("the autoencoder")

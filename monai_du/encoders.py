@@ -61,6 +61,7 @@ class LoadedEncoder(NamedTuple):
     spatial_dims: int | None
     source: str
     files: list[Path]
+    image_loading: dict[str, Any] | None = None  # how its training loaded images (the bundles' ``image_loading``)
 
 
 def _spatial_list(value: Any, dims: int | None) -> list[int] | None:
@@ -138,7 +139,9 @@ def _export_encoder(folder: Path) -> LoadedEncoder:
         raise ValueError(f"load_encoder: {str(info_path)!r} does not describe a backbone: {err}") from None
     _load_weights(module, encoder_state_dict(weights), weights)
     size = _spatial_list(raw_size, int(dims))
-    return LoadedEncoder(module, size, int(dims), f"the monai_du export {str(folder)!r}", [info_path, weights])
+    loading = info.get("image_loading")
+    return LoadedEncoder(module, size, int(dims), f"the monai_du export {str(folder)!r}", [info_path, weights],
+                         dict(loading) if isinstance(loading, dict) else None)
 
 
 def _is_export_weights(path: Path) -> bool:
@@ -198,8 +201,15 @@ def _bundle_encoder(
             size = _spatial_list(parser.get_parsed_content("spatial_size"), None)
         except Exception:  # a spatial_size that needs the run's context: the caller gives image_size
             size = None
+    loading = None
+    if "image_loading" in parser:
+        try:
+            loading = dict(parser.get_parsed_content("image_loading"))
+        except Exception:  # an image_loading that needs the run's context: the caller gives intensity
+            loading = None
     return LoadedEncoder(
-        network, size, len(size) if size else None, f"the bundle network {network_id!r} of {where}", [*files, ckpt]
+        network, size, len(size) if size else None, f"the bundle network {network_id!r} of {where}", [*files, ckpt],
+        loading,
     )
 
 

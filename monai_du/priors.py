@@ -523,7 +523,7 @@ def encoder_prior_table(
     split: str | Sequence[str] | None = "train",
     image_size: int | Sequence[int] | None = None,
     modality: str | None = None,
-    intensity: str | None = "minmax",
+    intensity: str | None = "auto",
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     fractions: dict[str, float] | None = None,
@@ -554,9 +554,12 @@ def encoder_prior_table(
         image_size: input size: a side or one value per axis. Default: the export's ``spatial_size``
             (``encoder_info.json``) or the bundle config's ``spatial_size``; required for TorchScript files and
             modules.
-        modality: "2d" / "cxr" or "3d" / "brain"; default from the encoder's spatial dims or ``image_size``.
+        modality: "2d" / "cxr" or "3d" / "brain"; default from the encoder's record, its spatial dims or
+            ``image_size``.
         intensity: intensity scaling, as in the pipeline the encoder was trained with ("minmax", the 2D bundles;
-            "percentile", the brain MRI bundle; or None).
+            "percentile", the brain MRI bundle; or None). ``"auto"``: the loading the encoder records (a monai_du
+            export's ``image_loading``: intensity and size mode, or a bundle config's ``image_loading`` id), else
+            "minmax".
         batch_size: images per forward pass.
         device: device of the forward passes.
         fractions: fractions of patients per split (default 0.8 / 0.1 / 0.1, as in the bundles).
@@ -590,10 +593,15 @@ def encoder_prior_table(
             f"encoder_prior_table: {resolved.source} does not record its input size; give image_size (a side, or one "
             "value per axis)."
         )
+    recorded = dict(resolved.image_loading or {}) if intensity == "auto" else {}
+    if intensity == "auto":
+        intensity = recorded.get("intensity", "minmax")
     if modality is None:
         dims = len(size) if isinstance(size, list) else (resolved.spatial_dims or 2)
-        modality = "3d" if dims == 3 else "2d"
-    transform = load_image_transforms(keys="image", modality=modality, spatial_size=size, intensity=intensity)
+        modality = recorded.get("modality", "3d" if dims == 3 else "2d")
+    extra = {"size_mode": recorded["size_mode"]} if "size_mode" in recorded else {}
+    transform = load_image_transforms(keys="image", modality=modality, spatial_size=size, intensity=intensity,
+                                      **extra)
     dataset = manifest_to_dataset(
         rows, root=root if isinstance(manifest, pd.DataFrame) else None, transform=transform, columns=[],
         source=source if not isinstance(manifest, pd.DataFrame) else None,

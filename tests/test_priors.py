@@ -359,6 +359,35 @@ def test_export_encoder_prior_table(tmp_path, small_cohort):
     pd.testing.assert_frame_equal(by_file, table)
 
 
+def test_an_export_prior_table_loads_images_as_the_encoder_was_trained(tmp_path, small_cohort):
+    """The export's image_loading (here percentile scaling) is how encoder_prior_table loads the images; an
+    explicit intensity still wins."""
+    import copy
+
+    from PIL import Image
+
+    from monai_du.handlers import PretrainedEncoderExporter
+    from monai_du.priors import encoder_prior_table
+
+    net = _small_contrastive_net(seed=3)
+    info = {"backbone": "resnet10", "backbone_kwargs": {"widen_factor": 0.125}, "spatial_size": [SIDE, SIDE],
+            "image_loading": {"modality": "2d", "intensity": "percentile", "size_mode": "resize"}}
+    PretrainedEncoderExporter(tmp_path / "models", net, info=info)()
+    table = encoder_prior_table(small_cohort, tmp_path / "models")
+    images = []
+    for name in table["image"]:  # numpy's percentiles, clipped: the reference of the recorded loading
+        a = np.asarray(Image.open(small_cohort.parent / name), dtype=np.float64).T
+        lo, hi = np.percentile(a, 0.5), np.percentile(a, 99.5)
+        images.append(np.clip((a - lo) / (hi - lo), 0.0, 1.0))
+    ref = copy.deepcopy(net.encoder).double().eval()  # float64, one image at a time; the output is (1, F)
+    with torch.no_grad():
+        expected = np.stack([ref(torch.from_numpy(x[None, None]))[0].reshape(-1).numpy() for x in images])
+    np.testing.assert_allclose(table[prior_columns(table)].to_numpy(), expected, rtol=1e-4, atol=1e-5)
+    minmax = encoder_prior_table(small_cohort, tmp_path / "models", intensity="minmax")
+    np.testing.assert_allclose(minmax[prior_columns(minmax)].to_numpy(),
+                               _brute_force_table(small_cohort, net.encoder, minmax["image"]), rtol=1e-4, atol=1e-5)
+
+
 def _tiny_bundle(tmp_path, net):
     config = tmp_path / "configs" / "train.yaml"
     config.parent.mkdir(parents=True)
