@@ -1488,7 +1488,8 @@ def probe_report(
         label: label column to probe (1/0/-1/NaN; -1 dropped).
         patient_column: column of patient ids (grouped CV, cluster bootstrap).
         site_column: column of sites, or None to skip site leakage.
-        age_column: column of ages, or None to skip age regression (extra column ``"age MAE"``).
+        age_column: column of ages, or None to skip age regression (extra column ``"age MAE"``: ridge with its L2
+            strength chosen by inner patient-grouped CV, as ``monai-du compare --age``).
         wall_time_s: the method's wall time, passed through to the row.
         n_splits, seed, train_mask: splits as in :func:`linear_probe`.
         n_bootstrap, alpha: bootstrap of the AUC CI.
@@ -1509,7 +1510,7 @@ def probe_report(
         leak = site_leakage(features, metadata[site_column], groups=groups, **split)
         report.site_leakage, report.site_chance = leak.balanced_accuracy, leak.chance
     if age_column is not None:
-        report.extra["age MAE"] = age_regression(features, metadata[age_column], groups=groups, **split)
+        report.extra["age MAE"] = age_regression(features, metadata[age_column], groups=groups, alpha=None, **split)
     return report
 
 
