@@ -374,6 +374,12 @@ def _features(models_dir: Path, images: np.ndarray, device: str) -> np.ndarray:
     return features
 
 
+def _image_cache(config: CompareConfig) -> Path:
+    """The decode-once cache (:mod:`monai_du.data.cache`) shared by every run of a comparison: the first run's first
+    epoch decodes each image once, the others read it back (``--set image_cache=DIR`` chooses another folder)."""
+    return Path(config.out) / "image_cache"
+
+
 def _probe_folds(y: pd.Series, groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
     """(N,) the cross-fitting fold of each labelled (0/1) row, -1 for the others: ``folds`` stratified
     patient-grouped folds drawn with ``seed`` (:func:`~monai_du.evaluation.patient_grouped_splits`), the same for
@@ -603,7 +609,8 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
         split = _split_overrides(seed, config.test_fraction) if config.pool is None else pool_run_split(seed)
         overrides = {
             "manifest": str(pretrain), "dataset_dir": str(pretrain_dir), "seed": int(seed), **split,
-            "max_epochs": epochs, "batch_size": batches[seed], **dict(config.overrides),
+            "max_epochs": epochs, "batch_size": batches[seed], "image_cache": str(_image_cache(config)),
+            **dict(config.overrides),
         }
         for key, spec in specs.items():
             root = out / "runs" / f"seed{seed}" / key

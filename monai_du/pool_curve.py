@@ -66,7 +66,9 @@ def run_pool_curve(config: CompareConfig, sizes: Sequence[int], log: Callable[[s
         path = write_manifest(subset.drop(columns=[RESOLVED_IMAGE_COLUMN], errors="ignore"),
                               out / "pool_subsets" / f"pool_{size}.csv")
         say(f"pool size {size}: {len(subset)} images of {subset['patient_id'].nunique()} patients")
-        sized = dataclasses.replace(config, pool=path, out=out / f"pool_{size}", keep_labelled_in_pool=True)
+        # one decode-once cache for every size: the smaller pools are subsets of the larger
+        sized = dataclasses.replace(config, pool=path, out=out / f"pool_{size}", keep_labelled_in_pool=True,
+                                    overrides={"image_cache": str(out / "image_cache"), **config.overrides})
         result = run_compare(sized, log=log, progress=progress)
         results[size] = result
         for key, part in result["results"].groupby("method_key", sort=False):

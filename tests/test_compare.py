@@ -394,6 +394,8 @@ def test_a_pool_pretrains_and_the_probes_are_cross_fitted(cohort, tmp_path):
     assert set(result["efficiency"]["n_patients"]) == {5, int(patients * 2 / 3)}
     written = pd.read_csv(out / "pool_manifest.csv")
     assert len(written) == len(pool) - len(shared) and not set(written["patient_id"]) & set(labelled["patient_id"])
+    # the runs share one decode-once cache in the report folder: every pool image decoded once
+    assert len(list((out / "image_cache").rglob("*.npy"))) == len(written)
     assert (f"pool {pool_path}: {len(pool)} images of {pool['patient_id'].nunique()} patients from 4 sites; "
             f"{len(shared)} images of 6 patients of the labelled manifest removed") in "\n".join(lines)
     assert "cross-fitted over 3 patient-grouped folds of every labelled patient" in result["table"] or any(
