@@ -466,7 +466,7 @@ def _label_efficiency(features: np.ndarray, y: pd.Series, groups: np.ndarray, tr
     (folds - 1) / folds`` whatever the fold sizes, so every seed fills the same column). The "all patients" rows
     are the main probe's own fits (``scores``, a :class:`~monai_du.evaluation.ProbeScores`), scored on each
     split's held-out rows: the same rows, C rule and fit, so they are not fitted twice."""
-    labelled = y.notna().to_numpy()
+    labelled = y.isin((0, 1)).to_numpy()  # the rows the main probe fitted (uncertain -1 and blank are dropped)
     if train_mask is not None:
         parts = [(train_mask, 0, config.label_draws, seed)]
     else:
@@ -503,10 +503,11 @@ def _all_patients_row(scores: Any, fit_rows: np.ndarray, split: int, y: pd.Serie
     held out (``scores.folds == split``)."""
     held_out = scores.folds == split
     values = y.to_numpy(dtype=np.float64)
-    return {"n_patients": len(np.unique(groups[fit_rows])), "draw": 0,
+    patients = np.unique(groups[fit_rows])
+    return {"n_patients": len(patients), "draw": 0,
             "auc": float(roc_auc_score(values[held_out], scores.scores[held_out])),
             "chosen_C": float(scores.chosen_C[split]), "n_images": int(fit_rows.sum()),
-            "n_positive": int(values[fit_rows].sum()), "patients": tuple(np.unique(groups[fit_rows]).tolist())}
+            "n_positive": int(values[fit_rows].sum()), "patients": tuple(patients.tolist())}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -620,8 +621,7 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
                 "label": column, "age": config.age, "labelled": labelled_sha256, "test_fraction": config.test_fraction,
                 "folds": config.folds if config.pool is not None else None, "label_sizes": list(config.label_sizes),
                 "label_draws": config.label_draws, "n_bootstrap": config.n_bootstrap,
-                "pool_leakage_images": sorted(leakage_rows[RESOLVED_IMAGE_COLUMN].astype(str))
-                if len(leakage_rows) else []})
+                "pool_leakage_images": sorted(leakage_rows[RESOLVED_IMAGE_COLUMN].astype(str))})
             probe_file = root / "eval" / _PROBE
             done = len(rows) + 1
             if probe_marker.is_done() and probe_file.is_file():

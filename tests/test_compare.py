@@ -452,3 +452,30 @@ def test_a_method_that_cannot_run_on_the_data_is_one_line_and_keeps_the_finished
     assert "method 'kdu_attr' (seed 0) could not run on" in err and "fewer than 2 rows without missing values" in err
     assert "leave the method out (--methods)" in err
     assert (out / "runs" / "seed0" / "random" / "eval" / "probe.json").is_file()  # kept
+
+
+def test_the_all_patients_label_efficiency_rows_are_the_main_probe_fits(cohort, tmp_path):
+    """The "all patients" rows of the label-efficiency table reuse the main probe's fits: on the one split and on
+    each cross-fitting fold they equal what label_efficiency computes on its own, uncertain (-1) rows left out."""
+    from monai_du.compare import _probe, _probe_folds, _split
+    from monai_du.evaluation import label_efficiency
+
+    df = pd.read_csv(cohort, dtype={"patient_id": str})
+    y = df["label_effusion"].astype(float).copy()
+    y.iloc[::6] = -1.0
+    df["label_effusion"] = y
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(len(df), 6)) + y.clip(lower=0).to_numpy()[:, None]
+    groups = df["patient_id"].to_numpy()
+    folds = _probe_folds(df["label_effusion"], groups, 3, 0)
+    train_mask = _split(df, 0, 0.3)
+    cases = [(_config(cohort, tmp_path / "split", label_sizes=(None,)), train_mask, None, [train_mask]),
+             (_config(cohort, tmp_path / "pool", pool=cohort, folds=3, label_sizes=(None,)), None, folds,
+              [(folds >= 0) & (folds != k) for k in range(3)])]
+    for config, mask, fold_ids, fit_masks in cases:
+        curve = pd.DataFrame(_probe(features, df, "label_effusion", mask, fold_ids, 0, config)["label_efficiency"])
+        assert len(curve) == len(fit_masks)
+        for (_, row), fit in zip(curve.iterrows(), fit_masks):
+            alone = label_efficiency(features, y, groups, fit, n_patients=(None,), n_draws=1)
+            for name in ("auc", "chosen_C", "n_images", "n_positive"):
+                assert row[name] == pytest.approx(alone[name].iloc[0], abs=1e-12), name
