@@ -195,22 +195,22 @@ def _bundle_encoder(
             "torch.nn.Module."
         )
     _load_weights(network, encoder_state_dict(ckpt, prefix=""), ckpt)
-    size = None
-    if "spatial_size" in parser:
-        try:
-            size = _spatial_list(parser.get_parsed_content("spatial_size"), None)
-        except Exception:  # a spatial_size that needs the run's context: the caller gives image_size
-            size = None
-    loading = None
-    if "image_loading" in parser:
-        try:
-            loading = dict(parser.get_parsed_content("image_loading"))
-        except Exception:  # an image_loading that needs the run's context: the caller gives intensity
-            loading = None
+    size = _spatial_list(_optional_setting(parser, "spatial_size"), None)  # None: the caller gives image_size
+    loading = _optional_setting(parser, "image_loading")  # None: the caller gives intensity
     return LoadedEncoder(
         network, size, len(size) if size else None, f"the bundle network {network_id!r} of {where}", [*files, ckpt],
-        loading,
+        dict(loading) if isinstance(loading, Mapping) else None,
     )
+
+
+def _optional_setting(parser: Any, key: str) -> Any:
+    """A bundle config's parsed ``key``, or None when it is absent or needs the run's context to be parsed."""
+    if key not in parser:
+        return None
+    try:
+        return parser.get_parsed_content(key)
+    except Exception:  # noqa: BLE001 - e.g. an expression that reads the run's data
+        return None
 
 
 def resolve_encoder(

@@ -120,7 +120,9 @@ def _encoder_settings(encoder_dir: Path) -> dict[str, Any]:
     """The network and loading ids of the fine-tune bundle that match a pretraining run (its ``encoder_info.json``)."""
     info = json.loads((encoder_dir / "encoder_info.json").read_text(encoding="utf-8"))
     settings = {"backbone": info["backbone"], "spatial_size": list(info["spatial_size"])}
-    settings.update({k: v for k, v in info.get("backbone_kwargs", {}).items() if k == "widen_factor"})
+    kwargs = info.get("backbone_kwargs") or {}
+    if "widen_factor" in kwargs:
+        settings["widen_factor"] = kwargs["widen_factor"]
     if "image_loading" in info:
         settings["image_loading"] = dict(info["image_loading"])
     return settings
@@ -135,8 +137,7 @@ def _write_run_manifest(df: pd.DataFrame, run: FineTuneSplit, path: Path) -> Pat
 
 
 def finetune_encoder(plan: Sequence[FineTuneSplit], df: pd.DataFrame, y: np.ndarray, label: str, encoder_dir: Path,
-                     root: Path,
-                     bundle: Path, manifests: Path, seed: int, epochs: int | None = None,
+                     root: Path, bundle: Path, manifests: Path, seed: int, epochs: int | None = None,
                      overrides: Mapping[str, Any] | None = None, n_bootstrap: int = 1000,
                      progress: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, float]:
     """Fine-tune one pretrained encoder on every run of ``plan`` and score the held-out patients.

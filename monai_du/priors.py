@@ -593,8 +593,9 @@ def encoder_prior_table(
             f"encoder_prior_table: {resolved.source} does not record its input size; give image_size (a side, or one "
             "value per axis)."
         )
-    recorded = dict(resolved.image_loading or {}) if intensity == "auto" else {}
+    recorded: dict[str, Any] = {}
     if intensity == "auto":
+        recorded = dict(resolved.image_loading or {})
         intensity = recorded.get("intensity", "minmax")
     if modality is None:
         dims = len(size) if isinstance(size, list) else (resolved.spatial_dims or 2)
