@@ -35,4 +35,4 @@ from monai_du.prior_encoder import PriorEncoder
 from monai_du.transforms import AssemblePriord, MultiViewd, brain_augmentations, cxr_augmentations
 from monai_du import bundles, data, encoders, engines, evaluation, handlers, prior_autoencoder, priors  # noqa: E402  (loads their components for bundle configs)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

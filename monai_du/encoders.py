@@ -9,7 +9,8 @@
   run; :func:`load_initial_weights` starts a pretraining run from a whole-network or encoder-only checkpoint. Both
   are called by the bundle configs, e.g.::
 
-      network: $monai_du.encoders.load_initial_weights(@network_def, @init_checkpoint).to(@device)
+      network: $monai_du.networks.to_device(
+          monai_du.encoders.load_initial_weights(@network_def, @init_checkpoint), @device)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from monai_du.networks import build_encoder, encoder_state_dict
+from monai_du.networks import build_encoder, encoder_state_dict, to_device
 
 __all__ = [
     "LoadedEncoder",
@@ -321,7 +322,7 @@ def load_encoder(
     resolved = resolve_encoder(spec, network_id=network_id, checkpoint=checkpoint, submodule=submodule)
     if isinstance(spec, torch.nn.Module) and not submodule:
         return spec
-    return resolved.module.to(device).eval()
+    return to_device(resolved.module, device).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

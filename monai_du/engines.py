@@ -138,19 +138,37 @@ class MultiViewPrepareBatch(PrepareBatch):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _randomizables(obj: Any, found: list | None = None) -> list:
-    """The objects with ``set_random_state`` inside a transform tree, depth first (a ``Compose`` counts as one)."""
-    found = [] if found is None else found
+def _random_sources(obj: Any, found: list, seen: set) -> None:
+    """Append to ``found``, depth first, ``(transform, reseed_in_place)`` for each transform inside a transform tree
+    that draws random numbers.
+
+    A transform whose ``set_random_state`` is MONAI's plain one (``Randomizable``'s, ``Compose``'s, or
+    :class:`~monai_du.transforms.MultiViewd`'s, which only seed the transform and its children) is reseeded in place
+    through its own ``np.random.RandomState`` (``R.seed(s)``, about 3 us), and its children are searched too. Any
+    other ``set_random_state`` is called as it is (a new ``RandomState``, about 170 us), and seeds its children itself.
+    """
+    from monai.transforms import Compose, Randomizable
+
+    from monai_du.transforms import MultiViewd
+
     if isinstance(obj, (list, tuple)):
         for item in obj:
-            _randomizables(item, found)
-    elif hasattr(obj, "set_random_state"):
-        found.append(obj)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.Tensor, np.ndarray, pd.DataFrame)):
-        for key, value in vars(obj).items():
-            if not key.startswith("__") and key != "data":
-                _randomizables(value, found)
-    return found
+            _random_sources(item, found, seen)
+        return
+    if not hasattr(obj, "__dict__") or isinstance(obj, (torch.Tensor, np.ndarray, pd.DataFrame)) or id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if hasattr(obj, "set_random_state"):
+        plain = (Randomizable.set_random_state, Compose.set_random_state, MultiViewd.set_random_state)
+        if type(obj).set_random_state not in plain:
+            found.append((obj, False))
+            return
+        if not isinstance(vars(obj).get("R"), np.random.RandomState):  # MONAI's default R is shared by the class
+            Randomizable.set_random_state(obj, seed=0)
+        found.append((obj, True))
+    for key, value in vars(obj).items():
+        if not key.startswith("__") and key != "data":
+            _random_sources(value, found, seen)
 
 
 class EpochSeededDataset(torch.utils.data.Dataset):
@@ -158,6 +176,10 @@ class EpochSeededDataset(torch.utils.data.Dataset):
 
     Indexed with the ``(epoch, i)`` pairs of :class:`EpochBatchSampler` (a plain ``i`` means epoch 0). The views of an
     item are then the same with 0, 1 or 8 workers, persistent or not, on any rank, in a resumed run or not.
+
+    Each random transform of the wrapped dataset's ``transform`` gets its own seed from
+    ``np.random.SeedSequence([seed, epoch, i])``; MONAI's plain random transforms are reseeded in place (see
+    :func:`_random_sources`), which keeps the seeding to a few microseconds an item.
 
     Args:
         dataset: the MONAI dataset (its ``transform`` holds the random transforms, e.g. ``MultiViewd``).
@@ -167,7 +189,8 @@ class EpochSeededDataset(torch.utils.data.Dataset):
     def __init__(self, dataset: Any, seed: int = 0) -> None:
         self.dataset = dataset
         self.seed = int(seed)
-        self._random = _randomizables(getattr(dataset, "transform", None))
+        self._random: list[tuple[Any, bool]] = []
+        _random_sources(getattr(dataset, "transform", None), self._random, set())
 
     @property
     def data(self) -> Any:
@@ -180,8 +203,11 @@ class EpochSeededDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: Any) -> Any:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         state = np.random.SeedSequence([self.seed, int(epoch), int(index)]).generate_state(len(self._random) or 1)
-        for transform, seed in zip(self._random, state):
-            transform.set_random_state(seed=int(seed) % MAX_SEED)
+        for (transform, in_place), seed in zip(self._random, state):
+            if in_place:
+                transform.R.seed(int(seed) % MAX_SEED)
+            else:
+                transform.set_random_state(seed=int(seed) % MAX_SEED)
         return self.dataset[int(index)]
 
 

@@ -70,6 +70,8 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from monai_du.networks import to_device
+
 __all__ = [
     "extract_features",
     "patient_grouped_splits",
@@ -179,7 +181,7 @@ def extract_features(
         loader = DataLoader(loader, batch_size=batch_size, shuffle=False, num_workers=0)
     was_training = encoder.training
     encoder.eval()
-    encoder.to(device)
+    to_device(encoder, device)
     feats: list[np.ndarray] = []
     frames: list[pd.DataFrame] = []
     try:

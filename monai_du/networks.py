@@ -31,6 +31,7 @@ __all__ = [
     "ContrastiveEncoder",
     "ProbeClassifier",
     "encoder_state_dict",
+    "to_device",
 ]
 
 # name -> (block, layers)
@@ -306,6 +307,30 @@ class ProbeClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes)`` for images ``(B, C, *spatial)``."""
         return self.classifier(self.dropout(self.encoder(x)))
+
+
+def to_device(network: nn.Module, device: str | torch.device) -> nn.Module:
+    """Move ``network`` (in place) to ``device``; on a CPU, also to the channels-last layout of its convolutions.
+
+    On a CPU, PyTorch's oneDNN convolutions, batch norms and max pools run faster on channels-last tensors
+    (``torch.channels_last`` for 2D weights ``(O, I, H, W)``, ``torch.channels_last_3d`` for 3D). Measured with
+    ``benchmarks/bench_layout.py``: a pretraining step of the shipped 2D and 3D networks about 1.3x to 2.3x
+    faster. The values are unchanged: only the strides of the weights differ, and every op's output keeps the
+    logical shape ``(N, C, *spatial)``. A network with both 2D and 3D weights, or on another device, keeps its
+    layout.
+
+    Returns:
+        ``network`` itself.
+    """
+    device = torch.device(device)
+    network = network.to(device)
+    if device.type != "cpu":
+        return network
+    ranks = {p.dim() for p in network.parameters() if p.dim() >= 4}
+    layouts = {4: torch.channels_last, 5: torch.channels_last_3d}
+    if len(ranks) == 1 and next(iter(ranks)) in layouts:
+        network = network.to(memory_format=layouts[ranks.pop()])
+    return network
 
 
 def encoder_state_dict(

@@ -72,6 +72,7 @@ from monai_du.data.splits import DEFAULT_FRACTIONS, select_split
 from monai_du.encoders import resolve_encoder
 from monai_du.io import DoneMarker, atomic_write, file_digest, package_version
 from monai_du.kernels import CosineKernel, PriorKernel, RBFKernel
+from monai_du.networks import to_device
 from monai_du.prior_autoencoder import (
     encode_images,
     load_prior_autoencoder,
@@ -611,7 +612,7 @@ def encoder_prior_table(
     where = f"encoder_prior_table({resolved.source})"
     module = resolved.module
     was_training = module.training
-    module.eval().to(device)
+    to_device(module.eval(), device)
     chunks = []
     try:
         with torch.no_grad():

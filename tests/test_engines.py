@@ -23,6 +23,8 @@ from monai.engines import SupervisedTrainer
 from torch import nn
 
 from monai_du.engines import (
+    EpochBatchSampler,
+    EpochSeededDataset,
     MultiViewPrepareBatch,
     default_bundle_root,
     fit_prior_kernel,
@@ -211,6 +213,84 @@ def test_sampler_epoch_handler_reseeds_augmentations_per_epoch():
     engine.state.epoch = 3
     SamplerEpochHandler(data_loader=worker_loader, sampler=_RecordingSampler(), seed=7)(engine)
     assert worker_loader.generator.initial_seed() != first  # workers' seeds follow the epoch
+
+
+class _OwnSeeding(nn.Module):
+    """A random transform with its own ``set_random_state`` (it seeds a torch generator): called as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.generator = torch.Generator()
+
+    def set_random_state(self, seed=None, state=None):
+        self.calls += 1
+        self.generator.manual_seed(int(seed))
+        return self
+
+    def forward(self, x):
+        return x + torch.rand(x.shape, generator=self.generator)
+
+
+def _seeded_views(num_workers: int, order: list[tuple[int, int]]) -> dict[tuple[int, int], torch.Tensor]:
+    from monai.transforms import Compose, RandAdjustContrast, RandGaussianNoise, RandScaleIntensity
+
+    from monai_du.transforms import RandCropRotate
+
+    augment = Compose([RandCropRotate((6, 6)), RandScaleIntensity(0.2, prob=1.0), RandAdjustContrast(prob=1.0),
+                       RandGaussianNoise(prob=1.0, std=0.1), _OwnSeeding()])
+    images = [{"image": torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(i))} for i in range(4)]
+    dataset = EpochSeededDataset(Dataset(images, transform=MultiViewd("image", augment, num_views=2)), seed=3)
+    loader = DataLoader(dataset, batch_sampler=[[key] for key in order], num_workers=num_workers)
+    return {key: batch["image"][0] for key, batch in zip(order, loader)}
+
+
+def test_epoch_seeded_views_depend_on_seed_epoch_and_item_only():
+    keys = [(e, i) for e in (1, 2) for i in range(4)]
+    forward = _seeded_views(0, keys)
+    backward = _seeded_views(2, keys[::-1])  # other order, other process
+    for key in keys:
+        assert torch.equal(forward[key], backward[key]), key
+    distinct = {forward[key].sum().item() for key in keys}
+    assert len(distinct) == len(keys)  # every (epoch, item) has its own views
+    assert not torch.equal(forward[(1, 0)][0], forward[(1, 0)][1])  # and its two views differ
+
+
+def test_epoch_seeded_dataset_reseeds_like_set_random_state():
+    """Reseeding MONAI's transforms in place gives the streams of ``set_random_state`` with the same seeds (the
+    reference: MONAI's new ``RandomState`` per transform); a transform with its own seeding is called as it is."""
+    from monai.transforms import Compose, RandGaussianNoise, Randomizable, RandScaleIntensity
+    from monai.utils import MAX_SEED
+
+    def pipeline():
+        return MultiViewd("image", Compose([RandScaleIntensity(0.5, prob=1.0), RandGaussianNoise(prob=1.0, std=1.0),
+                                            _OwnSeeding()]), num_views=2)
+
+    image = {"image": torch.rand(1, 5, 5, generator=torch.Generator().manual_seed(0))}
+    views = EpochSeededDataset(Dataset([image], transform=pipeline()), seed=11)
+    found = [(type(t).__name__, in_place) for t, in_place in views._random]
+    assert found == [("Compose", True), ("MultiViewd", True), ("Compose", True), ("RandScaleIntensity", True),
+                     ("RandGaussianNoise", True), ("_OwnSeeding", False)]
+    got = views[(5, 0)]["image"]
+    assert views._random[-1][0].calls == 1
+
+    reference = pipeline()
+    inner = reference.transform
+    transforms = [Compose([reference]), reference, inner, *inner.transforms]
+    seeds = [int(s) % MAX_SEED for s in np.random.SeedSequence([11, 5, 0]).generate_state(len(transforms))]
+    for transform, seed in zip(transforms, seeds):
+        if isinstance(transform, _OwnSeeding):
+            transform.set_random_state(seed=seed)
+        else:  # MONAI's base seeding of this transform alone (not its children's)
+            Randomizable.set_random_state(transform, seed=seed)
+    assert torch.equal(got, reference(image)["image"])
+    assert not torch.equal(got, views[(6, 0)]["image"])
+
+
+def test_epoch_batch_sampler_yields_epoch_item_pairs():
+    sampler = EpochBatchSampler([[0, 2], [1, 3]])
+    sampler.set_epoch(4)
+    assert list(sampler) == [[(4, 0), (4, 2)], [(4, 1), (4, 3)]]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from ignite.engine import Engine
@@ -12,6 +14,7 @@ from monai_du.networks import (
     ProjectionHead,
     build_encoder,
     encoder_state_dict,
+    to_device,
 )
 
 TINY = {"widen_factor": 0.125}  # resnet widths 8..64: fast on CPU
@@ -214,3 +217,40 @@ def test_contrastive_encoder_scripts(tmp_path):
     torch.jit.save(scripted, tmp_path / "net.ts")
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(tmp_path / "net.ts")(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial_dims, size, layout", [(2, 32, torch.channels_last), (3, 16, torch.channels_last_3d)])
+def test_to_device_channels_last_on_cpu_keeps_outputs_and_gradients(spatial_dims, size, layout):
+    torch.manual_seed(0)
+    plain = ContrastiveEncoder("resnet10", spatial_dims=spatial_dims, in_channels=1, projection_dim=8,
+                               backbone_kwargs={"widen_factor": 0.25})
+    fast = to_device(copy.deepcopy(plain), "cpu")
+    convs = [p for p in fast.parameters() if p.dim() == spatial_dims + 2]
+    assert convs and all(p.is_contiguous(memory_format=layout) for p in convs)
+    assert any(not p.is_contiguous() for p in convs)  # (1x1 kernels and 1 input channel are both layouts at once)
+    assert all(p.is_contiguous() for p in plain.parameters())
+    reference = copy.deepcopy(plain).double()  # float64, default layout: the independent reference
+    x = torch.rand(4, 2, 1, *([size] * spatial_dims), generator=torch.Generator().manual_seed(1))
+    out_ref, out_plain, out_fast = reference(x.double()), plain(x), fast(x)
+    torch.testing.assert_close(out_fast.double(), out_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out_plain.double(), out_ref, atol=1e-5, rtol=1e-4)
+    for out in (out_ref, out_plain, out_fast):
+        out.square().sum().backward()
+    scale = max(p.grad.abs().max().item() for p in reference.parameters())  # errors of float32 summation order
+    for (name, r), (_, a), (_, b) in zip(reference.named_parameters(), plain.named_parameters(),
+                                         fast.named_parameters()):
+        assert (b.grad.double() - r.grad).abs().max().item() <= 1e-4 * scale, name
+        assert (a.grad.double() - r.grad).abs().max().item() <= 1e-4 * scale, name
+    # a checkpoint of the channels-last network loads into a default one and gives the same outputs
+    fresh = ContrastiveEncoder("resnet10", spatial_dims=spatial_dims, in_channels=1, projection_dim=8,
+                               backbone_kwargs={"widen_factor": 0.25})
+    fresh.load_state_dict(fast.state_dict())
+    torch.testing.assert_close(fresh(x), out_fast.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_to_device_leaves_mixed_or_convolution_free_networks_as_they_are():
+    mixed = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv3d(1, 2, 3))
+    assert to_device(mixed, "cpu") is mixed
+    assert all(p.is_contiguous() for p in mixed.parameters())
+    linear = nn.Linear(3, 2)
+    assert to_device(linear, torch.device("cpu")) is linear and linear.weight.is_contiguous()
