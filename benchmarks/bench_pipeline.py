@@ -20,7 +20,8 @@ Run: ``python benchmarks/bench_pipeline.py [--n 192] [--source-size 2048] [--siz
    cache loader is also timed with MONAI's metadata tracking off (``set_track_meta(False)``), which the
    augmentations do not need.
 3. Times the model step: ``ContrastiveEncoder("resnet10", spatial_dims=2, in_channels=1, projection_dim=128,
-   backbone_kwargs={"widen_factor": 0.25})`` on ``(B, 2, 1, S, S)``, ``DecoupledUniformityLoss()``, forward plus
+   backbone_kwargs={"widen_factor": 0.25})``, placed by ``monai_du.networks.to_device`` as the bundle places it, on
+   ``(B, 2, 1, S, S)``, ``DecoupledUniformityLoss()``, forward plus
    backward, median of 6 steps (3 before and 3 after the loaders of that batch size) with 1 thread and with all
    threads, the faster of the two (on shared cores, 2 threads stall when one is descheduled). A loader "keeps up"
    when its images/s is at least the model's.
@@ -263,12 +264,13 @@ def _time_loader(first, paths, size, batch, workers, k, repeats) -> float:
 
 def make_model_step(size: int, batch: int):
     from monai_du.losses import DecoupledUniformityLoss
-    from monai_du.networks import ContrastiveEncoder
+    from monai_du.networks import ContrastiveEncoder, to_device
 
     torch.manual_seed(0)
     net = ContrastiveEncoder(
         "resnet10", spatial_dims=2, in_channels=1, projection_dim=128, backbone_kwargs={"widen_factor": 0.25}
     )
+    net = to_device(net, "cpu")  # the layout the bundle trains in (channels last on a CPU)
     loss_fn = DecoupledUniformityLoss()
 
     def step(x: torch.Tensor) -> None:

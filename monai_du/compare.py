@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from joblib import parallel_config
 from monai.bundle import ConfigParser
 from monai.data import Dataset
 from sklearn.metrics import roc_auc_score
@@ -61,6 +62,7 @@ from monai_du.data.manifest import (
 )
 from monai_du.data.splits import pool_without_patients, select_split
 from monai_du.encoders import load_encoder
+from monai_du.engines import cpus_per_process
 from monai_du.evaluation import (
     extract_features,
     knn_probe,
@@ -407,8 +409,10 @@ def _probe(features: np.ndarray, df: pd.DataFrame, column: str, train_mask: np.n
     notes: list[str] = []
     groups = df["patient_id"].astype(str).to_numpy()
     y = df[column]
-    # hundreds of small logistic-regression fits: one BLAS thread is ~10x faster than contended threads
-    with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1):
+    # hundreds of small logistic-regression fits: one BLAS thread is ~10x faster than contended threads; the inner
+    # folds of select_C spread over this process's CPUs (the same values: each fold's fits are deterministic)
+    with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1), \
+            parallel_config(backend="loky", n_jobs=cpus_per_process()):
         warnings.simplefilter("always")
         if train_mask is None:
             scores = linear_probe(features, y, groups=groups, folds=folds, seed=seed)

@@ -40,6 +40,7 @@ __all__ = [
     "EpochSeededDataset",
     "EpochBatchSampler",
     "fit_prior_kernel",
+    "cpus_per_process",
     "default_num_workers",
     "default_num_threads",
     "default_bundle_root",
@@ -239,7 +240,7 @@ class EpochBatchSampler:
         return getattr(self.batch_sampler, name)
 
 
-def _cpus_per_process() -> int:
+def cpus_per_process() -> int:
     """CPUs this process may use, shared with the other training processes of its node (torchrun's
     ``LOCAL_WORLD_SIZE``)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -249,14 +250,14 @@ def _cpus_per_process() -> int:
 def default_num_workers(max_workers: int = 8) -> int:
     """Data-loader worker processes: half of this process's share of the CPUs, at least 1 and at most
     ``max_workers``, so that decoding and augmentation run beside the training step, not on its thread."""
-    return max(1, min(int(max_workers), _cpus_per_process() // 2))
+    return max(1, min(int(max_workers), cpus_per_process() // 2))
 
 
 def default_num_threads(num_workers: int) -> int:
     """Torch intra-op threads of the training process: its share of the CPUs less ``num_workers`` loader workers
     (at least 1). More threads than free cores make OpenMP threads spin against each other (measured: a CXR step
     about 10x slower with 2 threads beside busy processes on 2 cores than with 1 thread)."""
-    return max(1, _cpus_per_process() - int(num_workers))
+    return max(1, cpus_per_process() - int(num_workers))
 
 
 # --------------------------------------------------------------------------------------------------------------------

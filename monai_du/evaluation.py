@@ -62,6 +62,7 @@ import numpy as np
 import pandas as pd
 import sklearn
 import torch
+from joblib import Parallel, delayed
 from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
@@ -451,6 +452,20 @@ def binary_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def _inner_fold_aucs(x_fit: np.ndarray, y_fit: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, grid: np.ndarray,
+                     standardize: bool, max_iter: int) -> np.ndarray:
+    """(len(grid),) validation ROC AUC of the logistic-regression probe fitted with each C of ``grid`` on one inner
+    fold (features ``(n_fit, F)`` and ``(n_val, F)``, labels 0/1, both classes on both sides)."""
+    # thousands of small fits: scikit-learn's per-call input checks cost as much as the fits (x was checked before)
+    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        if standardize:
+            scaler = StandardScaler().fit(x_fit)
+            x_fit, x_val = scaler.transform(x_fit), scaler.transform(x_val)
+        targets = y_fit.astype(np.int64)
+        return np.array([binary_auc(y_val, LogisticRegression(C=float(c), max_iter=max_iter).fit(x_fit, targets)
+                                    .decision_function(x_val)) for c in grid])
+
+
 def select_C(
     features: Any,
     labels: Any,
@@ -481,6 +496,9 @@ def select_C(
     real chest X-ray features, against 54 for the former ``"best"`` on one partition); its cross-fitted AUC was
     0.006 above the former rule's on the embedded cohort (15 encoders) and 0.002 below it on the real pool (9).
     With very few training patients it can over-regularise (0.018 short on a 30-patient needs-weak-L2 case).
+
+    The inner folds run one after the other in this process or, inside ``joblib.parallel_config(n_jobs=...)`` (as
+    ``monai-du compare`` runs its probes), spread over processes, with the same result.
 
     Small training sets: with fewer patients than ``n_splits`` the number of folds drops to the number of patients.
     A fold whose training or validation rows hold a single class is not scored. When no fold can be scored (fewer
@@ -531,18 +549,12 @@ def select_C(
             splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=r)
             splits += [(tr, va) for tr, va in splitter.split(x, y, groups=g)]
     fold_auc = np.full((len(splits), grid.size), np.nan)
-    # thousands of small fits: scikit-learn's per-call input checks cost as much as the fits (x was checked above)
-    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-        for s, (tr, va) in enumerate(splits):
-            if np.unique(y[tr]).size < 2 or np.unique(y[va]).size < 2:
-                continue
-            xtr, xva = x[tr], x[va]
-            if standardize:
-                scaler = StandardScaler().fit(xtr)
-                xtr, xva = scaler.transform(xtr), scaler.transform(xva)
-            for j, c in enumerate(grid):
-                clf = LogisticRegression(C=float(c), max_iter=max_iter).fit(xtr, y[tr].astype(np.int64))
-                fold_auc[s, j] = binary_auc(y[va], clf.decision_function(xva))
+    scored = [s for s, (tr, va) in enumerate(splits) if np.unique(y[tr]).size == 2 and np.unique(y[va]).size == 2]
+    # one task per inner fold: in this process, or spread over processes inside a joblib.parallel_config (compare)
+    aucs = Parallel()(delayed(_inner_fold_aucs)(x[splits[s][0]], y[splits[s][0]], x[splits[s][1]], y[splits[s][1]],
+                                                grid, standardize, max_iter) for s in scored)
+    for s, values in zip(scored, aucs):
+        fold_auc[s] = values
     result = CSearch(float(fallback_C), grid, fold_auc, splits, fallback=True)
     if not result.scored.any():
         warnings.warn(

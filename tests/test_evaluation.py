@@ -535,6 +535,18 @@ def test_cv_chosen_C_equals_brute_force_grid_search(cohort):
     np.testing.assert_array_equal(DEFAULT_CS, np.logspace(-4, 2, 13))
 
 
+def test_select_C_spread_over_processes_equals_the_brute_force_search(cohort):
+    from joblib import parallel_config
+
+    x, y, patients, _ = cohort
+    with parallel_config(backend="loky", n_jobs=2):
+        search = select_C(x, y, patients)
+    best, curve = _brute_force_C(x, y, patients, DEFAULT_CS)
+    assert search.C == best and not search.fallback
+    np.testing.assert_allclose(search.mean_auc, curve, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(search.fold_auc, select_C(x, y, patients).fold_auc)  # and in this process
+
+
 def test_cv_prefers_heavy_regularisation_on_noisy_high_dimensional_features():
     x, y, patients = _factor_cohort(150, seed=5)
     train = patients < 50  # 100 training rows, 200 features; 100 held-out patients
