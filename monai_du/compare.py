@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 from joblib import parallel_config
+from joblib.externals.loky import get_reusable_executor
 from monai.bundle import ConfigParser
 from monai.data import Dataset
 from sklearn.metrics import roc_auc_score
@@ -535,6 +536,14 @@ def run_compare(config: CompareConfig, log: Callable[[str], None] | None = print
     Raises:
         ValueError: with one line naming the file, column or method, for bad input.
     """
+    try:
+        return _run_compare(config, log, progress)
+    finally:  # the probes' worker processes (joblib's reusable loky executor) stop with the comparison
+        get_reusable_executor().shutdown(wait=True)
+
+
+def _run_compare(config: CompareConfig, log: Callable[[str], None] | None,
+                 progress: Callable[[str], None] | None) -> dict[str, Any]:
     say = log or (lambda _: None)
     started = time.perf_counter()
     bundle, manifest, dataset_dir, out = Path(config.bundle), Path(config.manifest), Path(config.dataset_dir), \

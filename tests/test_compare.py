@@ -5,6 +5,7 @@ resumes without rerunning, the same encoder as a command-line bundle run, and th
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 import subprocess
 import sys
@@ -135,6 +136,7 @@ def test_a_finished_comparison_resumes_without_rerunning(tiny, cohort):
     (out / "runs" / "seed0" / "du" / "eval" / "probe.json").unlink()  # the probe was lost: redo it, not the run
     lines: list[str] = []
     again = run_compare(_config(cohort, out), log=lines.append)
+    assert multiprocessing.active_children() == []  # the probe's worker processes stopped with the comparison
     assert done.stat().st_mtime_ns == stamp
     assert any("random init: done before" in line for line in lines)
     pd.testing.assert_frame_equal(again["results"].drop(columns="wall_time_s"),

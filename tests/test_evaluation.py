@@ -537,6 +537,7 @@ def test_cv_chosen_C_equals_brute_force_grid_search(cohort):
 
 def test_select_C_spread_over_processes_equals_the_brute_force_search(cohort):
     from joblib import parallel_config
+    from joblib.externals.loky import get_reusable_executor
 
     x, y, patients, _ = cohort
     with parallel_config(backend="loky", n_jobs=2):
@@ -545,6 +546,7 @@ def test_select_C_spread_over_processes_equals_the_brute_force_search(cohort):
     assert search.C == best and not search.fallback
     np.testing.assert_allclose(search.mean_auc, curve, rtol=0, atol=1e-9)
     np.testing.assert_array_equal(search.fold_auc, select_C(x, y, patients).fold_auc)  # and in this process
+    get_reusable_executor().shutdown(wait=True)
 
 
 def test_cv_prefers_heavy_regularisation_on_noisy_high_dimensional_features():
