@@ -459,6 +459,8 @@ def test_a_method_that_cannot_run_on_the_data_is_one_line_and_keeps_the_finished
 def test_the_all_patients_label_efficiency_rows_are_the_main_probe_fits(cohort, tmp_path):
     """The "all patients" rows of the label-efficiency table reuse the main probe's fits: on the one split and on
     each cross-fitting fold they equal what label_efficiency computes on its own, uncertain (-1) rows left out."""
+    from joblib.externals.loky import get_reusable_executor
+
     from monai_du.compare import _probe, _probe_folds, _split
     from monai_du.evaluation import label_efficiency
 
@@ -475,7 +477,10 @@ def test_the_all_patients_label_efficiency_rows_are_the_main_probe_fits(cohort, 
              (_config(cohort, tmp_path / "pool", pool=cohort, folds=3, label_sizes=(None,)), None, folds,
               [(folds >= 0) & (folds != k) for k in range(3)])]
     for config, mask, fold_ids, fit_masks in cases:
-        curve = pd.DataFrame(_probe(features, df, "label_effusion", mask, fold_ids, 0, config)["label_efficiency"])
+        try:
+            curve = pd.DataFrame(_probe(features, df, "label_effusion", mask, fold_ids, 0, config)["label_efficiency"])
+        finally:  # _probe alone, outside run_compare: stop its worker processes here
+            get_reusable_executor().shutdown(wait=True)
         assert len(curve) == len(fit_masks)
         for (_, row), fit in zip(curve.iterrows(), fit_masks):
             alone = label_efficiency(features, y, groups, fit, n_patients=(None,), n_draws=1)
