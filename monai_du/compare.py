@@ -402,6 +402,10 @@ def _probe_splits(train_mask: np.ndarray | None, folds: np.ndarray | None) -> li
     return [((folds >= 0) & (folds != k), folds == k) for k in np.unique(folds[folds >= 0])]
 
 
+#: Labelled rows from which compare's probes run their inner cross-validation in worker processes.
+PARALLEL_PROBE_ROWS = 300
+
+
 def _probe(features: np.ndarray, df: pd.DataFrame, column: str, train_mask: np.ndarray | None,
            folds: np.ndarray | None, seed: int, config: CompareConfig) -> dict[str, Any]:
     """Probe frozen features on the label: trained on ``train_mask`` and scored on the other rows, or, with
@@ -411,9 +415,11 @@ def _probe(features: np.ndarray, df: pd.DataFrame, column: str, train_mask: np.n
     groups = df["patient_id"].astype(str).to_numpy()
     y = df[column]
     # hundreds of small logistic-regression fits: one BLAS thread is ~10x faster than contended threads; the inner
-    # folds of select_C spread over this process's CPUs (the same values: each fold's fits are deterministic)
+    # folds of select_C spread over this process's CPUs (the same values: each fold's fits are deterministic) when
+    # the cohort is large enough to repay the workers' start (about 6 s: each imports torch)
+    jobs = cpus_per_process() if len(features) >= PARALLEL_PROBE_ROWS else 1
     with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1), \
-            parallel_config(backend="loky", n_jobs=cpus_per_process()):
+            parallel_config(backend="loky", n_jobs=jobs):
         warnings.simplefilter("always")
         if train_mask is None:
             scores = linear_probe(features, y, groups=groups, folds=folds, seed=seed)
