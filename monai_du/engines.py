@@ -31,9 +31,11 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.engines.utils import PrepareBatch
+from monai.transforms import Compose, Randomizable
 from monai.utils import MAX_SEED
 
 from monai_du.data.manifest import label_values
+from monai_du.transforms import MultiViewd
 
 __all__ = [
     "MultiViewPrepareBatch",
@@ -139,6 +141,10 @@ class MultiViewPrepareBatch(PrepareBatch):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# the set_random_state methods that only seed a transform's own R and its children's
+_PLAIN_SEEDING = (Randomizable.set_random_state, Compose.set_random_state, MultiViewd.set_random_state)
+
+
 def _random_sources(obj: Any, found: list, seen: set) -> None:
     """Append to ``found``, depth first, ``(transform, reseed_in_place)`` for each transform inside a transform tree
     that draws random numbers.
@@ -148,10 +154,6 @@ def _random_sources(obj: Any, found: list, seen: set) -> None:
     through its own ``np.random.RandomState`` (``R.seed(s)``, about 3 us), and its children are searched too. Any
     other ``set_random_state`` is called as it is (a new ``RandomState``, about 170 us), and seeds its children itself.
     """
-    from monai.transforms import Compose, Randomizable
-
-    from monai_du.transforms import MultiViewd
-
     if isinstance(obj, (list, tuple)):
         for item in obj:
             _random_sources(item, found, seen)
@@ -160,8 +162,7 @@ def _random_sources(obj: Any, found: list, seen: set) -> None:
         return
     seen.add(id(obj))
     if hasattr(obj, "set_random_state"):
-        plain = (Randomizable.set_random_state, Compose.set_random_state, MultiViewd.set_random_state)
-        if type(obj).set_random_state not in plain:
+        if type(obj).set_random_state not in _PLAIN_SEEDING:
             found.append((obj, False))
             return
         if not isinstance(vars(obj).get("R"), np.random.RandomState):  # MONAI's default R is shared by the class

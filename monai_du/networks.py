@@ -314,7 +314,7 @@ def to_device(network: nn.Module, device: str | torch.device) -> nn.Module:
 
     On a CPU, PyTorch's oneDNN convolutions, batch norms and max pools run faster on channels-last tensors
     (``torch.channels_last`` for 2D weights ``(O, I, H, W)``, ``torch.channels_last_3d`` for 3D). Measured with
-    ``benchmarks/bench_layout.py``: a pretraining step of the shipped 2D and 3D networks about 1.3x to 2.3x
+    ``benchmarks/bench_layout.py``: a pretraining step of the shipped 2D and 3D networks about 1.3x to 2.1x
     faster. The values are unchanged: only the strides of the weights differ, and every op's output keeps the
     logical shape ``(N, C, *spatial)``. A network with both 2D and 3D weights, or on another device, keeps its
     layout.
@@ -327,10 +327,8 @@ def to_device(network: nn.Module, device: str | torch.device) -> nn.Module:
     if device.type != "cpu":
         return network
     ranks = {p.dim() for p in network.parameters() if p.dim() >= 4}
-    layouts = {4: torch.channels_last, 5: torch.channels_last_3d}
-    if len(ranks) == 1 and next(iter(ranks)) in layouts:
-        network = network.to(memory_format=layouts[ranks.pop()])
-    return network
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(ranks.pop()) if len(ranks) == 1 else None
+    return network if layout is None else network.to(memory_format=layout)
 
 
 def encoder_state_dict(
